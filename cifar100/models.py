@@ -1,0 +1,156 @@
+"""Models through timm: any timm name, a CIFAR stem, an activation override, and our own small nets.
+
+timm builds ImageNet models (7x7 stride-2 stem and a max-pool, which throw away most of a
+32x32 image); `cifar_stem` swaps that stem for a 3x3 stride-1 conv. `act` replaces every
+activation module, including the ones timm hard-codes (the ReLU inside SE blocks).
+The `cifarnet_*` family is registered in timm's registry so recipes name it like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+import timm
+from timm.layers import get_act_layer
+from timm.models import register_model
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifar100.errors import UserError
+
+# Module types treated as "an activation" by the override.
+ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.Softplus,
+)
+
+
+def build_model(name: str, num_classes: int, act: str | None, cifar_stem: bool, drop_rate: float = 0.0) -> nn.Module:
+    """A freshly initialised timm model for 32x32 inputs; weights are never downloaded."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else "; `timm.list_models()` lists them"
+        raise UserError(f"unknown model {name!r}{hint}")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    if cifar_stem and not name.startswith("cifarnet"):
+        _cifar_stem(model, name)
+    if act:
+        replace_activations(model, act)
+    return model
+
+
+def replace_activations(model: nn.Module, act: str) -> int:
+    """Swap every activation module for `act` (a timm activation name); returns how many."""
+    try:
+        layer = get_act_layer(act)
+    except Exception:
+        layer = None
+    if layer is None or not isinstance(layer, type):
+        raise UserError(f"unknown activation {act!r}: try relu, mish, silu, gelu, leaky_relu, elu, hard_swish")
+    count = 0
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, ACTIVATIONS) or type(child).__module__.startswith("timm.layers.activations"):
+                setattr(parent, child_name, layer())
+                count += 1
+    return count
+
+
+def _cifar_stem(model: nn.Module, name: str) -> None:
+    """3x3 stride-1 first conv, no max-pool: the usual ResNet adaptation to 32x32 images."""
+    first = model.pretrained_cfg.get("first_conv", "")
+    conv = model.get_submodule(first) if first else None
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise UserError(f"model.cifar_stem is supported for ResNet-style timm models; {name} has another stem: set model.cifar_stem=false")
+    stem = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
+    parent_name, _, attr = first.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, stem)
+    model.maxpool = nn.Identity()
+
+
+def flops_per_image(model: nn.Module, image_size: int = 32) -> int:
+    """Forward FLOPs for one image (multiply-add = 2), counted by PyTorch's FLOP counter."""
+    param = next(model.parameters())
+    x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _ConvBlock(nn.Module):
+    """conv -> (pool) -> BN -> act, twice: the airbench/ResNet-9 layer shape, cheap on 32x32."""
+
+    def __init__(self, cin: int, cout: int, act_layer: type[nn.Module]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = act_layer()
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = act_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.pool(self.conv1(x))))
+        return self.act2(self.bn2(self.conv2(x)))
+
+
+class CifarNet(nn.Module):
+    """A small fast CIFAR network: 2x2 patch stem, three conv blocks that halve the size, max-pool head."""
+
+    def __init__(self, widths: tuple[int, int, int], num_classes: int = 100, in_chans: int = 3,
+                 stem_width: int = 24, act_layer: str | type[nn.Module] = "gelu", drop_rate: float = 0.0):
+        super().__init__()
+        act = get_act_layer(act_layer)
+        self.num_classes = num_classes
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_width, 2, bias=True), act())
+        chans = (stem_width, *widths)
+        self.blocks = nn.Sequential(*[_ConvBlock(chans[i], chans[i + 1], act) for i in range(3)])
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.blocks(self.stem(x))).flatten(1)
+        return self.head(self.drop(x))
+
+
+def _cifarnet(widths: tuple[int, int, int], stem_width: int, **kwargs) -> CifarNet:
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype"):
+        kwargs.pop(key, None)
+    if kwargs.pop("pretrained", False):
+        raise UserError("cifarnet models have no pretrained weights")
+    model = CifarNet(widths, stem_width=stem_width, **kwargs)
+    model.pretrained_cfg = {"first_conv": "stem.0", "classifier": "head", "input_size": (3, 32, 32)}
+    return model
+
+
+@register_model
+def cifarnet_tiny(pretrained: bool = False, **kwargs) -> CifarNet:
+    """A few thousand parameters: for tests and the smoke recipe."""
+    return _cifarnet((16, 32, 32), stem_width=8, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cifarnet_s(pretrained: bool = False, **kwargs) -> CifarNet:
+    """The `cpu` recipe's model: ~0.5M parameters."""
+    return _cifarnet((32, 64, 128), stem_width=24, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cifarnet_m(pretrained: bool = False, **kwargs) -> CifarNet:
+    """Twice the width of cifarnet_s."""
+    return _cifarnet((64, 128, 256), stem_width=24, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cifarnet_l(pretrained: bool = False, **kwargs) -> CifarNet:
+    """The widths of airbench's CIFAR-10 network."""
+    return _cifarnet((64, 256, 256), stem_width=24, pretrained=pretrained, **kwargs)

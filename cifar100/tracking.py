@@ -1,0 +1,125 @@
+"""What a run leaves behind: metrics.jsonl, loss/accuracy plots, summary.json, and W&B.
+
+Only the main process calls these. W&B goes through Accelerate's tracker; any W&B failure
+is a warning, never the end of a training run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+from accelerate import Accelerator  # noqa: E402
+
+
+def unique_run_dir(log_dir: str | Path, name: str) -> Path:
+    """`<log_dir>/<name>`, or `<name>-2`, `-3`, ... when taken: a new run never overwrites one."""
+    base = Path(log_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    candidate, n = base / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base / f"{name}-{n}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """Append one epoch's row to metrics.jsonl and flush it to disk."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (an empty list when there is none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[Path]:
+    """loss.png and accuracy.png: train and test (and val) curves per epoch, as in the report."""
+    epochs = [r["epoch"] for r in rows]
+    paths = []
+    for metric, ylabel in (("loss", "loss"), ("top1", "top-1 accuracy")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for split in ("train", "val", "test"):
+            key = f"{split}_{metric}"
+            if rows and key in rows[0]:
+                ax.plot(epochs, [r[key] for r in rows], label=split, marker="." if len(rows) < 30 else None)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: {ylabel}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = run_dir / ("loss.png" if metric == "loss" else "accuracy.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def summarize(rows: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """summary.json's content: final and best test accuracy (and val when present) plus run facts."""
+    last = rows[-1]
+    best = max(rows, key=lambda r: r["test_top1"])
+    summary = {
+        "final_test_top1": last["test_top1"],
+        "final_test_top5": last["test_top5"],
+        "best_test_top1": best["test_top1"],
+        "best_epoch": best["epoch"],
+        "epochs": last["epoch"],
+    }
+    if "val_top1" in last:
+        best_val = max(rows, key=lambda r: r["val_top1"])
+        summary.update(final_val_top1=last["val_top1"], best_val_top1=best_val["val_top1"],
+                       best_val_epoch=best_val["epoch"], test_top1_at_best_val=best_val["test_top1"])
+    summary.update(fields)
+    return summary
+
+
+def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode: str, run_dir: Path,
+                name: str, config: dict[str, Any], run_id: str | None = None) -> str | None:
+    """Open the W&B run through Accelerate's tracker; returns its id, or None when off or failing."""
+    if mode == "disabled":
+        return None
+    init = {"name": name, "dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow" if run_id else None,
+            "group": config.get("recipe") or None, "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t]}
+    try:
+        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None} | ({"entity": entity} if entity else {})})
+        return accelerator.get_tracker("wandb", unwrap=True).id
+    except Exception as err:  # noqa: BLE001  (W&B must never stop training)
+        warnings.warn(f"W&B could not start ({type(err).__name__}: {err}); training continues without it", stacklevel=2)
+        return None
+
+
+def log_wandb(accelerator: Accelerator, row: dict[str, Any], images: list[Path] = ()) -> None:
+    """Log one epoch's metrics (and plot images) to W&B when a run is open."""
+    if not accelerator.trackers:
+        return
+    try:
+        accelerator.log(row, step=row["epoch"])
+        if images:
+            import wandb
+            run = accelerator.get_tracker("wandb", unwrap=True)
+            run.log({p.stem: wandb.Image(str(p)) for p in images}, step=row["epoch"])
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); training continues", stacklevel=2)

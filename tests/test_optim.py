@@ -1,0 +1,78 @@
+"""Optimizers and the per-step schedule: warmup, cosine, step, plateau."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cifar100.config import OptimConfig, SchedConfig
+from cifar100.errors import UserError
+from cifar100.optim import Schedule, build_optimizer
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("nadam", torch.optim.NAdam), ("adamw", torch.optim.AdamW)])
+def test_optimizer_kinds(name, cls):
+    opt = build_optimizer(_model(), OptimConfig(name=name, lr=0.01))
+    assert isinstance(opt, cls)
+
+
+def test_no_weight_decay_on_norm_and_bias():
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(weight_decay=5e-4, no_decay_norm_bias=True, nesterov=True))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert opt.defaults["nesterov"] is True
+
+
+def _schedule(sched: SchedConfig, steps_per_epoch=10, epochs=20, lr=0.2):
+    opt = torch.optim.SGD(_model().parameters(), lr=123.0)
+    return opt, Schedule(opt, OptimConfig(lr=lr), sched, steps_per_epoch, epochs)
+
+
+def test_warmup_then_cosine_values():
+    opt, s = _schedule(SchedConfig(name="cosine", warmup_epochs=5, warmup_lr=1e-4, min_lr=1e-3))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # step 0: the warmup start
+    assert s.lr_at(25) == pytest.approx(1e-4 + (0.2 - 1e-4) * 0.5)  # halfway up, linearly
+    assert s.lr_at(50) == pytest.approx(0.2)  # end of warmup: the peak
+    assert s.lr_at(125) == pytest.approx(1e-3 + (0.2 - 1e-3) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert s.lr_at(200) == pytest.approx(1e-3)  # the end: min_lr
+    for _ in range(50):
+        s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_step_and_none_schedules():
+    _, s = _schedule(SchedConfig(name="step", step_epochs=5, gamma=0.1))
+    assert [s.lr_at(i) for i in (0, 49, 50, 100)] == pytest.approx([0.2, 0.2, 0.02, 0.002])
+    _, s = _schedule(SchedConfig(name="none"))
+    assert s.lr_at(0) == s.lr_at(199) == 0.2
+
+
+def test_plateau_decays_after_patience_and_state_round_trips():
+    opt, s = _schedule(SchedConfig(name="plateau", patience=2, gamma=0.5))
+    for loss in (1.0, 0.9, 0.95, 0.95):
+        s.epoch_end(loss)
+    assert s.lr == 0.2  # two bad epochs: still patient
+    s.epoch_end(0.99)
+    assert s.lr == pytest.approx(0.1) and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    for _ in range(7):
+        s.step()
+    state = s.state_dict()
+    opt2, s2 = _schedule(SchedConfig(name="plateau", patience=2, gamma=0.5))
+    s2.load_state_dict(state)
+    assert s2.state_dict() == state and opt2.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_warmup_longer_than_training_is_refused():
+    with pytest.raises(UserError, match="longer than train.epochs"):
+        _schedule(SchedConfig(warmup_epochs=30), epochs=20)

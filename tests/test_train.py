@@ -1,0 +1,108 @@
+"""End to end: `python train.py recipe=smoke` and its DDP, W&B and device-path variants, as real processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from cifar100.checkpoint import apply_weights, is_complete, load_weights, read_meta
+from cifar100.config import load_config
+from cifar100.data import load
+from cifar100.engine import evaluate
+from cifar100.models import build_model
+from conftest import ROOT, run_cmd
+
+pytestmark = pytest.mark.slow
+
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+               "epoch_seconds", "images_per_second"}
+SUMMARY_KEYS = {"recipe", "final_test_top1", "final_test_top5", "best_test_top1", "best_epoch", "epochs",
+                "wall_seconds", "images_per_second", "world_size", "precision", "device"}
+
+
+def train(tmp_path, real_data, *args, launcher=(sys.executable, "train.py"), env=None):
+    result = run_cmd([*launcher, "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}", *args], env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_smoke_run_leaves_a_complete_run_folder(tmp_path, real_data):
+    out = train(tmp_path, real_data)
+    run = tmp_path / "smoke"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config == yaml.safe_load(out.stdout[: out.stdout.index("run folder")])  # printed at start, saved as ran
+    assert config["model"]["name"] == "cifarnet_tiny" and config["data"]["root"] == str(real_data)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(METRIC_KEYS <= set(r) for r in rows)
+    assert rows[0]["lr"] == pytest.approx(1e-4)  # warmup starts at sched.warmup_lr
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["final_test_top1"] == rows[-1]["test_top1"]
+    assert summary["best_test_top1"] == max(r["test_top1"] for r in rows)
+    assert (summary["world_size"], summary["precision"], summary["device"]) == (1, "no", "cpu")
+    assert summary["images_per_rank"] == [800]  # 400 images x 2 epochs
+    for plot in ("loss.png", "accuracy.png"):
+        assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for tag in ("last", "best"):
+        assert is_complete(run / "checkpoints" / tag)
+
+    # The last checkpoint reproduces the last epoch's test accuracy exactly.
+    cfg = load_config("smoke", [f"data.root={real_data}"])
+    model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem)
+    apply_weights(model, load_weights(run / "checkpoints" / "last"), run)
+    assert read_meta(run / "checkpoints" / "last")["epoch"] == 2
+    from accelerate import Accelerator
+    data = load(real_data)
+    from cifar100.run import select_splits
+    test_idx = select_splits(data, cfg).test
+    result = evaluate(model, data.test.images[test_idx], data.test.labels[test_idx], Accelerator(cpu=True),
+                      mean=cfg.augment.mean, std=cfg.augment.std, batch_size=64, channels_last=False)
+    assert result.top1 == rows[-1]["test_top1"] and result.loss == pytest.approx(rows[-1]["test_loss"], rel=1e-6)
+
+    # Same seed, same command: the same numbers, and a new folder beside the old one.
+    train(tmp_path, real_data)
+    again = [json.loads(line) for line in (tmp_path / "smoke-2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_loss"] for r in again] == [r["test_loss"] for r in rows]
+    assert (run / "summary.json").exists()
+
+
+def test_two_process_ddp_on_cpu(tmp_path, real_data):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py")
+    out = train(tmp_path, real_data, "name=ddp", launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["images_per_rank"] == [400, 400]  # both ranks trained half of each global batch
+    assert "2 process(es)" in out.stdout and "25 images per process per step" in out.stdout
+    rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # only the main process writes
+    assert json.loads(rows[-1])["test_top5"] > 0
+
+
+def test_device_pipeline_run(tmp_path, real_data):
+    train(tmp_path, real_data, "name=dev", "data.pipeline=device", "augment.autoaugment=none")
+    summary = json.loads((tmp_path / "dev" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["images_per_rank"] == [800]
+
+
+def test_wandb_offline_run_is_written_into_the_run_folder(tmp_path, real_data):
+    train(tmp_path, real_data, "name=wb", "log.wandb.mode=offline", env={"WANDB_MODE": "offline"})
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # The run's transaction log (protobuf, strings stored verbatim) holds the config and every metric.
+    log = next(runs[0].glob("*.wandb")).read_bytes()
+    for text in (b"cifarnet_tiny", b"smoke", b"test_top1", b"train_loss", b"images_per_second"):
+        assert text in log
+    images = {p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "images").glob("*.png")}
+    assert images == {"loss", "accuracy"}
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path):
+    out = run_cmd([sys.executable, "train.py", "recipe=smoke", f"data.root={tmp_path}/nowhere", "data.download=false",
+                   f"log.dir={tmp_path}"])
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "nowhere" in out.stderr
+    assert not list(tmp_path.glob("smoke*"))  # nothing half-made
