@@ -1,42 +1,63 @@
 """Checkpoints as folders that appear whole or not at all, and loading that runs no foreign code.
 
-A checkpoint is `checkpoints/<tag>/` with `model.safetensors` (weights: no pickle at all),
-`train_state.pt` (optimizer, schedule, RNG: tensors and plain data, loaded with
-`weights_only=True`), `meta.json`, and `COMPLETE`, written last. It is built under a temporary
-name and renamed into place, so a crash mid-save leaves the previous checkpoint untouched.
+A checkpoint is `checkpoints/step-<global step>/` holding `model.safetensors` (weights: no pickle
+at all), `train_state.pt` (optimizer, schedule, scaler, every rank's RNG and partial-epoch sums:
+tensors and plain data, loaded with `weights_only=True`), `meta.json` (position, counters,
+config, W&B id) and `COMPLETE`, written last. Each is built under a temporary name and renamed
+into place; older ones are pruned only after the new one is complete. `best/` holds the weights
+of the best epoch, and `last` is a link to the newest checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from cifar100.errors import UserError
 
 MARKER = "COMPLETE"
+PREFIX = "step-"
+
+
+def step_tag(global_step: int) -> str:
+    """The folder name of the checkpoint taken after `global_step` optimizer steps."""
+    return f"{PREFIX}{global_step:08d}"
 
 
 def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor],
                     train_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write `ckpt_dir/<tag>/` atomically, replacing an older checkpoint of the same tag."""
+    """Write `ckpt_dir/<tag>/` atomically, replacing an older checkpoint of the same tag.
+
+    On failure (a full disk, say) the partial folder is removed and the error re-raised;
+    checkpoints already on disk are untouched.
+    """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp, final, old = ckpt_dir / f".tmp-{tag}", ckpt_dir / tag, ckpt_dir / f".old-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync_tree(tmp)
-    (tmp / MARKER).write_text("ok\n")
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        # Serialised in memory, written by Python: a full disk is then a plain OSError (ENOSPC).
+        (tmp / "model.safetensors").write_bytes(save({k: v.detach().contiguous().cpu() for k, v in model_state.items()}))
+        buffer = io.BytesIO()
+        torch.save(train_state, buffer)
+        (tmp / "train_state.pt").write_bytes(buffer.getbuffer())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_tree(tmp)
+        (tmp / MARKER).write_text("ok\n")
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -45,9 +66,39 @@ def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tenso
     return final
 
 
+def point_last(ckpt_dir: Path, tag: str) -> None:
+    """Make `checkpoints/last` a link to `tag`, swapped in atomically."""
+    tmp = ckpt_dir / ".last-link"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(tag)
+    os.replace(tmp, ckpt_dir / "last")
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete step checkpoints, and stale temp folders."""
+    steps = sorted(p for p in ckpt_dir.glob(f"{PREFIX}*") if is_complete(p))
+    for path in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in ckpt_dir.glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def is_complete(path: Path) -> bool:
     """True when the folder holds a finished checkpoint."""
     return (path / MARKER).is_file() and (path / "model.safetensors").is_file()
+
+
+def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that loads, with its weights and train state.
+
+    A truncated or corrupt newer one is skipped with a warning naming it; None when none loads.
+    """
+    for path in sorted(ckpt_dir.glob(f"{PREFIX}*"), reverse=True):
+        try:
+            return path, load_weights(path), load_train_state(path)
+        except UserError as err:
+            warnings.warn(f"skipping checkpoint {path.name}: {err}", stacklevel=2)
+    return None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -66,13 +117,14 @@ def load_train_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"{file}: refused, it holds objects other than tensors and plain data ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{file}: refused, it holds objects other than tensors and plain data "
+                        f"({str(err).splitlines()[0]})") from None
     except (OSError, RuntimeError, EOFError) as err:
         raise UserError(f"{file}: unreadable ({str(err).splitlines()[0]})") from None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """The checkpoint's meta.json (epoch, step, config, ...)."""
+    """The checkpoint's meta.json (position, counters, config, ...)."""
     try:
         return json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -6,12 +6,19 @@ stderr and exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shlex
 import sys
 import warnings
+from pathlib import Path
+
+import yaml
 
 from cifar100.config import available_recipes, load_config, recipe_description, to_yaml
 from cifar100.errors import UserError
+from cifar100.preemption import PREEMPTED_EXIT, Preempted
 
 USAGE = """usage: cifar100 <command> [recipe=NAME|PATH] [key=value ...]
 
@@ -20,10 +27,21 @@ commands:
   show      print the fully resolved config as YAML and exit
   recipes   list the recipes with a one-line description each
   data      data verify|stats|download [data.root=DIR]: check, describe or fetch CIFAR-100
+  eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [key=value ...]: per-class and
+            per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md
+  bench     bench step|data|recipe [recipe=NAME] [steps=N] [json=PATH]: measured images/s of the
+            training step (precision, channels_last, compile; MFU), the input pipelines, and a projection
+  report    report FOLDER|GLOB ... [out=FOLDER] [wandb=true]: compare runs (seeds as mean ± std) in
+            FOLDER (default report/): report.md and a self-contained report.html; wandb=true also
+            builds a W&B Report
+
+train takes seeds=[0,1,2] to run the recipe once per seed, into <name>-s<seed> folders.
 
 examples:
   cifar100 show recipe=best optim.lr=0.1
   accelerate launch train.py recipe=best
+  python train.py recipe=smoke seeds=[0,1] && cifar100 report runs/smoke-s*
+  cifar100 eval run=runs/smoke-s0 checkpoint=last eval.tta=flip
 """
 
 
@@ -40,11 +58,86 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return recipe, overrides
 
 
+def take(args: list[str], key: str) -> tuple[str | None, list[str]]:
+    """Pull the command's own `key=value` out of the arguments: (its value or None, the rest)."""
+    value, rest = None, []
+    for arg in args:
+        if arg.startswith(key + "="):
+            value = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return value, rest
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`[0,1,2]` -> [0, 1, 2]: a non-empty list of distinct integers."""
+    try:
+        seeds = yaml.safe_load(text)
+    except yaml.YAMLError:
+        seeds = None
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise UserError(f"seeds={text}: expected a list of distinct integers, e.g. seeds=[0,1,2]")
+    return seeds
+
+
 def cmd_train(args: list[str]) -> None:
     from cifar100.run import train  # heavy imports only when training
 
+    seeds_text, args = take(args, "seeds")
     recipe, overrides = split_args(args)
-    train(load_config(recipe, overrides))
+    cfg = load_config(recipe, overrides)
+    if seeds_text is None:
+        train(cfg)
+        return
+    seeds = parse_seeds(seeds_text)
+    if any(o.startswith("seed=") for o in overrides):
+        raise UserError("give seed=N for one run or seeds=[...] for several, not both")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each run ends its process group, so a second run cannot follow in the same launch.
+        raise UserError(f"seeds= runs one seed after another in one process; under a distributed launch start one "
+                        f"launch per seed: for s in {' '.join(map(str, seeds))}; do accelerate launch ... train.py "
+                        f"<the same arguments> seed=$s name={cfg.name}-s$s; done")
+    run_dirs = [train(dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-s{s}")) for s in seeds]
+    print(f"{len(seeds)} seeds done; compare them: cifar100 report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
+
+
+def cmd_eval(args: list[str]) -> None:
+    from cifar100.evaluation import run_eval  # heavy imports only when evaluating
+
+    run, args = take(args, "run")
+    checkpoint, args = take(args, "checkpoint")
+    tta, args = take(args, "eval.tta")
+    recipe, overrides = split_args(args)
+    if recipe is not None:
+        raise UserError("eval takes the config the checkpoint was trained with: drop recipe= (key=value still overrides)")
+    if run is None and checkpoint is None:
+        raise UserError("usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [key=value ...]")
+    run_eval(run, checkpoint or "best", overrides, tta or "none")
+
+
+def cmd_report(args: list[str]) -> None:
+    from cifar100.report import make_report, markdown_table, table
+
+    out, paths = take(args, "out")
+    publish, paths = take(paths, "wandb")
+    unknown = [p for p in paths if "=" in p]
+    if unknown:
+        raise UserError(f"unexpected argument {unknown[0]!r}: report takes run folders or globs, out=FOLDER and wandb=true")
+    if not paths:
+        raise UserError("usage: cifar100 report FOLDER|GLOB ... [out=FOLDER] [wandb=true]")
+    if publish not in (None, "true", "false"):
+        raise UserError(f"wandb={publish}: expected true or false")
+    md, columns, skipped = make_report(paths, Path(out or "report"))
+    for note in skipped:
+        print(f"skipped {note}")
+    runs = sum(len(c.runs) for c in columns)
+    print(f"{runs} run(s) in {len(columns)} column(s): {md} and {md.with_suffix('.html')}")
+    if publish == "true":
+        from cifar100.wandb_report import publish as publish_report
+
+        print(publish_report(columns, markdown_table(table(columns), columns),
+                             "cifar100 report " + " ".join(shlex.quote(a) for a in args)))
 
 
 def cmd_show(args: list[str]) -> None:
@@ -86,7 +179,31 @@ def cmd_data(args: list[str]) -> None:
     print(f"std:  [{', '.join(f'{s:.4f}' for s in std)}]")
 
 
-COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data": cmd_data}
+def cmd_bench(args: list[str]) -> None:
+    from cifar100 import bench
+
+    if not args or args[0] not in ("step", "data", "recipe"):
+        raise UserError("usage: cifar100 bench step|data|recipe [recipe=NAME] [key=value ...] "
+                        "[steps=N] [warmup=N] [batches=N] [compile=false] [json=PATH]")
+    numbers = {}
+    rest = args[1:]
+    for key, default in (("steps", 20), ("warmup", 5), ("batches", 30)):
+        text, rest = take(rest, key)
+        try:
+            numbers[key] = int(text) if text is not None else default
+        except ValueError:
+            raise UserError(f"{key}={text}: expected a whole number") from None
+    json_path, rest = take(rest, "json")
+    compile_text, rest = take(rest, "compile")
+    if compile_text not in (None, "true", "false"):
+        raise UserError(f"compile={compile_text}: expected true or false")
+    recipe, overrides = split_args(rest)
+    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, with_compile=compile_text != "false",
+               **numbers)
+
+
+COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data": cmd_data, "eval": cmd_eval,
+            "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +218,25 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown command {argv[0]!r}: choose one of {', '.join(COMMANDS)}")
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _one_line_warning
             command(argv[1:])
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}")
         return 2
+    except Preempted as err:
+        _report(f"preempted: {err}; continue with the same command plus resume=auto")
+        return PREEMPTED_EXIT
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _report(line: str) -> None:
+    # Under DDP every rank raises the same error; one copy is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 def entry() -> None:

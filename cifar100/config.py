@@ -7,6 +7,7 @@ and every mistake on the way is a `UserError` with one line that says how to fix
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -94,6 +95,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     threads: int = 0  # CPU intra-op threads; 0 = the library default
+    keep_last: int = 2  # step checkpoints kept (older ones pruned once a new one is complete)
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N optimizer steps; 0 = epoch ends only
+    max_bad_steps: int = 0  # non-finite losses skipped before the run stops
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Config:
     recipe: str = ""
     description: str = ""
     seed: int = 0
+    resume: str = "none"  # none | auto (newest checkpoint of <log.dir>/<name>) | path to a checkpoint
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
@@ -154,6 +159,12 @@ def load_config(recipe: str | None, overrides: list[str]) -> Config:
         raw = _resolve_bases(path, seen=())
         raw.setdefault("name", path.stem)
         raw["recipe"] = path.stem if path.parent == RECIPES_DIR else str(path)
+    return apply_overrides(raw, overrides)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> Config:
+    """Plain config data (a recipe, or the config a checkpoint saved) plus `key=value` overrides, validated."""
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
@@ -186,6 +197,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
     return plain(dataclasses.asdict(cfg))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; lists become tuples so values compare and hash."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = tuple(value) if isinstance(value, list) else value
+    return flat
 
 
 def to_yaml(cfg: Config) -> str:
@@ -352,6 +374,12 @@ def _coerce_plain(value: Any, hint: Any) -> Any:
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
     if hint is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; users mean a number.
+            try:
+                return float(value)
+            except ValueError:
+                return _MISMATCH
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return float(value) if ok else _MISMATCH
     if hint is str:

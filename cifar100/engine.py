@@ -7,7 +7,8 @@ the GPU wait for the host); the progress bar reads the loss only every `PROGRESS
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,29 @@ class EpochResult:
     images_per_rank: tuple[int, ...]
 
 
+@dataclass
+class EpochProgress:
+    """Where an epoch stands on this rank: batches done, running sums, time; saved mid-epoch."""
+
+    step: int = 0
+    sums: torch.Tensor | None = None  # float64 [loss x images, correct, images] on the device
+    seconds: float = 0.0
+    bad_steps: int = 0
+
+    def state_dict(self) -> dict:
+        """Plain data for a checkpoint."""
+        return {"step": self.step, "sums": self.sums.cpu(), "seconds": self.seconds, "bad_steps": self.bad_steps}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
+        """Rebuild what `state_dict()` saved."""
+        return cls(int(state["step"]), state["sums"].to(device), float(state["seconds"]), int(state["bad_steps"]))
+
+
+class NonFiniteLoss(Exception):
+    """The loss was NaN or infinite on some rank more often than `train.max_bad_steps` allows."""
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -48,18 +72,26 @@ def train_one_epoch(
     clip_grad: float | None,
     channels_last: bool,
     progress: bool,
-) -> EpochResult:
-    """Train over `loader` once; returns loss and top-1 against the unmixed labels."""
+    state: EpochProgress,
+    stop_requested: Callable[[], bool],
+    max_bad_steps: int,
+    after_step: Callable[[EpochProgress], None],
+) -> EpochResult | None:
+    """Train over `loader` (which already skips the `state.step` batches done before a resume).
+
+    Returns the epoch's loss and top-1 against the unmixed labels, or None when a stop was
+    requested: then `state` says exactly where the epoch stands. Each step, all ranks agree on
+    two flags at once (a non-finite loss anywhere, a pending signal anywhere): one small sync.
+    """
     model.train()
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = torch.zeros((), device=device, dtype=torch.int64)
-    steps = len(loader)
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+    if state.sums is None:
+        state.sums = torch.zeros(3, device=device, dtype=torch.float64)
+    steps = state.step + len(loader)
+    bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
-    start = time.perf_counter()
-    for step, (images, labels) in enumerate(loader):
+    start = time.perf_counter() - state.seconds
+    for step, (images, labels) in enumerate(loader, start=state.step):
         rng = np.random.default_rng([seed, epoch, step, accelerator.process_index])
         images, targets = mixer(images, labels, rng)
         if channels_last:
@@ -69,27 +101,44 @@ def train_one_epoch(
                 logits = model(images)
             loss = soft_target_cross_entropy(logits.float(), targets)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                schedule.step()
-        n = labels.shape[0]
-        loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += n
+            flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
+                                 torch.tensor(float(stop_requested()), device=device, dtype=torch.float64)])
+            bad, stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                state.bad_steps += 1
+                where = f"epoch {epoch}, step {step}, lr {schedule.lr:.3g}"
+                if state.bad_steps > max_bad_steps:
+                    raise NonFiniteLoss(f"non-finite loss at {where}")
+                warnings.warn(f"non-finite loss at {where}: step skipped "
+                              f"({state.bad_steps} of train.max_bad_steps={max_bad_steps})", stacklevel=2)
+            else:
+                if accelerator.sync_gradients and clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    schedule.step()
+                n = labels.shape[0]
+                state.sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double(),
+                                           torch.tensor(float(n), device=device, dtype=torch.float64)])
+        state.step = step + 1
+        state.seconds = time.perf_counter() - start
         if bar.disable is False and (step % PROGRESS_EVERY == 0 or step == steps - 1):
-            elapsed = time.perf_counter() - start
-            rate = (step + 1) * n * accelerator.num_processes / max(elapsed, 1e-9)
+            rate = state.sums[2].item() * accelerator.num_processes / max(state.seconds, 1e-9)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.lr:.2e}", img_s=f"{rate:.0f}")
         bar.update(1)
+        if accelerator.sync_gradients:
+            after_step(state)
+        if stop:
+            bar.close()
+            return None
     bar.close()
     # Gathered rather than summed: the per-rank counts prove every process trained.
-    per_rank = accelerator.gather(torch.stack([loss_sum, correct.double(), seen.double()])[None]).view(-1, 3)
+    per_rank = accelerator.gather(state.sums[None]).view(-1, 3)
     loss_total, correct_total, seen_total = per_rank.sum(0).tolist()
     return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total),
-                       time.perf_counter() - start, tuple(int(n) for n in per_rank[:, 2].tolist()))
+                       state.seconds, tuple(int(n) for n in per_rank[:, 2].tolist()))
 
 
 @dataclass(frozen=True)

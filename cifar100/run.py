@@ -1,7 +1,9 @@
 """A training run from start to finished run folder: builds the Accelerator and wires the parts.
 
 Read top to bottom: precision and Accelerator, data, model, optimizer and schedule, run folder
-and tracking, then the epoch loop (train, evaluate, log, checkpoint), then the summary.
+(new, or the one a resume continues) and tracking, then the epoch loop (train, evaluate, log,
+checkpoint), then the summary. A signal or a non-finite loss ends the loop early, after a
+checkpoint or naming the last good one.
 """
 
 from __future__ import annotations
@@ -9,25 +11,27 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from cifar100 import data as cifar_data
-from cifar100.checkpoint import save_checkpoint
+from cifar100 import resume as resuming
+from cifar100.checkpoint import apply_weights, point_last, prune, save_checkpoint, step_tag
 from cifar100.config import Config, to_dict, to_yaml
 from cifar100.device_data import DeviceLoader
-from cifar100.engine import evaluate, train_one_epoch
+from cifar100.engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch
 from cifar100.errors import UserError
 from cifar100.mixing import BatchMixer
 from cifar100.models import build_model, count_parameters, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
-from cifar100.tracking import (append_metrics, log_wandb, plot_history, start_wandb, summarize,
-                               unique_run_dir, write_json_atomic)
+from cifar100.preemption import Preempted, StopFlag
+from cifar100.tracking import (append_metrics, finish_tracking, log_wandb, plot_history, read_metrics,
+                               rewrite_metrics, start_wandb, summarize, write_json_atomic)
 from cifar100.transforms import AugmentedDataset, train_transform
 
 NUM_CLASSES = 100
@@ -91,6 +95,20 @@ def build_train_loader(images: torch.Tensor, labels: torch.Tensor, batch: int, c
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
+def epoch_batches(loader: DataLoader | DeviceLoader, epoch: int, skip: int, accelerator: Accelerator):
+    """The loader positioned at `epoch`, batch `skip`: the same batches an uninterrupted run would see."""
+    # The sampler's shuffle and the dataset's per-sample draws both follow the epoch; Accelerate's
+    # loader forwards set_epoch to the dataset only in some layouts, so tell both.
+    for part in (loader, getattr(loader, "dataset", None)):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+    if not skip:
+        return loader
+    if isinstance(loader, DeviceLoader):
+        return loader.skipping(skip)
+    return accelerator.skip_first_batches(loader, skip)
+
+
 def train(cfg: Config) -> Path:
     """Train as `cfg` says; returns the run folder (the same path on every process)."""
     started = time.perf_counter()
@@ -104,23 +122,32 @@ def train(cfg: Config) -> Path:
         log_with="wandb" if cfg.log.wandb.mode != "disabled" else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
-    main = accelerator.is_main_process
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
     if main:
         print(to_yaml(cfg), flush=True)
+    config_dict = to_dict(cfg)
 
     with accelerator.main_process_first():
         dataset = cifar_data.load(cfg.data.root, cfg.data.download)
     splits = select_splits(dataset, cfg)
     aug = cfg.augment
-    batch = per_process_batch(cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum)
-    if len(splits.train) < batch * accelerator.num_processes:
+    batch = per_process_batch(cfg.data.batch_size, world, cfg.train.grad_accum)
+    if len(splits.train) < batch * world:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(splits.train)} training images")
     loader = build_train_loader(dataset.train.images[splits.train], dataset.train.labels[splits.train], batch, cfg,
                                 accelerator)
 
+    # The main process picks the run folder and checkpoint; every process then loads the same one.
+    located = list(resuming.locate(cfg.resume, cfg.log.dir, cfg.name)) if main else [None, None]
+    broadcast_object_list(located)
+    run_dir, ckpt_path = Path(located[0]), located[1] and Path(located[1])
+    ckpt = resuming.load(ckpt_path, config_dict) if ckpt_path else None
+
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.act, cfg.model.cifar_stem, cfg.model.drop_rate)
     params, flops = count_parameters(model), flops_per_image(model)
+    if ckpt:
+        apply_weights(model, ckpt.weights, ckpt.path)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
@@ -135,78 +162,139 @@ def train(cfg: Config) -> Path:
     schedule = Schedule(optimizer, cfg.optim, cfg.sched, steps_per_epoch, cfg.train.epochs)
     mixer = BatchMixer(NUM_CLASSES, aug.cutmix.prob, aug.cutmix.alpha, aug.mixup.prob, aug.mixup.alpha, aug.label_smoothing)
 
-    run_dir = [unique_run_dir(cfg.log.dir, cfg.name) if main else None]
-    broadcast_object_list(run_dir)
-    run_dir = Path(run_dir[0])
-    config_dict = to_dict(cfg)
+    totals = resuming.totals_from(ckpt.meta if ckpt else None, world)
+    epoch, progress = totals.epochs_done + 1, EpochProgress()
+    if ckpt:
+        optimizer.load_state_dict(ckpt.train_state["optimizer"])
+        schedule.load_state_dict(ckpt.train_state["schedule"])
+        if accelerator.scaler is not None and ckpt.train_state.get("scaler"):
+            accelerator.scaler.load_state_dict(ckpt.train_state["scaler"])
+        mine = ckpt.train_state["ranks"][min(rank, len(ckpt.train_state["ranks"]) - 1)]
+        torch.set_rng_state(mine["rng_cpu"])
+        if device_type == "cuda" and mine["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(mine["rng_cuda"])
+        if mine["progress"] is not None:
+            progress = EpochProgress.from_state(mine["progress"], accelerator.device)
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["epoch"] <= totals.epochs_done]
     device_name = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     if main:
+        rewrite_metrics(run_dir / "metrics.jsonl", rows)  # drops epochs logged after the checkpoint
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        start_wandb(accelerator, cfg.log.wandb.project, cfg.log.wandb.entity, cfg.log.wandb.mode, run_dir, run_dir.name, config_dict)
+        totals.wandb_id = start_wandb(accelerator, cfg.log.wandb.project, cfg.log.wandb.entity, cfg.log.wandb.mode,
+                                      run_dir, run_dir.name, config_dict, run_id=totals.wandb_id)
+        where = f"resuming {ckpt.path} at epoch {epoch}, batch {progress.step}" if ckpt else "new run"
         accelerator.print(
-            f"run folder {run_dir} | model {cfg.model.name}: {params / 1e6:.2f} M parameters, "
+            f"run folder {run_dir} ({where}) | model {cfg.model.name}: {params / 1e6:.2f} M parameters, "
             f"{flops / 1e9:.3f} GFLOP per image | {len(splits.train)} train / {len(splits.val)} val / "
-            f"{len(splits.test)} test images | {accelerator.num_processes} process(es) on {device_name}, "
-            f"precision {precision}, {batch} images per process per step")
+            f"{len(splits.test)} test images | {world} process(es) on {device_name}, "
+            f"precision {precision}, {batch} images per process per step", flush=True)
 
-    rows, train_images, train_seconds = [], 0, 0.0
-    images_per_rank = [0] * accelerator.num_processes
-    best_top1 = -1.0
+    ckpt_dir = run_dir / "checkpoints"
+    last_saved: list[str] = []
+    selected = "val" if len(splits.val) else "test"
+
+    def save(epoch_done: bool, best: bool = False) -> None:
+        """Checkpoint the exact position; every rank calls it (each contributes its RNG and sums)."""
+        tag = step_tag(schedule.step_count)
+        mine = {"rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+                "progress": None if epoch_done else progress.state_dict()}
+        ranks = gather_object([mine])
+        model_state = accelerator.get_state_dict(model)
+        if main and not (last_saved and last_saved[-1] == tag):
+            totals.wall_seconds = wall_before + time.perf_counter() - started
+            meta = {"epoch": epoch, "step_in_epoch": 0 if epoch_done else progress.step, "global_step": schedule.step_count,
+                    "totals": asdict(totals), "config": config_dict}
+            state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "ranks": ranks,
+                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+            try:
+                save_checkpoint(ckpt_dir, tag, model_state, state, meta)
+                point_last(ckpt_dir, tag)
+                prune(ckpt_dir, cfg.train.keep_last)
+                last_saved.append(tag)
+                if best:
+                    save_checkpoint(ckpt_dir, "best", model_state, {}, meta)
+            except OSError as err:
+                previous = last_saved[-1] if last_saved else (ckpt.path.name if ckpt else "none")
+                warnings.warn(f"checkpoint {tag} not saved ({err.strerror or err}); the previous checkpoint "
+                              f"({previous}) is intact and loadable", stacklevel=2)
+        accelerator.wait_for_everyone()
+
+    def after_step(state: EpochProgress) -> None:
+        every = cfg.train.checkpoint_every_steps
+        if every and schedule.step_count % every == 0 and state.step < len(loader):
+            save(epoch_done=False)
+
+    wall_before = totals.wall_seconds
+    # Installed for the rest of the process: during a preemption's clean-up a second signal still exits at once.
+    flag = StopFlag()
+    flag.install()
     eval_kwargs = dict(mean=aug.mean, std=aug.std, batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
-    for epoch in range(1, cfg.train.epochs + 1):
-        # The sampler's shuffle and the dataset's per-sample draws both follow the epoch; Accelerate's
-        # loader forwards set_epoch to the dataset only in some layouts, so tell both.
-        for part in (loader, getattr(loader, "dataset", None)):
-            if hasattr(part, "set_epoch"):
-                part.set_epoch(epoch)
-        lr = schedule.lr
-        result = train_one_epoch(model, loader, optimizer, schedule, mixer, accelerator, epoch=epoch, seed=cfg.seed,
-                                 clip_grad=cfg.train.clip_grad, channels_last=cfg.train.channels_last,
-                                 progress=cfg.log.progress)
+    while epoch <= cfg.train.epochs:
+        lr = schedule.lr_at(schedule.step_count - progress.step // cfg.train.grad_accum)
+        batches = epoch_batches(loader, epoch, progress.step, accelerator)
+        try:
+            result = train_one_epoch(
+                model, batches, optimizer, schedule, mixer, accelerator, epoch=epoch, seed=cfg.seed,
+                clip_grad=cfg.train.clip_grad, channels_last=cfg.train.channels_last, progress=cfg.log.progress,
+                state=progress, stop_requested=flag.__bool__, max_bad_steps=cfg.train.max_bad_steps,
+                after_step=after_step)
+        except NonFiniteLoss as err:
+            last = ckpt_dir / last_saved[-1] if last_saved else (ckpt.path if ckpt else None)
+            raise UserError(f"{err}: stopping. Last good checkpoint: {last or 'none yet'}; resume with resume=auto "
+                            "after lowering optim.lr or setting train.clip_grad, or allow skips with "
+                            "train.max_bad_steps=N") from None
+        if result is None:
+            save(epoch_done=False)
+            raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} at epoch {epoch}, "
+                            f"batch {progress.step}; checkpoint {ckpt_dir / 'last'}")
         row = {"epoch": epoch, "lr": lr, "train_loss": result.loss, "train_top1": result.top1}
-        selected = "test"
         if len(splits.val):
-            val = evaluate(model, dataset.train.images[splits.val], dataset.train.labels[splits.val], accelerator, **eval_kwargs)
+            val = evaluate(model, dataset.train.images[splits.val], dataset.train.labels[splits.val], accelerator,
+                           **eval_kwargs)
             row.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
-            selected = "val"
-        test = evaluate(model, dataset.test.images[splits.test], dataset.test.labels[splits.test], accelerator, **eval_kwargs)
+        test = evaluate(model, dataset.test.images[splits.test], dataset.test.labels[splits.test], accelerator,
+                        **eval_kwargs)
         row.update(test_loss=test.loss, test_top1=test.top1, test_top5=test.top5,
                    epoch_seconds=result.seconds, images_per_second=result.images / result.seconds)
         schedule.epoch_end(row[f"{selected}_loss"])
-        train_images += result.images
-        images_per_rank = [a + b for a, b in zip(images_per_rank, result.images_per_rank)]
-        train_seconds += result.seconds
+        totals.epochs_done = epoch
+        totals.train_images += result.images
+        totals.train_seconds += result.seconds
+        totals.images_per_rank = [a + b for a, b in zip(totals.images_per_rank, result.images_per_rank)]
         rows.append(row)
+        is_best = row[f"{selected}_top1"] > totals.best_top1
+        if is_best:
+            totals.best_top1 = row[f"{selected}_top1"]
         if main:
             append_metrics(run_dir / "metrics.jsonl", row)
-            images = plot_history(rows, run_dir, run_dir.name)
-            log_wandb(accelerator, row, images)
+            log_wandb(accelerator, row, plot_history(rows, run_dir, run_dir.name))
             accelerator.print(
                 f"epoch {epoch}/{cfg.train.epochs} | lr {lr:.3g} | train loss {row['train_loss']:.4f} "
-                f"top1 {row['train_top1']:.2%} | " + (f"val top1 {row['val_top1']:.2%} | " if selected == "val" else "")
+                f"top1 {row['train_top1']:.2%} | " + (f"val top1 {row['val_top1']:.2%} | " if len(splits.val) else "")
                 + f"test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%} | "
                 f"{result.seconds:.1f} s, {row['images_per_second']:.0f} img/s", flush=True)
-        model_state = accelerator.get_state_dict(model)
-        meta = {"epoch": epoch, "step": schedule.step_count, "config": config_dict,
-                f"{selected}_top1": row[f"{selected}_top1"]}
-        if main:
-            ckpt_dir = run_dir / "checkpoints"
-            save_checkpoint(ckpt_dir, "last", model_state, {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, meta)
-            if row[f"{selected}_top1"] > best_top1:
-                best_top1 = row[f"{selected}_top1"]
-                save_checkpoint(ckpt_dir, "best", model_state, {}, meta)
-        accelerator.wait_for_everyone()
+        save(epoch_done=True, best=is_best)
+        epoch, progress = epoch + 1, EpochProgress()
+        stop = accelerator.reduce(torch.tensor(float(bool(flag)), device=accelerator.device), reduction="sum")
+        if stop.item() > 0 and epoch <= cfg.train.epochs:
+            raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} after epoch {epoch - 1}; "
+                            f"checkpoint {ckpt_dir / 'last'}")
+    flag.uninstall()
 
     summary = summarize(
         rows, recipe=cfg.recipe or cfg.name, name=run_dir.name, seed=cfg.seed, best_selected_on=selected,
-        wall_seconds=time.perf_counter() - started, images_per_second=train_images / max(train_seconds, 1e-9),
-        world_size=accelerator.num_processes, images_per_rank=images_per_rank, precision=precision, device=device_name,
+        wall_seconds=wall_before + time.perf_counter() - started,
+        images_per_second=totals.train_images / max(totals.train_seconds, 1e-9),
+        world_size=world, images_per_rank=totals.images_per_rank, precision=precision, device=device_name,
         parameters=params, flops_per_image=flops,
     )
     if main:
         write_json_atomic(run_dir / "summary.json", summary)
+        plot_history(rows, run_dir, run_dir.name)
         accelerator.print(
             f"done in {summary['wall_seconds']:.0f} s: final test top1 {summary['final_test_top1']:.2%}, "
-            f"best {summary['best_test_top1']:.2%} at epoch {summary['best_epoch']} | {run_dir}", flush=True)
-    accelerator.end_training()
+            f"best {selected} top1 {totals.best_top1:.2%} | {run_dir}", flush=True)
+    finish_tracking(accelerator, run_dir, summary)
     return run_dir

@@ -1,13 +1,14 @@
 """What a run leaves behind: metrics.jsonl, loss/accuracy plots, summary.json, and W&B.
 
-Only the main process calls these. W&B goes through Accelerate's tracker; any W&B failure
-is a warning, never the end of a training run.
+Only the main process calls these, except `finish_tracking`, which every process calls. W&B goes
+through Accelerate's tracker; any W&B failure is a warning, never the end of a training run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
 from accelerate import Accelerator  # noqa: E402
+
+from cifar100.checkpoint import is_complete, read_meta  # noqa: E402
 
 
 def unique_run_dir(log_dir: str | Path, name: str) -> Path:
@@ -47,6 +50,13 @@ def append_metrics(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def rewrite_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace metrics.jsonl with `rows` atomically (a resume drops epochs its checkpoint did not reach)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -123,3 +133,44 @@ def log_wandb(accelerator: Accelerator, row: dict[str, Any], images: list[Path] 
             run.log({p.stem: wandb.Image(str(p)) for p in images}, step=row["epoch"])
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); training continues", stacklevel=2)
+
+
+def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, Any]) -> None:
+    """End the W&B run; every process calls this in place of `accelerator.end_training()`.
+
+    Before closing, the main process adds summary.json to the run's summary and logs the best and
+    last checkpoints as versions of one model artifact, aliased "best" and "last". After closing,
+    an offline run's exact `wandb sync` command is printed.
+    """
+    sync_dir = None
+    if accelerator.is_main_process and accelerator.trackers:
+        try:
+            run = accelerator.get_tracker("wandb", unwrap=True)
+            run.summary.update(summary)
+            log_checkpoints(run, run_dir / "checkpoints")
+            sync_dir = run.settings.sync_dir if run.offline else None
+        except Exception as err:  # noqa: BLE001  (W&B must never fail a finished run)
+            warnings.warn(f"W&B could not record the checkpoints ({type(err).__name__}: {err})", stacklevel=2)
+    accelerator.end_training()
+    if sync_dir:
+        print(f"W&B run saved offline; to upload it: wandb sync {shlex.quote(sync_dir)}", flush=True)
+
+
+def log_checkpoints(run: Any, ckpt_dir: Path) -> None:
+    """Log `best/` and `last/` as the model artifact `model-<run id>`, aliased by their names.
+
+    The files are referenced where they lie (policy "immutable": the run is over, they will not
+    change) instead of copied into W&B's staging area. When best is last, W&B sees the same
+    digest twice and keeps one version carrying both aliases.
+    """
+    import wandb
+
+    for alias in ("last", "best"):
+        folder = (ckpt_dir / alias).resolve()  # `last` may be a link to the newest step checkpoint
+        if not is_complete(folder):
+            continue
+        meta = {k: v for k, v in read_meta(folder).items() if k != "config"}  # the run's config is logged already
+        artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=meta)
+        for name in ("model.safetensors", "meta.json"):
+            artifact.add_file(str(folder / name), policy="immutable")
+        run.log_artifact(artifact, aliases=[alias])

@@ -15,6 +15,7 @@ def test_defaults_without_recipe():
 
 
 def test_overrides_parse_yaml_scalars_and_flow_lists():
+    assert load_config("best", ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
     cfg = load_config("best", ["optim.lr=0.05", "augment.mean=[0.5,0.5,0.5]", "augment.cutmix.prob=0.5",
                                "train.clip_grad=1", "model.act=null", "name=2024"])
     assert cfg.optim.lr == 0.05

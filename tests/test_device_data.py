@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from cifar100.device_data import DeviceLoader, flip, random_crop
+from cifar100.device_data import BatchAutoAugment, DeviceLoader, flip, random_crop
 from cifar100.errors import UserError
 from cifar100.transforms import normalize_batch
 
@@ -40,6 +40,16 @@ def _loader(images, labels, *, world=1, rank=0, batch=16, **aug):
     kw.update(aug)
     return DeviceLoader(images, labels, batch, mean=MEAN, std=STD, seed=3, rank=rank, world=world,
                         device=torch.device("cpu"), **kw)
+
+
+def test_loader_with_autoaugment_yields_normalized_batches():
+    x, y = _images(64), torch.arange(64)
+    loader = _loader(x, y, autoaugment="cifar10")
+    loader.set_epoch(2)
+    batches = list(loader)
+    assert len(batches) == 4 and all(images.dtype == torch.float32 for images, _ in batches)
+    loader.set_epoch(2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, loader))
 
 
 def test_each_batch_is_a_crop_and_flip_of_its_source_images():
@@ -83,5 +93,37 @@ def test_flip_frequency_follows_its_probability():
 
 
 def test_operations_without_a_batched_version_are_refused():
-    with pytest.raises(UserError, match="use data.pipeline=reference"):
-        _loader(_images(), torch.arange(64), autoaugment="cifar10")
+    with pytest.raises(UserError, match="no batched ColorJitter yet: use data.pipeline=reference"):
+        _loader(_images(), torch.arange(64), color_jitter=0.4)
+
+
+@pytest.mark.parametrize("policy", ["cifar10", "imagenet", "svhn"])
+def test_batched_autoaugment_equals_torchvision_per_image(policy):
+    """Each image gets exactly torchvision's op, at the drawn sign, for its own drawn sub-policy."""
+    aa = BatchAutoAugment(policy)
+    x = _images(256, seed=4)
+    draws = aa.draw(256, torch.Generator().manual_seed(5))
+    out = aa(x, draws)
+    for i in range(256):
+        want = x[i : i + 1]
+        for slot in (0, 1):
+            transform_id, probability, magnitude_idx = aa.policies[int(draws.policy[i])][slot]
+            if draws.applies[i, slot] <= probability:
+                want = aa.op(transform_id, magnitude_idx, bool(draws.negative[i, slot]), want, (32, 32))
+        assert torch.equal(out[i], want[0]), (i, aa.policies[int(draws.policy[i])])
+
+
+def test_autoaugment_draw_frequencies_follow_the_policy():
+    aa = BatchAutoAugment("cifar10")
+    n = 50_000
+    draws = aa.draw(n, torch.Generator().manual_seed(6))
+    counts = torch.bincount(draws.policy, minlength=len(aa.policies)).double()
+    expected = n / len(aa.policies)
+    assert ((counts - expected).abs() < 5 * expected**0.5).all()  # each sub-policy as often
+    for index, policy in enumerate(aa.policies):
+        mine = draws.applies[draws.policy == index]
+        for slot in (0, 1):
+            p = policy[slot][1]
+            rate = (mine[:, slot] <= p).double().mean().item()
+            assert abs(rate - p) < 5 * (p * (1 - p) / len(mine)) ** 0.5 + 1e-9
+    assert abs(draws.negative.double().mean().item() - 0.5) < 0.01

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md in one call on a lent GPU (about 6 minutes on one H100).
+# Usage, from the repository root: bash bench/gpu.sh [DATA_ROOT]
+# DATA_ROOT defaults to .gpudata, a subset made by `python bench/make_gpu_subset.py ../shared/data .gpudata`
+# (the whole dataset is larger than what travels to a lent machine). JSON goes to $OUT (or /tmp).
+set -uo pipefail
+data=${1:-.gpudata}
+out=${OUT:-/tmp}
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
+echo "== step: recipe=best, synthetic data"
+python -m cifar100 bench step recipe=best steps=30 warmup=8 json="$out/step.json"
+echo "== data: recipe=best (AutoAugment per sample), then crop+flip only"
+python -m cifar100 bench data recipe=best data.root="$data" data.workers=15 batches=40 json="$out/data.json"
+python -m cifar100 bench data recipe=best data.root="$data" data.workers=15 augment.autoaugment=none batches=40 json="$out/data_noaa.json"
+common=(recipe=best "data.root=$data" log.dir=/tmp/runs train.epochs=3 data.workers=15 log.wandb.mode=disabled log.progress=false sched.warmup_epochs=1)
+echo "== end to end: recipe=best on the subset, eager then compiled"
+[ "${SKIP_E2E:-0}" = 1 ] && exit 0
+python train.py "${common[@]}" name=e2e 2>&1 | grep -E "^(run folder|epoch|done)"
+python train.py "${common[@]}" name=e2e-compile train.compile=true 2>&1 | grep -E "^(run folder|epoch|done)"
+cp /tmp/runs/e2e/metrics.jsonl "$out/e2e.jsonl"; cp /tmp/runs/e2e-compile/metrics.jsonl "$out/e2e-compile.jsonl"

@@ -1,0 +1,202 @@
+"""`cifar100 bench step|data|recipe`: measured speed of each stage, side by side in one process.
+
+- step: training images/s of a recipe's model on synthetic data for precision x channels_last x
+  compile choices, plus the same work through a plain PyTorch loop and through this project's
+  engine, with model FLOP utilisation against a matrix product measured on the same device.
+- data: images/s of the per-sample reference input path (N workers) and of the batched device path.
+- recipe: the projected epoch and whole-run time from the slower of the two.
+Every figure comes from timing real work here; nothing is looked up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from cifar100.config import Config
+from cifar100.engine import EpochProgress, train_one_epoch
+from cifar100.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.models import build_model, flops_per_image
+from cifar100.optim import Schedule, build_optimizer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured FLOP/s of a large matrix product: the ceiling MFU is quoted against."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _synthetic(batch: int, device: torch.device):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    labels = torch.randint(0, 100, (batch,), generator=gen).to(device)
+    return images, labels
+
+
+def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: bool, loop: str,
+              steps: int, warmup: int) -> float:
+    """Training images/s for one choice; `loop` is "plain" (bare PyTorch) or "engine" (ours)."""
+    AcceleratorState._reset_state(True)  # each variant gets its own precision
+    accelerator = Accelerator(mixed_precision=precision)
+    device = accelerator.device
+    model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem)
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if compile_model:
+        model = torch.compile(model)
+    aug = cfg.augment
+    mixer = BatchMixer(100, aug.cutmix.prob, aug.cutmix.alpha, aug.mixup.prob, aug.mixup.alpha, aug.label_smoothing)
+    images, labels = _synthetic(cfg.data.batch_size, device)
+    images = images.contiguous(memory_format=memory)
+
+    def plain(n: int) -> None:
+        for step in range(n):
+            x, t = mixer(images, labels, np.random.default_rng(step))
+            with accelerator.autocast():
+                loss = soft_target_cross_entropy(model(x).float(), t)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def engine(n: int) -> None:
+        schedule = Schedule(optimizer, cfg.optim, replace(cfg.sched, warmup_epochs=0), n, 1)
+        train_one_epoch(model, [(images, labels)] * n, optimizer, schedule, mixer, accelerator, epoch=1, seed=0,
+                        clip_grad=cfg.train.clip_grad, channels_last=channels_last, progress=False,
+                        state=EpochProgress(), stop_requested=lambda: False, max_bad_steps=0, after_step=lambda s: None)
+
+    run = plain if loop == "plain" else engine
+    run(warmup)
+    _sync(device)
+    start = time.perf_counter()
+    run(steps)
+    _sync(device)
+    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+
+
+def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) -> list[dict]:
+    """The step grid on this device: each precision with and without channels_last through our engine,
+    then, at the first precision with channels_last, a plain PyTorch loop and the compiled model."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    precisions = ["bf16", "no"] if cuda else ["no"]
+    flops = flops_per_image(build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem))
+    peaks = {p: matmul_peak(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    grid = [(p, cl, False, "engine") for p in precisions for cl in (True, False)]
+    grid += [(precisions[0], True, False, "plain")] + [(precisions[0], True, True, "engine")] * with_compile
+    rows = []
+    for precision, channels_last, compiled, loop in grid:
+        rate = step_rate(cfg, precision, channels_last, compiled, loop, steps, warmup)
+        achieved = rate * 3 * flops  # forward + backward ~ 3x the forward FLOPs
+        rows.append({"model": cfg.model.name, "batch": cfg.data.batch_size, "precision": precision,
+                     "channels_last": channels_last, "compile": compiled, "loop": loop,
+                     "images_per_second": rate, "tflops": achieved / 1e12,
+                     "mfu": achieved / peaks[precision], "matmul_peak_tflops": peaks[precision] / 1e12})
+    return rows
+
+
+def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
+    """Images/s of the reference path (per-sample torchvision, `data.workers`) and the device path."""
+    from cifar100.run import build_train_loader, epoch_batches
+
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    images, labels = dataset.train.images, dataset.train.labels
+    rows = []
+    for pipeline in ("reference", "device"):
+        trial = replace(cfg, data=replace(cfg.data, pipeline=pipeline))
+        try:
+            loader = build_train_loader(images, labels, cfg.data.batch_size, trial, accelerator)
+        except Exception as err:  # noqa: BLE001  (a path that cannot run this recipe is reported, not fatal)
+            rows.append({"pipeline": pipeline, "images_per_second": None, "note": str(err)})
+            continue
+        it = iter(epoch_batches(loader, 1, 0, accelerator))
+        next(it)  # worker start-up is not throughput
+        _sync(accelerator.device)
+        start, n = time.perf_counter(), 0
+        for x, _ in itertools.islice(it, batches):
+            n += x.shape[0]
+        _sync(accelerator.device)
+        rows.append({"pipeline": pipeline, "workers": cfg.data.workers if pipeline == "reference" else 0,
+                     "images_per_second": n / (time.perf_counter() - start), "note": ""})
+    return rows
+
+
+def project(cfg: Config, step_rows: list[dict], data_rows: list[dict], train_images: int) -> dict:
+    """Epoch and whole-run time from the measured rates of this recipe's own choices."""
+    mine = [r for r in step_rows if r["precision"] in (cfg.train.precision, "no") and r["loop"] == "engine"
+            and r["channels_last"] == cfg.train.channels_last and r["compile"] == cfg.train.compile]
+    step = max(mine, key=lambda r: r["precision"] == cfg.train.precision)["images_per_second"]
+    data = next(r["images_per_second"] for r in data_rows if r["pipeline"] == cfg.data.pipeline)
+    rate = min(step, data)
+    epoch = train_images / rate
+    return {"recipe": cfg.recipe, "step_images_per_second": step, "data_images_per_second": data,
+            "bound_by": "data" if data < step else "model", "epoch_seconds": epoch,
+            "run_seconds": epoch * cfg.train.epochs, "epochs": cfg.train.epochs}
+
+
+def print_table(rows: list[dict]) -> None:
+    """A small aligned table of the rows' values."""
+    if not rows:
+        return
+    keys = list(rows[0])
+    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def write_json(path: str | None, data) -> None:
+    """Save the measurements when `json=PATH` was given."""
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main(action: str, cfg: Config, *, steps: int, warmup: int, batches: int, json_path: str | None,
+         with_compile: bool = True) -> None:
+    """Run one bench action, print its table and optionally save it as JSON."""
+    from cifar100 import data as cifar_data
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {device}; torch {torch.__version__}")
+    result: dict = {"device": device}
+    if action in ("step", "recipe"):
+        result["step"] = bench_step(cfg, steps, warmup, with_compile)
+        print_table(result["step"])
+    if action in ("data", "recipe"):
+        result["data"] = bench_data(cfg, cifar_data.load(cfg.data.root, cfg.data.download), batches)
+        print_table(result["data"])
+    if action == "recipe":
+        train_images = cifar_data.load(cfg.data.root).train.labels.numel() - cfg.data.val_size
+        result["projection"] = project(cfg, result["step"], result["data"], cfg.data.train_limit or train_images)
+        print_table([result["projection"]])
+    write_json(json_path, result)

@@ -1,0 +1,217 @@
+"""`cifar100 eval`: score a checkpoint per class and per superclass, and leave every prediction on disk.
+
+The checkpoint's own `meta.json` says which config trained it; `key=value` overrides apply on
+top (say `data.root=`). Test and, when the run held one out, validation images are chosen with
+the run's own `select_splits`, so the numbers are those of training. Under `accelerate launch`
+each process scores a shard and the logits are gathered in dataset order; the main process
+writes `eval-<checkpoint>.json`, `.md`, a confusion-matrix PNG and the logits (`.npz`), from
+which every number in the JSON can be recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from cifar100 import data as cifar_data
+from cifar100.checkpoint import apply_weights, load_weights, read_meta
+from cifar100.config import Config, apply_overrides
+from cifar100.engine import evaluate
+from cifar100.errors import UserError
+from cifar100.models import build_model
+from cifar100.run import NUM_CLASSES, resolve_precision, select_splits
+from cifar100.tracking import write_json_atomic
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+TTA_CHOICES = ("none", "flip")
+TOP_PAIRS = 10
+
+
+def locate(run: str | None, checkpoint: str) -> tuple[Path, Path, str]:
+    """(checkpoint folder, output folder, tag) for `run=` and `checkpoint=best|last|<path>`.
+
+    The tag names the outputs (`eval-<tag>.json`): best, last, or the given folder's name.
+    """
+    if checkpoint in ("best", "last"):
+        if run is None:
+            raise UserError(f"checkpoint={checkpoint} needs run=<run folder>, or give checkpoint=<path to a checkpoint folder>")
+        run_dir = Path(run)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"run={run}: not a run folder (no config.yaml)")
+        return run_dir / "checkpoints" / checkpoint, run_dir, checkpoint
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint={checkpoint}: expected best, last or a checkpoint folder")
+    if run is not None:
+        return ckpt, Path(run), ckpt.name
+    beside = ckpt.parent.parent  # <run>/checkpoints/<tag>: write into that run folder
+    return ckpt, beside if (beside / "config.yaml").is_file() else ckpt, ckpt.name
+
+
+def fine_to_coarse(dataset: cifar_data.Cifar100) -> np.ndarray:
+    """Superclass of each of the 100 classes, read off the labelled images."""
+    mapping = np.full(len(dataset.classes), -1, dtype=np.int64)
+    for split in (dataset.train, dataset.test):
+        mapping[split.labels.numpy()] = split.coarse.numpy()
+    return mapping
+
+
+def split_metrics(logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray,
+                  classes: tuple[str, ...], superclasses: tuple[str, ...]) -> dict[str, Any]:
+    """Loss, top-1/top-5, per class, per superclass and the most confused pairs of one split."""
+    n, num_classes = logits.shape
+    scores = torch.from_numpy(logits).double()
+    targets = torch.from_numpy(labels)
+    loss = float(F.cross_entropy(scores, targets))
+    top5 = scores.topk(min(5, num_classes), dim=1).indices.numpy()
+    predicted = top5[:, 0]
+    correct = predicted == labels
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for c, name in enumerate(classes):
+        seen = int(confusion[c].sum())
+        per_class[name] = {"index": c, "superclass": superclasses[coarse_of[c]], "images": seen,
+                           "top1": int(confusion[c, c]) / seen if seen else None}
+    true_coarse, predicted_coarse = coarse_of[labels], coarse_of[predicted]
+    per_superclass = {}
+    for s, name in enumerate(superclasses):
+        mine = true_coarse == s
+        seen = int(mine.sum())
+        per_superclass[name] = {
+            "index": s, "images": seen,
+            "top1": float(correct[mine].mean()) if seen else None,  # the exact class right
+            "superclass_top1": float((predicted_coarse[mine] == s).mean()) if seen else None,  # a class of the right superclass
+        }
+    off_diagonal = confusion.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    # Most frequent first; ties in (true, predicted) index order, so the list is reproducible.
+    order = np.lexsort((np.arange(off_diagonal.size), -off_diagonal.ravel()))
+    pairs = []
+    for flat in order[:TOP_PAIRS]:
+        true, pred = divmod(int(flat), num_classes)
+        if off_diagonal[true, pred] == 0:
+            break
+        pairs.append({"true": classes[true], "predicted": classes[pred], "count": int(off_diagonal[true, pred]),
+                      "share_of_true": int(off_diagonal[true, pred]) / int(confusion[true].sum())})
+    return {"images": n, "loss": loss, "top1": float(correct.mean()),
+            "top5": float((top5 == labels[:, None]).any(1).mean()),
+            "per_class": per_class, "per_superclass": per_superclass, "confused_pairs": pairs}
+
+
+def plot_confusion(logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray,
+                   superclasses: tuple[str, ...], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix, classes grouped by superclass so its blocks show."""
+    num_classes = logits.shape[1]
+    confusion = np.zeros((num_classes, num_classes))
+    np.add.at(confusion, (labels, logits.argmax(1)), 1)
+    confusion /= np.maximum(confusion.sum(1, keepdims=True), 1)
+    order = np.argsort(coarse_of, kind="stable")
+    fig, ax = plt.subplots(figsize=(10, 10), dpi=100)
+    image = ax.imshow(confusion[np.ix_(order, order)], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    sizes = np.bincount(coarse_of, minlength=len(superclasses))
+    edges = np.cumsum(sizes)
+    for edge in edges[:-1]:
+        ax.axhline(edge - 0.5, color="white", lw=0.4)
+        ax.axvline(edge - 0.5, color="white", lw=0.4)
+    centers = edges - sizes / 2 - 0.5
+    ax.set_yticks(centers, superclasses, fontsize=7)
+    ax.set_xticks(centers, superclasses, fontsize=7, rotation=90)
+    ax.set(xlabel="predicted class (grouped by superclass)", ylabel="true class (grouped by superclass)", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """eval-<tag>.md: the JSON's numbers as tables a person reads."""
+    tta = ", flip test-time augmentation" if result["tta"] == "flip" else ""
+    lines = [f"# Evaluation: {result['run']}, checkpoint `{result['checkpoint_tag']}` (epoch {result['epoch']}){tta}",
+             "", f"Checkpoint `{result['checkpoint']}`; predictions in `{result['predictions']}`.", "",
+             "| split | images | top-1 | top-5 | loss |", "|---|---|---|---|---|"]
+    for split, m in result["splits"].items():
+        lines.append(f"| {split} | {m['images']} | {m['top1']:.2%} | {m['top5']:.2%} | {m['loss']:.4f} |")
+    for split, m in result["splits"].items():
+        lines += ["", f"## {split}: per superclass", "",
+                  "| superclass | images | top-1 (exact class) | a class of the right superclass |", "|---|---|---|---|"]
+        lines += [f"| {name} | {s['images']} | {_pct(s['top1'])} | {_pct(s['superclass_top1'])} |"
+                  for name, s in m["per_superclass"].items()]
+        lines += ["", f"## {split}: most confused pairs", "", "| true class | predicted as | images | share of the true class |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['true']} | {p['predicted']} | {p['count']} | {p['share_of_true']:.1%} |" for p in m["confused_pairs"]]
+        ranked = sorted(m["per_class"].items(), key=lambda kv: (kv[1]["top1"] is None, kv[1]["top1"] or 0, kv[0]))
+        lines += ["", f"## {split}: per class, worst first", "", "| class | superclass | images | top-1 |", "|---|---|---|---|"]
+        lines += [f"| {name} | {c['superclass']} | {c['images']} | {_pct(c['top1'])} |" for name, c in ranked]
+    lines += ["", f"![confusion matrix]({result['confusion_matrix']})", ""]
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def run_eval(run: str | None, checkpoint: str, overrides: list[str], tta: str) -> Path | None:
+    """Evaluate one checkpoint; returns the eval JSON's path (None on processes other than the main one)."""
+    if tta not in TTA_CHOICES:
+        raise UserError(f"eval.tta={tta!r}: expected one of {', '.join(TTA_CHOICES)}")
+    ckpt, out_dir, tag = locate(run, checkpoint)
+    weights = load_weights(ckpt)  # checks COMPLETE first: a half-written checkpoint is refused
+    meta = read_meta(ckpt)
+    if "config" not in meta:
+        raise UserError(f"{ckpt / 'meta.json'}: no config recorded, cannot rebuild the model")
+    cfg = apply_overrides(meta["config"], overrides)
+    if tta == "flip":
+        tag += "-flip"
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision, device_type))
+    with accelerator.main_process_first():
+        dataset = cifar_data.load(cfg.data.root, cfg.data.download)
+    splits = select_splits(dataset, cfg)
+    model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.act, cfg.model.cifar_stem, cfg.model.drop_rate)
+    apply_weights(model, weights, ckpt)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(accelerator.device)
+
+    coarse_of = fine_to_coarse(dataset)
+    chosen = {"val": (dataset.train, splits.val), "test": (dataset.test, splits.test)}
+    arrays: dict[str, np.ndarray] = {"classes": np.array(dataset.classes), "superclasses": np.array(dataset.superclasses),
+                                     "fine_to_coarse": coarse_of}
+    metrics = {}
+    for name, (split, index) in chosen.items():
+        if not len(index):
+            continue
+        scored = evaluate(model, split.images[index], split.labels[index], accelerator, mean=cfg.augment.mean,
+                          std=cfg.augment.std, batch_size=cfg.data.eval_batch_size,
+                          channels_last=cfg.train.channels_last, tta_flip=tta == "flip", keep_logits=True)
+        labels = split.labels[index].numpy()
+        arrays.update({f"{name}_logits": scored.logits.numpy().astype(np.float32), f"{name}_labels": labels,
+                       f"{name}_coarse": split.coarse[index].numpy(), f"{name}_index": index.numpy()})
+        metrics[name] = split_metrics(arrays[f"{name}_logits"], labels, coarse_of, dataset.classes, dataset.superclasses)
+    if not accelerator.is_main_process:
+        return None
+
+    files = {"predictions": f"eval-{tag}-predictions.npz", "confusion_matrix": f"eval-{tag}-confusion.png"}
+    np.savez(out_dir / files["predictions"], **arrays)
+    plot_confusion(arrays["test_logits"], arrays["test_labels"], coarse_of, dataset.superclasses,
+                   out_dir / files["confusion_matrix"], f"{out_dir.name}, {tag}: test confusion matrix")
+    result = {"run": out_dir.name, "checkpoint": str(ckpt.resolve()), "checkpoint_tag": tag, "epoch": meta.get("epoch"),
+              "tta": tta, "world_size": accelerator.num_processes, **files, "splits": metrics}
+    json_path = out_dir / f"eval-{tag}.json"
+    write_json_atomic(json_path, result)
+    (out_dir / f"eval-{tag}.md").write_text(to_markdown(result))
+    scores = " | ".join(f"{name} top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} ({m['images']} images)"
+                        for name, m in metrics.items())
+    print(f"{out_dir.name} {tag} (epoch {meta.get('epoch')}): {scores} | wrote {json_path} and {json_path.with_suffix('.md')}",
+          flush=True)
+    return json_path

@@ -1,0 +1,101 @@
+"""Which run folder and checkpoint a run continues from (`resume=none|auto|PATH`), and whether it may.
+
+`auto` takes the newest checkpoint that loads under `<log.dir>/<name>/checkpoints/` (a fresh
+start in that folder when there is none), so a requeued job can always pass it. A path names a
+checkpoint folder or a run folder. A checkpoint made with another config is refused, naming
+the keys that differ, except the keys that do not change the training (where data lives,
+worker counts, logging).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar100.checkpoint import find_latest, is_complete, load_train_state, load_weights, read_meta
+from cifar100.config import flatten
+from cifar100.errors import UserError
+from cifar100.tracking import unique_run_dir
+
+# Keys that may differ between the run that saved a checkpoint and the one resuming it.
+FREE_ON_RESUME = ("name", "resume", "data.root", "data.download", "data.workers", "log.dir", "log.progress",
+                  "log.wandb.mode", "log.wandb.project", "log.wandb.entity", "train.keep_last",
+                  "train.checkpoint_every_steps", "train.max_bad_steps")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: where it is, its weights, train state and meta."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    train_state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+@dataclass
+class RunTotals:
+    """What the run has done so far, carried across resumes in each checkpoint's meta.json."""
+
+    epochs_done: int = 0
+    train_images: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    images_per_rank: list[int] = field(default_factory=list)
+    best_top1: float = -1.0
+    wandb_id: str | None = None
+
+
+def locate(resume: str, log_dir: str, name: str) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint folder or None) for `resume`; creates the run folder when new."""
+    if resume == "none":
+        return unique_run_dir(log_dir, name), None
+    if resume == "auto":
+        run_dir = Path(log_dir) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        found = find_latest(run_dir / "checkpoints")
+        return run_dir, found[0] if found else None
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():
+        found = find_latest(path / "checkpoints")
+        if not found:
+            raise UserError(f"resume={resume}: no complete checkpoint under {path / 'checkpoints'}")
+        return path, found[0]
+    if not is_complete(path):
+        raise UserError(f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
+                        "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>")
+    return path.resolve().parent.parent, path
+
+
+def load(path: Path, config: dict[str, Any]) -> Checkpoint:
+    """Load a checkpoint and check that it belongs to this config."""
+    meta = read_meta(path)
+    mismatched = config_differences(meta.get("config", {}), config)
+    if mismatched:
+        shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
+        raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
+                        "resume with the same recipe and overrides, or start a new run")
+    return Checkpoint(path, load_weights(path), load_train_state(path), meta)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: saved -> current' for every training-relevant key that differs."""
+    a, b = flatten(saved), flatten(current)
+    keys = sorted((set(a) | set(b)) - set(FREE_ON_RESUME))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def totals_from(meta: dict[str, Any] | None, world: int) -> RunTotals:
+    """The running totals a checkpoint carried (zeros for a fresh run)."""
+    if not meta:
+        return RunTotals(images_per_rank=[0] * world)
+    totals = RunTotals(**meta["totals"])
+    if len(totals.images_per_rank) != world:
+        warnings.warn(f"resuming on {world} processes instead of {len(totals.images_per_rank)}: the data order "
+                      "and per-rank counts differ from an uninterrupted run", stacklevel=2)
+        totals.images_per_rank = [sum(totals.images_per_rank)] + [0] * (world - 1)
+    return totals

@@ -1,0 +1,205 @@
+"""Preemption and faults with real processes: kill -9, signals, NaN, corrupt or foreign checkpoints, a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar100.checkpoint import apply_weights, find_latest, load_train_state, save_checkpoint
+from cifar100.errors import UserError
+from cifar100.models import build_model
+from conftest import ROOT, run_cmd
+
+pytestmark = pytest.mark.slow
+
+COMPARED = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5")
+ONE = (sys.executable, "train.py")
+TWO = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py")
+DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def args(real_data, log_dir, name, *extra):
+    return ["recipe=smoke", f"data.root={real_data}", f"log.dir={log_dir}", f"name={name}", "train.epochs=3",
+            "train.checkpoint_every_steps=3", *extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: r[k] for k in COMPARED} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def start(launcher, argv, env=None) -> subprocess.Popen:
+    return subprocess.Popen([*launcher, *argv], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def finish(launcher, argv, env=None):
+    out = run_cmd([*launcher, *argv], env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def baselines(real_data, tmp_path_factory):
+    """Uninterrupted runs, one process and two, to compare every resumed run against."""
+    log = tmp_path_factory.mktemp("baseline")
+    finish(ONE, args(real_data, log, "one"))
+    finish(TWO, args(real_data, log, "two"), DDP_ENV)
+    return {1: metrics(log / "one"), 2: metrics(log / "two")}
+
+
+@pytest.mark.parametrize("world, step", [(1, 12), (1, 16), (2, 12)])
+def test_kill_9_anywhere_then_resume_auto_is_exact(tmp_path, real_data, baselines, world, step):
+    """Step 12 is mid-epoch 2 (8 batches per epoch); step 16 is the end of epoch 2."""
+    launcher, env = (ONE, None) if world == 1 else (TWO, DDP_ENV)
+    proc = start(launcher, args(real_data, tmp_path, "r1"), env)
+    wait_for(tmp_path / "r1" / "checkpoints" / f"step-{step:08d}" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = finish(launcher, args(real_data, tmp_path, "r1", "resume=auto"), env)
+    assert "resuming" in out.stdout
+    assert metrics(tmp_path / "r1") == baselines[world]  # no epoch lost, none duplicated, same numbers
+    summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
+    assert summary["final_test_top1"] == baselines[world][-1]["test_top1"] and summary["epochs"] == 3
+    assert summary["images_per_rank"] == [1200 // world] * world
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, real_data, baselines, sig):
+    proc = start(ONE, args(real_data, tmp_path, "s", "train.checkpoint_every_steps=0"))
+    wait_for(tmp_path / "s" / "checkpoints" / "step-00000008" / "COMPLETE", proc)  # end of epoch 1
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert f"preempted: stopped by {sig.name}" in err and "resume=auto" in err
+    finish(ONE, args(real_data, tmp_path, "s", "resume=auto"))
+    assert metrics(tmp_path / "s") == baselines[1]
+
+
+def test_second_signal_exits_at_once(tmp_path, real_data):
+    # One slow step (a wider model on a 400-image batch) so both signals land inside it.
+    proc = start(ONE, args(real_data, tmp_path, "s2", "train.epochs=20", "model.name=cifarnet_l", "data.batch_size=400",
+                           "train.checkpoint_every_steps=0"))
+    wait_for(tmp_path / "s2" / "checkpoints" / "best" / "COMPLETE", proc)
+    time.sleep(0.2)  # inside epoch 2's only step, which takes over a second
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.6)  # later than a launcher's duplicate copy would come
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "preempted:" not in err  # no clean-up path ran
+    assert sorted(p.name for p in (tmp_path / "s2" / "checkpoints").glob("step-*")) == ["step-00000001"]
+
+
+def test_non_finite_loss_stops_with_one_line_or_skips(tmp_path, real_data):
+    out = run_cmd([*ONE, *args(real_data, tmp_path, "nan", "optim.lr=1e8")])
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss at epoch 1, step ") and ", lr " in last
+    assert "Last good checkpoint: " in last and "Traceback" not in out.stderr
+    skip = run_cmd([*ONE, *args(real_data, tmp_path, "nan2", "optim.lr=1e8", "train.max_bad_steps=2")])
+    assert skip.returncode == 2
+    assert skip.stderr.count("step skipped") == 2 and "(2 of train.max_bad_steps=2)" in skip.stderr
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, real_data, baselines):
+    proc = start(ONE, args(real_data, tmp_path, "c"))
+    wait_for(tmp_path / "c" / "checkpoints" / "step-00000012" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    newest = tmp_path / "c" / "checkpoints" / "step-00000012" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    out = finish(ONE, args(real_data, tmp_path, "c", "resume=auto"))
+    assert "skipping checkpoint step-00000012" in out.stderr
+    assert "resuming" in out.stdout and "step-00000009" in out.stdout
+    assert metrics(tmp_path / "c") == baselines[1]
+
+
+def test_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path, real_data):
+    proc = start(ONE, args(real_data, tmp_path, "cfg"))
+    wait_for(tmp_path / "cfg" / "checkpoints" / "step-00000003" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = run_cmd([*ONE, *args(real_data, tmp_path, "cfg", "resume=auto", "optim.lr=0.1", "model.act=relu")])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "model.act: 'mish' -> 'relu'" in out.stderr and "optim.lr: 0.2 -> 0.1" in out.stderr
+
+
+class Payload:
+    """Unpickling this would run a shell command."""
+
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def test_train_state_with_foreign_objects_is_refused(tmp_path):
+    model = build_model("cifarnet_tiny", 100, None, True)
+    path = save_checkpoint(tmp_path, "step-00000001", model.state_dict(), {"optimizer": Payload()}, {"epoch": 1})
+    with pytest.raises(UserError, match="refused, it holds objects other than tensors"):
+        load_train_state(path)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+    with pytest.warns(UserWarning, match="skipping checkpoint step-00000001"):
+        assert find_latest(tmp_path) is None
+
+
+def test_weights_of_another_model_list_the_mismatched_keys(tmp_path):
+    tiny = build_model("cifarnet_tiny", 100, None, True)
+    small = build_model("cifarnet_s", 100, None, True)
+    with pytest.raises(UserError, match=r"does not fit this model \(shape differs: blocks\.0\.bn1\.bias, "):
+        apply_weights(small, tiny.state_dict(), tmp_path)
+    other = build_model("resnet18", 100, None, True)
+    with pytest.raises(UserError, match=r"missing: .*unexpected: "):
+        apply_weights(other, tiny.state_dict(), tmp_path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: room for the first checkpoints, not for all of them."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_keeps_the_previous_checkpoint_loadable(small_disk, real_data):
+    out = run_cmd([*ONE, *args(real_data, small_disk, "full", "train.keep_last=5", "train.epochs=4")])
+    assert "not saved (No space left on device); the previous checkpoint" in out.stderr, out.stderr[-2000:]
+    found = find_latest(small_disk / "full" / "checkpoints")
+    assert found is not None and found[0].name.startswith("step-")
+    model = build_model("cifarnet_tiny", 100, "mish", True)
+    apply_weights(model, found[1], found[0])
+    assert not list((small_disk / "full" / "checkpoints").glob(".tmp-*"))  # no half-written folder left
+
+
+def test_wandb_run_is_resumed_by_its_saved_id(tmp_path, real_data, baselines):
+    wandb_args = ("log.wandb.mode=offline", "train.checkpoint_every_steps=0")
+    proc = start(ONE, args(real_data, tmp_path, "wb", *wandb_args), {"WANDB_SILENT": "true"})
+    wait_for(tmp_path / "wb" / "checkpoints" / "step-00000008" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # W&B's service (wandb-core --pid <client>) runs in its own session and notices its client's
+    # death a moment later; until then it holds the run id, as it would on a real node.
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-f", f"wandb-core .*--pid {proc.pid}$"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "wandb-core outlived its killed client by a minute"
+        time.sleep(0.5)
+    finish(ONE, args(real_data, tmp_path, "wb", "resume=auto", *wandb_args), {"WANDB_SILENT": "true"})
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    assert metrics(tmp_path / "wb") == baselines[1]
