@@ -132,11 +132,11 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
         except Exception as err:  # noqa: BLE001  (a path that cannot run this recipe is reported, not fatal)
             rows.append({"pipeline": pipeline, "images_per_second": None, "note": str(err)})
             continue
-        it = iter(epoch_batches(loader, 1, 0, accelerator))
-        next(it)  # worker start-up is not throughput
+        # From the iterator's creation: worker start-up is paid every epoch, and timing after it
+        # would count batches the workers prefetched before the clock started.
         _sync(accelerator.device)
         start, n = time.perf_counter(), 0
-        for x, _ in itertools.islice(it, batches):
+        for x, _ in itertools.islice(epoch_batches(loader, 1, 0, accelerator), batches):
             n += x.shape[0]
         _sync(accelerator.device)
         rows.append({"pipeline": pipeline, "workers": cfg.data.workers if pipeline == "reference" else 0,

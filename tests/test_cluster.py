@@ -40,7 +40,7 @@ def unavailable(reason: str):
 
 def shell_scripts() -> list[Path]:
     return sorted({*ROOT.glob("launch/**/*.sh"), *ROOT.glob("launch/**/*.sbatch"), *ROOT.glob("docker/*.sh"),
-                   *ROOT.glob("tests/cluster/*.sh"), ROOT / ".ci" / "run"})
+                   *ROOT.glob("tests/cluster/*.sh"), *ROOT.glob("bench/*.sh"), ROOT / ".ci" / "run"})
 
 
 class Cluster:
