@@ -118,6 +118,7 @@ def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode
         return accelerator.get_tracker("wandb", unwrap=True).id
     except Exception as err:  # noqa: BLE001  (W&B must never stop training)
         warnings.warn(f"W&B could not start ({type(err).__name__}: {err}); training continues without it", stacklevel=2)
+        accelerator.trackers = []  # a half-started tracker would fail again at every log and at the end
         return None
 
 

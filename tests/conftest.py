@@ -21,9 +21,15 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without WANDB_SERVICE: wandb sets it once a test here used W&B,
+    and a child that inherits it shares this process's wandb-core (and its runs) instead of its own."""
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+
+
 def run_cmd(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command of the project as a user would, capturing its output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    full_env = {**clean_environ(), "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -15,7 +15,7 @@ import pytest
 from cifar100.checkpoint import apply_weights, find_latest, load_train_state, save_checkpoint
 from cifar100.errors import UserError
 from cifar100.models import build_model
-from conftest import ROOT, run_cmd
+from conftest import ROOT, clean_environ, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 def start(launcher, argv, env=None) -> subprocess.Popen:
-    return subprocess.Popen([*launcher, *argv], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    return subprocess.Popen([*launcher, *argv], cwd=ROOT, env={**clean_environ(), "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

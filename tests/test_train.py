@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -106,3 +107,13 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "nowhere" in out.stderr
     assert not list(tmp_path.glob("smoke*"))  # nothing half-made
+
+
+def test_wandb_failure_never_stops_training(tmp_path, real_data):
+    # online mode without credentials (a fresh HOME, no API key): W&B refuses before any network use.
+    assert "WANDB_API_KEY" not in os.environ
+    env = {"HOME": str(tmp_path)}
+    out = train(tmp_path, real_data, "name=wbfail", "log.wandb.mode=online", env=env)
+    assert "warning: W&B could not start (UsageError" in out.stderr and "training continues without it" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert json.loads((tmp_path / "wbfail" / "summary.json").read_text())["epochs"] == 2
