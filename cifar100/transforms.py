@@ -111,8 +111,8 @@ class AugmentedDataset(torch.utils.data.Dataset):
     """In-memory images with a per-sample transform whose randomness depends on (seed, epoch, index) only.
 
     images: uint8 (N, 3, H, W); labels: integer (N,). Call set_epoch before iterating each
-    epoch. DataLoader workers hold their own copy of the dataset, made when the iterator
-    starts, so with persistent_workers=True a later set_epoch would not reach them.
+    epoch. The epoch lives in a shared-memory tensor, so it reaches persistent DataLoader
+    workers too (each holds its own copy of the dataset, but not of that storage).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable, seed: int):
@@ -125,11 +125,16 @@ class AugmentedDataset(torch.utils.data.Dataset):
         self.labels = [int(y) for y in labels.tolist()]
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations __getitem__ reproduces."""
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentations __getitem__ reproduces."""
-        self.epoch = epoch
+        """Select the epoch whose augmentations __getitem__ reproduces, in every worker."""
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -117,3 +117,13 @@ def test_wandb_failure_never_stops_training(tmp_path, real_data):
     assert "warning: W&B could not start (UsageError" in out.stderr and "training continues without it" in out.stderr
     assert "Traceback" not in out.stderr
     assert json.loads((tmp_path / "wbfail" / "summary.json").read_text())["epochs"] == 2
+
+
+def test_worker_count_does_not_change_the_numbers(tmp_path, real_data):
+    """Persistent workers follow set_epoch; every augmentation draw depends on (seed, epoch, index) only."""
+    losses = []
+    for workers in (0, 2):
+        train(tmp_path, real_data, f"name=w{workers}", f"data.workers={workers}", "train.epochs=3")
+        rows = [json.loads(line) for line in (tmp_path / f"w{workers}" / "metrics.jsonl").read_text().splitlines()]
+        losses.append([(r["train_loss"], r["test_loss"]) for r in rows])
+    assert losses[0] == losses[1] and len(losses[0]) == 3

@@ -153,6 +153,18 @@ def test_dataloader_independent_of_workers_and_assignment():
         assert torch.equal(labels, torch.arange(16))
 
 
+def test_set_epoch_reaches_persistent_workers():
+    ds = dataset(full_pipeline())
+    expected = {}
+    for epoch in (1, 2):
+        ds.set_epoch(epoch)
+        expected[epoch] = all_outputs(ds)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True)
+    for epoch in (1, 2, 1):  # the same worker processes serve every epoch
+        ds.set_epoch(epoch)
+        assert torch.equal(torch.cat([x for x, _ in loader]), expected[epoch]), epoch
+
+
 @pytest.mark.parametrize("policy", sorted(AUTOAUGMENT_POLICIES))
 def test_each_autoaugment_policy_runs(policy):
     ds = dataset(train_transform(0, 0.0, 0.0, 0.0, policy, MEAN, STD))
