@@ -36,6 +36,9 @@ def _sync(device: torch.device) -> None:
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """Measured FLOP/s of a large matrix product: the ceiling MFU is quoted against."""
     n = 8192 if device.type == "cuda" else 2048
+    # fp32 convolutions run on TF32 tensor cores by default (cudnn.allow_tf32), so the fp32
+    # ceiling is a TF32 product too; otherwise fp32 "MFU" exceeds 100 %.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
@@ -88,7 +91,8 @@ def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: b
                         state=EpochProgress(), stop_requested=lambda: False, max_bad_steps=0, after_step=lambda s: None)
 
     run = plain if loop == "plain" else engine
-    run(warmup)
+    if warmup:
+        run(warmup)
     _sync(device)
     start = time.perf_counter()
     run(steps)
@@ -132,8 +136,8 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
         except Exception as err:  # noqa: BLE001  (a path that cannot run this recipe is reported, not fatal)
             rows.append({"pipeline": pipeline, "images_per_second": None, "note": str(err)})
             continue
-        # From the iterator's creation: worker start-up is paid every epoch, and timing after it
-        # would count batches the workers prefetched before the clock started.
+        # From the iterator's creation: timing after the first batch would count batches the
+        # workers prefetched before the clock started (and a first epoch pays their start-up).
         _sync(accelerator.device)
         start, n = time.perf_counter(), 0
         for x, _ in itertools.islice(epoch_batches(loader, 1, 0, accelerator), batches):
@@ -193,10 +197,11 @@ def main(action: str, cfg: Config, *, steps: int, warmup: int, batches: int, jso
         result["step"] = bench_step(cfg, steps, warmup, with_compile)
         print_table(result["step"])
     if action in ("data", "recipe"):
-        result["data"] = bench_data(cfg, cifar_data.load(cfg.data.root, cfg.data.download), batches)
+        dataset = cifar_data.load(cfg.data.root, cfg.data.download)
+        result["data"] = bench_data(cfg, dataset, batches)
         print_table(result["data"])
     if action == "recipe":
-        train_images = cifar_data.load(cfg.data.root).train.labels.numel() - cfg.data.val_size
+        train_images = dataset.train.labels.numel() - cfg.data.val_size
         result["projection"] = project(cfg, result["step"], result["data"], cfg.data.train_limit or train_images)
         print_table([result["projection"]])
     write_json(json_path, result)

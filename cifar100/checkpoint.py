@@ -4,8 +4,8 @@ A checkpoint is `checkpoints/step-<global step>/` holding `model.safetensors` (w
 at all), `train_state.pt` (optimizer, schedule, scaler, every rank's RNG and partial-epoch sums:
 tensors and plain data, loaded with `weights_only=True`), `meta.json` (position, counters,
 config, W&B id) and `COMPLETE`, written last. Each is built under a temporary name and renamed
-into place; older ones are pruned only after the new one is complete. `best/` holds the weights
-of the best epoch, and `last` is a link to the newest checkpoint.
+into place; older ones are pruned only after the new one is complete. `best` links to the weights
+of the best epoch, `last` to the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -66,12 +66,22 @@ def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tenso
     return final
 
 
-def point_last(ckpt_dir: Path, tag: str) -> None:
-    """Make `checkpoints/last` a link to `tag`, swapped in atomically."""
-    tmp = ckpt_dir / ".last-link"
+def point_link(ckpt_dir: Path, link: str, tag: str) -> None:
+    """Make `checkpoints/<link>` (last, best) a link to `tag`, swapped in atomically: never absent."""
+    tmp = ckpt_dir / f".{link}-link"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(tag)
-    os.replace(tmp, ckpt_dir / "last")
+    os.replace(tmp, ckpt_dir / link)
+
+
+def save_best(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Weights of the best epoch as `best-<tag>/`, then `best` pointed at it and older ones removed."""
+    name = f"best-{tag}"
+    save_checkpoint(ckpt_dir, name, model_state, {}, meta)
+    point_link(ckpt_dir, "best", name)
+    for old in ckpt_dir.glob("best-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

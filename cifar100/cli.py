@@ -193,6 +193,8 @@ def cmd_bench(args: list[str]) -> None:
             numbers[key] = int(text) if text is not None else default
         except ValueError:
             raise UserError(f"{key}={text}: expected a whole number") from None
+        if numbers[key] < (0 if key == "warmup" else 1):
+            raise UserError(f"{key}={text}: must be at least {0 if key == 'warmup' else 1}")
     json_path, rest = take(rest, "json")
     compile_text, rest = take(rest, "compile")
     if compile_text not in (None, "true", "false"):

@@ -141,6 +141,27 @@ CHOICES = {
 }
 
 
+# Lower bounds: a value below them would fail deep inside a library, or after an epoch of work.
+MINIMUM = {
+    "seed": 0, "data.val_size": 0, "data.batch_size": 1, "data.workers": 0, "data.train_limit": 0,
+    "data.test_limit": 0, "data.eval_batch_size": 1, "augment.crop_padding": 0, "optim.lr": 0.0,
+    "optim.weight_decay": 0.0, "sched.warmup_epochs": 0.0, "sched.step_epochs": 1, "sched.patience": 0,
+    "train.epochs": 1, "train.grad_accum": 1, "train.threads": 0, "train.keep_last": 1,
+    "train.checkpoint_every_steps": 0, "train.max_bad_steps": 0,
+}
+
+# Keys that say where and how a run is launched and logged, not what it trains: a resume may
+# change them, and the report does not tell runs apart by them.
+LAUNCH_KEYS = ("name", "recipe", "description", "resume", "data.root", "data.download", "data.workers", "log",
+               "train.threads", "train.compile", "train.keep_last", "train.checkpoint_every_steps",
+               "train.max_bad_steps")
+
+
+def is_launch_key(key: str) -> bool:
+    """True for a dotted key under one of LAUNCH_KEYS."""
+    return any(key == k or key.startswith(k + ".") for k in LAUNCH_KEYS)
+
+
 def available_recipes() -> dict[str, Path]:
     """Recipe name -> file, for every YAML file in `recipes/`."""
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
@@ -360,6 +381,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     choices = CHOICES.get(key)
     if choices and result not in choices:
         raise UserError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+    if key in MINIMUM and result is not None and result < MINIMUM[key]:
+        raise UserError(f"{key}={value!r}: must be at least {MINIMUM[key]}")
     return result
 
 

@@ -105,7 +105,8 @@ def train_one_epoch(
                                  torch.tensor(float(stop_requested()), device=device, dtype=torch.float64)])
             bad, stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
             if bad:
-                optimizer.zero_grad(set_to_none=True)
+                # The wrapped optimizer's zero_grad waits for a sync step; this step's gradients must go now.
+                getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
                 state.bad_steps += 1
                 where = f"epoch {epoch}, step {step}, lr {schedule.lr:.3g}"
                 if state.bad_steps > max_bad_steps:
@@ -120,8 +121,9 @@ def train_one_epoch(
                 if accelerator.sync_gradients:
                     schedule.step()
                 n = labels.shape[0]
-                state.sums += torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double(),
-                                           torch.tensor(float(n), device=device, dtype=torch.float64)])
+                state.sums[0] += loss.detach().double() * n
+                state.sums[1] += (logits.detach().argmax(1) == labels).sum()
+                state.sums[2] += n
         state.step = step + 1
         state.seconds = time.perf_counter() - start
         if bar.disable is False and (step % PROGRESS_EVERY == 0 or step == steps - 1):
@@ -130,7 +132,7 @@ def train_one_epoch(
         bar.update(1)
         if accelerator.sync_gradients:
             after_step(state)
-        if stop:
+        if stop and accelerator.sync_gradients:  # never between micro-steps: their gradients are not saved
             bar.close()
             return None
     bar.close()

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from cifar100 import data as cifar_data
 from cifar100.checkpoint import apply_weights, load_weights, read_meta
-from cifar100.config import Config, apply_overrides
+from cifar100.config import apply_overrides
 from cifar100.engine import evaluate
 from cifar100.errors import UserError
 from cifar100.models import build_model

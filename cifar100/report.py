@@ -22,7 +22,7 @@ from typing import Any
 import matplotlib
 import yaml
 
-from cifar100.config import Config, flatten, from_dict, to_dict
+from cifar100.config import Config, flatten, from_dict, is_launch_key, to_dict
 from cifar100.errors import UserError
 from cifar100.tracking import plot_history, read_metrics
 
@@ -34,9 +34,6 @@ TITLE = "CIFAR-100 runs compared"
 
 # Keys that say where or how a run was launched, not what it trained: runs that differ only in
 # these (and the seed) repeat one experiment and share a column.
-NOT_THE_EXPERIMENT = ("name", "seed", "description", "resume", "log", "data.root", "data.download", "data.workers",
-                      "train.threads", "train.compile")
-
 # Markdown; render_html turns its **bold**, *italic* and `code` into tags.
 EXPLANATION = (
     "Each column is one training run, or several runs of one configuration that differ only in their "
@@ -103,7 +100,7 @@ def experiment_key(config: Config) -> tuple:
     """What a run trained, as a hashable value: its config without the launch-only keys."""
     flat = flatten(to_dict(config))
     return tuple(sorted((k, v) for k, v in flat.items()
-                        if not any(k == skip or k.startswith(skip + ".") for skip in NOT_THE_EXPERIMENT)))
+                        if k != "seed" and not is_launch_key(k)))
 
 
 def group_runs(runs: list[Run]) -> list[Column]:

@@ -3,12 +3,13 @@
 `auto` takes the newest checkpoint that loads under `<log.dir>/<name>/checkpoints/` (a fresh
 start in that folder when there is none), so a requeued job can always pass it. A path names a
 checkpoint folder or a run folder. A checkpoint made with another config is refused, naming
-the keys that differ, except the keys that do not change the training (where data lives,
-worker counts, logging).
+the keys that differ, except the launch keys (where data lives, worker counts, logging) and the
+recovery keys a diverged run may need (with a warning).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,14 @@ from typing import Any
 
 import torch
 
-from cifar100.checkpoint import find_latest, is_complete, load_train_state, load_weights, read_meta
-from cifar100.config import flatten
+from cifar100.checkpoint import PREFIX, find_latest, is_complete, load_train_state, load_weights, read_meta
+from cifar100.config import flatten, is_launch_key
 from cifar100.errors import UserError
 from cifar100.tracking import unique_run_dir
 
-# Keys that may differ between the run that saved a checkpoint and the one resuming it.
-FREE_ON_RESUME = ("name", "resume", "data.root", "data.download", "data.workers", "log.dir", "log.progress",
-                  "log.wandb.mode", "log.wandb.project", "log.wandb.entity", "train.keep_last",
-                  "train.checkpoint_every_steps", "train.max_bad_steps")
+# Besides the launch keys, the ways out of a diverged run that the non-finite-loss error suggests;
+# changing them on a resume is allowed, with a warning that the run is no longer one experiment.
+RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
 
 
 @dataclass
@@ -68,24 +68,44 @@ def locate(resume: str, log_dir: str, name: str) -> tuple[Path, Path | None]:
     if not is_complete(path):
         raise UserError(f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
                         "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>")
-    return path.resolve().parent.parent, path
+    path = path.resolve()
+    if not path.name.startswith(PREFIX):
+        raise UserError(f"resume={resume}: {path.name} holds weights only (the best epoch's, for eval); resume from "
+                        f"a {PREFIX}… checkpoint, or use resume=auto")
+    newer = sorted(p for p in path.parent.glob(f"{PREFIX}*") if p.name > path.name)
+    if newer:
+        # Going back to an older checkpoint forks the run: keep the newer ones, but out of resume=auto's way.
+        aside = unique_run_dir(path.parent / "abandoned", f"after-{path.name}")
+        for p in newer:
+            os.replace(p, aside / p.name)
+        warnings.warn(f"resuming {path.name}: the newer {', '.join(p.name for p in newer)} moved to {aside}", stacklevel=2)
+    return path.parent.parent, path
 
 
 def load(path: Path, config: dict[str, Any]) -> Checkpoint:
     """Load a checkpoint and check that it belongs to this config."""
     meta = read_meta(path)
     mismatched = config_differences(meta.get("config", {}), config)
+    recovery = [m for m in mismatched if m.split(":")[0] in RECOVERY_KEYS]
+    mismatched = [m for m in mismatched if m not in recovery]
+    if recovery:
+        warnings.warn(f"resuming with {'; '.join(recovery)}: the run continues, but is no longer the "
+                      "uninterrupted run of one config", stacklevel=2)
     if mismatched:
         shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
         raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
                         "resume with the same recipe and overrides, or start a new run")
-    return Checkpoint(path, load_weights(path), load_train_state(path), meta)
+    state = load_train_state(path)
+    if "optimizer" not in state:
+        raise UserError(f"{path}: holds weights only (the best epoch's, for eval); resume from a step-… "
+                        "checkpoint, or use resume=auto")
+    return Checkpoint(path, load_weights(path), state, meta)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for every training-relevant key that differs."""
     a, b = flatten(saved), flatten(current)
-    keys = sorted((set(a) | set(b)) - set(FREE_ON_RESUME))
+    keys = sorted(k for k in set(a) | set(b) if not is_launch_key(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from cifar100 import data as cifar_data
 from cifar100 import resume as resuming
-from cifar100.checkpoint import apply_weights, point_last, prune, save_checkpoint, step_tag
+from cifar100.checkpoint import apply_weights, point_link, prune, save_best, save_checkpoint, step_tag
 from cifar100.config import Config, to_dict, to_yaml
 from cifar100.device_data import DeviceLoader
 from cifar100.engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch
@@ -61,13 +61,14 @@ class Splits:
 
 
 def select_splits(dataset: cifar_data.Cifar100, cfg: Config) -> Splits:
-    """Apply `data.val_size`, `data.train_limit` and `data.test_limit` (each a stratified, seeded choice)."""
+    """Apply `data.val_size`, `data.train_limit` and `data.test_limit` (each a stratified, seeded choice;
+    a limit at or above the split's size keeps it whole)."""
     train_idx, val_idx = cifar_data.validation_split(dataset.train.labels, cfg.data.val_size, cfg.seed)
-    if cfg.data.train_limit:
+    if 0 < cfg.data.train_limit < len(train_idx):
         _, keep = cifar_data.validation_split(dataset.train.labels[train_idx], cfg.data.train_limit, cfg.seed)
         train_idx = train_idx[keep]
     test_idx = torch.arange(dataset.test.labels.numel())
-    if cfg.data.test_limit:
+    if 0 < cfg.data.test_limit < len(test_idx):
         _, test_idx = cifar_data.validation_split(dataset.test.labels, cfg.data.test_limit, cfg.seed)
     return Splits(train_idx, val_idx, test_idx)
 
@@ -139,17 +140,12 @@ def train(cfg: Config) -> Path:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(splits.train)} training images")
     loader = build_train_loader(dataset.train.images[splits.train], dataset.train.labels[splits.train], batch, cfg,
                                 accelerator)
-
-    # The main process picks the run folder and checkpoint; every process then loads the same one.
-    located = list(resuming.locate(cfg.resume, cfg.log.dir, cfg.name)) if main else [None, None]
-    broadcast_object_list(located)
-    run_dir, ckpt_path = Path(located[0]), located[1] and Path(located[1])
-    ckpt = resuming.load(ckpt_path, config_dict) if ckpt_path else None
+    if isinstance(loader, DeviceLoader) and len(loader) % cfg.train.grad_accum:
+        raise UserError(f"data.pipeline=device needs the {len(loader)} batches of an epoch to divide into "
+                        f"train.grad_accum={cfg.train.grad_accum} micro-steps; change data.batch_size or grad_accum")
 
     model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.act, cfg.model.cifar_stem, cfg.model.drop_rate)
     params, flops = count_parameters(model), flops_per_image(model)
-    if ckpt:
-        apply_weights(model, ckpt.weights, ckpt.path)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
@@ -158,11 +154,22 @@ def train(cfg: Config) -> Path:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
+    prepared = model
     if cfg.train.compile:
         model = torch.compile(model)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     schedule = Schedule(optimizer, cfg.optim, cfg.sched, steps_per_epoch, cfg.train.epochs)
     mixer = BatchMixer(NUM_CLASSES, aug.cutmix.prob, aug.cutmix.alpha, aug.mixup.prob, aug.mixup.alpha, aug.label_smoothing)
+
+    # Only now, with every part built and checked, the run folder: a bad value leaves no empty folder.
+    # The main process picks it and the checkpoint; every process then loads the same one.
+    located = list(resuming.locate(cfg.resume, cfg.log.dir, cfg.name)) if main else [None, None]
+    broadcast_object_list(located)
+    run_dir, ckpt_path = Path(located[0]), located[1] and Path(located[1])
+    ckpt = resuming.load(ckpt_path, config_dict) if ckpt_path else None
+    if ckpt:
+        apply_weights(accelerator.unwrap_model(prepared), ckpt.weights, ckpt.path)
 
     totals = resuming.totals_from(ckpt.meta if ckpt else None, world)
     epoch, progress = totals.epochs_done + 1, EpochProgress()
@@ -203,7 +210,7 @@ def train(cfg: Config) -> Path:
                 "rng_cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
                 "progress": None if epoch_done else progress.state_dict()}
         ranks = gather_object([mine])
-        model_state = accelerator.get_state_dict(model)
+        model_state = accelerator.get_state_dict(prepared)
         if main and not (last_saved and last_saved[-1] == tag):
             totals.wall_seconds = wall_before + time.perf_counter() - started
             meta = {"epoch": epoch, "step_in_epoch": 0 if epoch_done else progress.step, "global_step": schedule.step_count,
@@ -212,11 +219,11 @@ def train(cfg: Config) -> Path:
                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
             try:
                 save_checkpoint(ckpt_dir, tag, model_state, state, meta)
-                point_last(ckpt_dir, tag)
+                point_link(ckpt_dir, "last", tag)
                 prune(ckpt_dir, cfg.train.keep_last)
                 last_saved.append(tag)
                 if best:
-                    save_checkpoint(ckpt_dir, "best", model_state, {}, meta)
+                    save_best(ckpt_dir, tag, model_state, meta)
             except OSError as err:
                 previous = last_saved[-1] if last_saved else (ckpt.path.name if ckpt else "none")
                 warnings.warn(f"checkpoint {tag} not saved ({err.strerror or err}); the previous checkpoint "
@@ -232,6 +239,10 @@ def train(cfg: Config) -> Path:
     # Installed for the rest of the process: during a preemption's clean-up a second signal still exits at once.
     flag = StopFlag()
     flag.install()
+    # Indexed once, not every epoch; on the device already when the training data lives there.
+    eval_device = accelerator.device if cfg.data.pipeline == "device" else torch.device("cpu")
+    test_images, test_labels = (t.to(eval_device) for t in (dataset.test.images[splits.test], dataset.test.labels[splits.test]))
+    val_images, val_labels = (t.to(eval_device) for t in (dataset.train.images[splits.val], dataset.train.labels[splits.val]))
     eval_kwargs = dict(mean=aug.mean, std=aug.std, batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
     while epoch <= cfg.train.epochs:
         lr = schedule.lr_at(schedule.step_count - progress.step // cfg.train.grad_accum)
@@ -253,11 +264,9 @@ def train(cfg: Config) -> Path:
                             f"batch {progress.step}; checkpoint {ckpt_dir / 'last'}")
         row = {"epoch": epoch, "lr": lr, "train_loss": result.loss, "train_top1": result.top1}
         if len(splits.val):
-            val = evaluate(model, dataset.train.images[splits.val], dataset.train.labels[splits.val], accelerator,
-                           **eval_kwargs)
+            val = evaluate(model, val_images, val_labels, accelerator, **eval_kwargs)
             row.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
-        test = evaluate(model, dataset.test.images[splits.test], dataset.test.labels[splits.test], accelerator,
-                        **eval_kwargs)
+        test = evaluate(model, test_images, test_labels, accelerator, **eval_kwargs)
         row.update(test_loss=test.loss, test_top1=test.top1, test_top5=test.top5,
                    epoch_seconds=result.seconds, images_per_second=result.images / result.seconds)
         schedule.epoch_end(row[f"{selected}_loss"])
@@ -294,7 +303,6 @@ def train(cfg: Config) -> Path:
     )
     if main:
         write_json_atomic(run_dir / "summary.json", summary)
-        plot_history(rows, run_dir, run_dir.name)
         accelerator.print(
             f"done in {summary['wall_seconds']:.0f} s: final test top1 {summary['final_test_top1']:.2%}, "
             f"best {selected} top1 {totals.best_top1:.2%} | {run_dir}", flush=True)

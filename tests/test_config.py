@@ -72,6 +72,10 @@ def _flatten(d, prefix=""):
     ("augment.cutmix=1", "augment.cutmix must be a mapping"),
     ("novalue", "expected key=value, got 'novalue'"),
     ("optim.lr=[1", "cannot parse the value of optim.lr"),
+    ("train.grad_accum=0", "train.grad_accum=0: must be at least 1"),
+    ("data.eval_batch_size=0", "data.eval_batch_size=0: must be at least 1"),
+    ("train.epochs=0", "train.epochs=0: must be at least 1"),
+    ("seed=-1", "seed=-1: must be at least 0"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(UserError) as err:

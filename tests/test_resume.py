@@ -59,22 +59,29 @@ def baselines(real_data, tmp_path_factory):
     log = tmp_path_factory.mktemp("baseline")
     finish(ONE, args(real_data, log, "one"))
     finish(TWO, args(real_data, log, "two"), DDP_ENV)
-    return {1: metrics(log / "one"), 2: metrics(log / "two")}
+    finish(ONE, args(real_data, log, "dev", *DEVICE))
+    return {1: metrics(log / "one"), 2: metrics(log / "two"), "device": metrics(log / "dev")}
 
 
-@pytest.mark.parametrize("world, step", [(1, 12), (1, 16), (2, 12)])
-def test_kill_9_anywhere_then_resume_auto_is_exact(tmp_path, real_data, baselines, world, step):
+DEVICE = ("data.pipeline=device", "augment.autoaugment=cifar10")
+
+
+@pytest.mark.parametrize("world, step, pipeline", [(1, 12, "reference"), (1, 16, "reference"), (2, 12, "reference"),
+                                                   (1, 12, "device")])
+def test_kill_9_anywhere_then_resume_auto_is_exact(tmp_path, real_data, baselines, world, step, pipeline):
     """Step 12 is mid-epoch 2 (8 batches per epoch); step 16 is the end of epoch 2."""
     launcher, env = (ONE, None) if world == 1 else (TWO, DDP_ENV)
-    proc = start(launcher, args(real_data, tmp_path, "r1"), env)
+    extra = DEVICE if pipeline == "device" else ()
+    proc = start(launcher, args(real_data, tmp_path, "r1", *extra), env)
     wait_for(tmp_path / "r1" / "checkpoints" / f"step-{step:08d}" / "COMPLETE", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    out = finish(launcher, args(real_data, tmp_path, "r1", "resume=auto"), env)
+    out = finish(launcher, args(real_data, tmp_path, "r1", "resume=auto", *extra), env)
     assert "resuming" in out.stdout
-    assert metrics(tmp_path / "r1") == baselines[world]  # no epoch lost, none duplicated, same numbers
+    baseline = baselines["device" if pipeline == "device" else world]
+    assert metrics(tmp_path / "r1") == baseline  # no epoch lost, none duplicated, same numbers
     summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
-    assert summary["final_test_top1"] == baselines[world][-1]["test_top1"] and summary["epochs"] == 3
+    assert summary["final_test_top1"] == baseline[-1]["test_top1"] and summary["epochs"] == 3
     assert summary["images_per_rank"] == [1200 // world] * world
 
 
@@ -134,9 +141,24 @@ def test_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path, real_
     wait_for(tmp_path / "cfg" / "checkpoints" / "step-00000003" / "COMPLETE", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    out = run_cmd([*ONE, *args(real_data, tmp_path, "cfg", "resume=auto", "optim.lr=0.1", "model.act=relu")])
+    out = run_cmd([*ONE, *args(real_data, tmp_path, "cfg", "resume=auto", "optim.momentum=0.5", "model.act=relu")])
     assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert "model.act: 'mish' -> 'relu'" in out.stderr and "optim.lr: 0.2 -> 0.1" in out.stderr
+    assert "model.act: 'mish' -> 'relu'" in out.stderr and "optim.momentum: 0.9 -> 0.5" in out.stderr
+    # The recovery the non-finite-loss error suggests is allowed, and said to change the run.
+    out = finish(ONE, args(real_data, tmp_path, "cfg", "resume=auto", "optim.lr=0.1"))
+    assert "optim.lr: 0.2 -> 0.1: the run continues, but is no longer the uninterrupted run" in out.stderr
+
+
+def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path, real_data, baselines):
+    finish(ONE, args(real_data, tmp_path, "old", "train.keep_last=10"))
+    ckpts = tmp_path / "old" / "checkpoints"
+    out = finish(ONE, args(real_data, tmp_path, "old", f"resume={ckpts / 'step-00000009'}"))
+    assert "resuming" in out.stdout and "moved to" in out.stderr
+    assert metrics(tmp_path / "old") == baselines[1]  # epochs 2 and 3 again, the same numbers
+    assert (ckpts / "abandoned" / "after-step-00000009" / "step-00000024").is_dir()
+    assert (ckpts / "step-00000024").is_dir()  # made again by the resumed run
+    weights_only = run_cmd([*ONE, *args(real_data, tmp_path, "old", f"resume={ckpts / 'best'}")])
+    assert weights_only.returncode == 2 and "holds weights only" in weights_only.stderr
 
 
 class Payload:

@@ -127,3 +127,13 @@ def test_worker_count_does_not_change_the_numbers(tmp_path, real_data):
         rows = [json.loads(line) for line in (tmp_path / f"w{workers}" / "metrics.jsonl").read_text().splitlines()]
         losses.append([(r["train_loss"], r["test_loss"]) for r in rows])
     assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_limits_at_or_above_a_split_keep_it_whole(real_data):
+    from cifar100.run import select_splits
+
+    data = load(real_data)
+    whole = select_splits(data, load_config("smoke", ["data.train_limit=50000", "data.test_limit=10000"]))
+    assert (len(whole.train), len(whole.test)) == (50000, 10000)
+    some = select_splits(data, load_config("smoke", ["data.test_limit=1000", "data.val_size=5000"]))
+    assert (len(some.train), len(some.val), len(some.test)) == (400, 5000, 1000)
