@@ -105,6 +105,7 @@ def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str
     """
     for path in sorted(ckpt_dir.glob(f"{PREFIX}*"), reverse=True):
         try:
+            read_meta(path)  # a checkpoint whose meta.json is unreadable is as unusable as a truncated one
             return path, load_weights(path), load_train_state(path)
         except UserError as err:
             warnings.warn(f"skipping checkpoint {path.name}: {err}", stacklevel=2)

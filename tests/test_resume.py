@@ -225,3 +225,12 @@ def test_wandb_run_is_resumed_by_its_saved_id(tmp_path, real_data, baselines):
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
     assert metrics(tmp_path / "wb") == baselines[1]
+
+
+def test_unreadable_meta_skips_to_the_previous_checkpoint(tmp_path):
+    model = build_model("cifarnet_tiny", 100, None, True)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, f"step-{step:08d}", model.state_dict(), {"optimizer": {}}, {"epoch": step})
+    (tmp_path / "step-00000002" / "meta.json").write_text("{ truncated")
+    with pytest.warns(UserWarning, match="skipping checkpoint step-00000002"):
+        assert find_latest(tmp_path)[0].name == "step-00000001"
