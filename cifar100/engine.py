@@ -126,7 +126,7 @@ def train_one_epoch(
                 state.sums[2] += n
         state.step = step + 1
         state.seconds = time.perf_counter() - start
-        if bar.disable is False and (step % PROGRESS_EVERY == 0 or step == steps - 1):
+        if not bar.disable and (step % PROGRESS_EVERY == 0 or step == steps - 1):
             rate = state.sums[2].item() * accelerator.num_processes / max(state.seconds, 1e-9)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.lr:.2e}", img_s=f"{rate:.0f}")
         bar.update(1)

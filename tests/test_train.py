@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import torch
 import yaml
 
 from cifar100.checkpoint import apply_weights, is_complete, load_weights, read_meta
@@ -15,7 +14,7 @@ from cifar100.config import load_config
 from cifar100.data import load
 from cifar100.engine import evaluate
 from cifar100.models import build_model
-from conftest import ROOT, run_cmd
+from conftest import run_cmd
 
 pytestmark = pytest.mark.slow
 
