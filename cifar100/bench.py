@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def _synthetic(batch: int, device: torch.device):
 
 
 def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: bool, loop: str,
-              steps: int, warmup: int) -> float:
-    """Training images/s for one choice; `loop` is "plain" (bare PyTorch) or "engine" (ours)."""
+              steps: int, warmup: int) -> tuple[float, float | None]:
+    """Training images/s for one choice, and host waits per step; `loop` is "plain" (bare PyTorch)
+    or "engine" (ours)."""
     AcceleratorState._reset_state(True)  # each variant gets its own precision
     accelerator = Accelerator(mixed_precision=precision)
     device = accelerator.device
@@ -97,7 +99,22 @@ def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: b
     start = time.perf_counter()
     run(steps)
     _sync(device)
-    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+    return steps * cfg.data.batch_size / (time.perf_counter() - start), host_waits_per_step(run, device)
+
+
+def host_waits_per_step(run, device: torch.device, steps: int = 4) -> float | None:
+    """How often per step the host waits for the GPU, as torch's CUDA sync debug mode counts them
+    (one wait is expected per epoch, when the metrics are read); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) -> list[dict]:
@@ -112,12 +129,13 @@ def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) 
     grid += [(precisions[0], True, False, "plain")] + [(precisions[0], True, True, "engine")] * with_compile
     rows = []
     for precision, channels_last, compiled, loop in grid:
-        rate = step_rate(cfg, precision, channels_last, compiled, loop, steps, warmup)
+        rate, waits = step_rate(cfg, precision, channels_last, compiled, loop, steps, warmup)
         achieved = rate * 3 * flops  # forward + backward ~ 3x the forward FLOPs
         rows.append({"model": cfg.model.name, "batch": cfg.data.batch_size, "precision": precision,
                      "channels_last": channels_last, "compile": compiled, "loop": loop,
                      "images_per_second": rate, "tflops": achieved / 1e12,
-                     "mfu": achieved / peaks[precision], "matmul_peak_tflops": peaks[precision] / 1e12})
+                     "mfu": achieved / peaks[precision], "matmul_peak_tflops": peaks[precision] / 1e12,
+                     "host_waits_per_step": waits})
     return rows
 
 

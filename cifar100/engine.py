@@ -1,7 +1,12 @@
 """One training epoch and one exact evaluation: functions of the model, the data and the state.
 
-Metrics are summed in device tensors and read once per epoch (a `.item()` per step would make
-the GPU wait for the host); the progress bar reads the loss only every `PROGRESS_EVERY` steps.
+Nothing in a training step makes the host wait for the GPU. Metrics are summed in device
+tensors and read once per epoch. Each optimizer step, all ranks agree on two flags in one
+small all-reduce (a non-finite loss anywhere, a pending signal anywhere). A non-finite step
+is skipped on the device, by the same `found_inf` input that torch's fused optimizers take
+from a GradScaler. The host reads the flags one step late, once the GPU is busy with the next
+step, to warn, count or stop. Optimizers with no fused kernel (NAdam) and fp16 loss scaling
+read the skip flag before stepping: one wait per step.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ from cifar100.mixing import BatchMixer, soft_target_cross_entropy
 from cifar100.optim import Schedule
 from cifar100.transforms import normalize_batch
 
-PROGRESS_EVERY = 10
-
 
 @dataclass(frozen=True)
 class EpochResult:
@@ -41,22 +44,50 @@ class EpochProgress:
     """Where an epoch stands on this rank: batches done, running sums, time; saved mid-epoch."""
 
     step: int = 0
-    sums: torch.Tensor | None = None  # float64 [loss x images, correct, images] on the device
+    sums: torch.Tensor | None = None  # float64 [loss x images, correct, images, skipped steps] on the device
     seconds: float = 0.0
-    bad_steps: int = 0
 
     def state_dict(self) -> dict:
         """Plain data for a checkpoint."""
-        return {"step": self.step, "sums": self.sums.cpu(), "seconds": self.seconds, "bad_steps": self.bad_steps}
+        return {"step": self.step, "sums": self.sums.cpu(), "seconds": self.seconds}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
-        """Rebuild what `state_dict()` saved."""
-        return cls(int(state["step"]), state["sums"].to(device), float(state["seconds"]), int(state["bad_steps"]))
+        """Rebuild what `state_dict()` saved (checkpoints before skips were summed on the device kept them apart)."""
+        sums = state["sums"]
+        if sums.numel() == 3:
+            sums = torch.cat([sums, torch.tensor([float(state.get("bad_steps", 0))], dtype=sums.dtype)])
+        return cls(int(state["step"]), sums.to(device), float(state["seconds"]))
 
 
 class NonFiniteLoss(Exception):
     """The loss was NaN or infinite on some rank more often than `train.max_bad_steps` allows."""
+
+
+@dataclass(frozen=True)
+class _StepFlags:
+    """One optimizer step's agreed flags on their way to the host, read once the next step is queued."""
+
+    step: int
+    lr: float
+    values: torch.Tensor  # [non-finite anywhere, stop anywhere, this rank's loss], on the host
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def send(cls, step: int, lr: float, values: torch.Tensor) -> _StepFlags:
+        if values.device.type != "cuda":
+            return cls(step, lr, values, None)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(step, lr, host, ready)
+
+    def read(self) -> tuple[bool, bool, float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        bad, stop, loss = self.values.tolist()
+        return bad > 0, stop > 0, loss
 
 
 def train_one_epoch(
@@ -80,67 +111,108 @@ def train_one_epoch(
     """Train over `loader` (which already skips the `state.step` batches done before a resume).
 
     Returns the epoch's loss and top-1 against the unmixed labels, or None when a stop was
-    requested: then `state` says exactly where the epoch stands. Each step, all ranks agree on
-    two flags at once (a non-finite loss anywhere, a pending signal anywhere): one small sync.
+    requested: a signal during optimizer step k stops the epoch after step k + 1, and `state`
+    says exactly where it stands. A non-finite loss skips its optimizer step on every rank
+    (the schedule still advances); more than `max_bad_steps` in an epoch raise NonFiniteLoss.
     """
     model.train()
     device = accelerator.device
     if state.sums is None:
-        state.sums = torch.zeros(3, device=device, dtype=torch.float64)
+        state.sums = torch.zeros(4, device=device, dtype=torch.float64)
+    base = getattr(optimizer, "optimizer", optimizer)
+    skips_on_device = getattr(base, "_step_supports_amp_scaling", False) and accelerator.scaler is None
+    off_on = torch.tensor([0.0, 1.0], device=device, dtype=torch.float64)  # indexed by the host's stop flag: no copy
+    bad_since_step = torch.zeros((), device=device, dtype=torch.float64)
+    bad_steps = int(state.sums[3].item())
+    pending: _StepFlags | None = None
+
+    def settle(flags: _StepFlags) -> bool:
+        """Warn about or stop on a finished step's flags; True when a stop was requested."""
+        nonlocal bad_steps
+        bad, stop, loss = flags.read()
+        if bad:
+            bad_steps += 1
+            where = f"epoch {epoch}, step {flags.step}, lr {flags.lr:.3g}"
+            if bad_steps > max_bad_steps:
+                raise NonFiniteLoss(f"non-finite loss at {where}")
+            warnings.warn(f"non-finite loss at {where}: step skipped "
+                          f"({bad_steps} of train.max_bad_steps={max_bad_steps})", stacklevel=3)
+            _reset_broken_norm_statistics(model)
+        if not bar.disable:  # shown at the bar's next refresh: no terminal write per step
+            rate = images_seen * accelerator.num_processes / max(time.perf_counter() - began, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{flags.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+        return stop
+
     steps = state.step + len(loader)
     bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
-    start = time.perf_counter() - state.seconds
+    began, images_seen = time.perf_counter(), 0
+    start = began - state.seconds
     for step, (images, labels) in enumerate(loader, start=state.step):
         rng = np.random.default_rng([seed, epoch, step, accelerator.process_index])
         images, targets = mixer(images, labels, rng)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        stop = False
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(images)
             loss = soft_target_cross_entropy(logits.float(), targets)
             accelerator.backward(loss)
-            flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
-                                 torch.tensor(float(stop_requested()), device=device, dtype=torch.float64)])
-            bad, stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
-            if bad:
-                # The wrapped optimizer's zero_grad waits for a sync step; this step's gradients must go now.
-                getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
-                state.bad_steps += 1
-                where = f"epoch {epoch}, step {step}, lr {schedule.lr:.3g}"
-                if state.bad_steps > max_bad_steps:
-                    raise NonFiniteLoss(f"non-finite loss at {where}")
-                warnings.warn(f"non-finite loss at {where}: step skipped "
-                              f"({state.bad_steps} of train.max_bad_steps={max_bad_steps})", stacklevel=2)
-            else:
-                if accelerator.sync_gradients and clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    schedule.step()
-                n = labels.shape[0]
-                state.sums[0] += loss.detach().double() * n
-                state.sums[1] += (logits.detach().argmax(1) == labels).sum()
-                state.sums[2] += n
+            loss = loss.detach()
+            finite = torch.isfinite(loss)
+            n = labels.shape[0]
+            seen = torch.stack([loss.double() * n, (logits.detach().argmax(1) == labels).sum().double(),
+                                torch.full((), n, device=device, dtype=torch.float64)])
+            state.sums[:3] += torch.where(finite, seen, 0.0)
+            bad_since_step += (~finite).double()
+            images_seen += n
+            if accelerator.sync_gradients:
+                flags = accelerator.reduce(torch.stack([bad_since_step, off_on[int(stop_requested())]]), reduction="sum")
+                bad_since_step.zero_()
+                skip = flags[0] > 0
+                if skips_on_device:
+                    base.found_inf = skip.float()
+                if skips_on_device or not skip.item():  # .item(): this optimizer cannot skip on the device
+                    if clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                    optimizer.step()
+                if skips_on_device:
+                    del base.found_inf
+                # The wrapped optimizer's zero_grad waits for a sync step; this is one, so clear directly.
+                base.zero_grad(set_to_none=True)
+                state.sums[3] += skip.double()
+                now = _StepFlags.send(step, schedule.lr, torch.cat([flags, loss.double()[None]]))
+                schedule.step()
+                stop = pending is not None and settle(pending)
+                pending = now
         state.step = step + 1
         state.seconds = time.perf_counter() - start
-        if not bar.disable and (step % PROGRESS_EVERY == 0 or step == steps - 1):
-            rate = state.sums[2].item() * accelerator.num_processes / max(state.seconds, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.lr:.2e}", img_s=f"{rate:.0f}")
         bar.update(1)
         if accelerator.sync_gradients:
             after_step(state)
-        if stop and accelerator.sync_gradients:  # never between micro-steps: their gradients are not saved
+        if stop:
+            settle(pending)
             bar.close()
             return None
+    if pending is not None:
+        settle(pending)  # a stop flagged by the last step is seen by the caller's own check
     bar.close()
     # Gathered rather than summed: the per-rank counts prove every process trained.
-    per_rank = accelerator.gather(state.sums[None]).view(-1, 3)
+    per_rank = accelerator.gather(state.sums[None, :3]).view(-1, 3)
     loss_total, correct_total, seen_total = per_rank.sum(0).tolist()
     return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total),
                        state.seconds, tuple(int(n) for n in per_rank[:, 2].tolist()))
+
+
+def _reset_broken_norm_statistics(model: nn.Module) -> None:
+    """A skipped step's forward pass still updated the running statistics of the norm layers; where
+    that made them NaN or infinite (which no later update can undo), start them afresh."""
+    for module in model.modules():
+        stats = [getattr(module, name, None) for name in ("running_mean", "running_var")]
+        if (hasattr(module, "reset_running_stats") and None not in stats
+                and not all(torch.isfinite(s).all() for s in stats)):
+            module.reset_running_stats()
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,8 @@ def train(cfg: Config) -> Path:
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="wandb" if cfg.log.wandb.mode != "disabled" else None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # non_blocking: copies from the pinned batches never make the host wait for the GPU.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
     )
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)

@@ -1,0 +1,111 @@
+"""The training step's guards: a non-finite step skipped on every optimizer, too many stop, a signal stops.
+
+These drive `train_one_epoch` in-process with a small linear model (no BatchNorm, so a NaN batch
+leaves no running statistics behind) and compare final weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from torch import nn
+
+from cifar100.config import OptimConfig, SchedConfig
+from cifar100.engine import EpochProgress, NonFiniteLoss, train_one_epoch
+from cifar100.mixing import BatchMixer
+from cifar100.optim import Schedule, build_optimizer
+
+BATCH = 8
+
+
+def _batches(n: int, nan_at: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        images = torch.randn(BATCH, 3, 4, 4, generator=gen)
+        if i in nan_at:
+            images[0, 0, 0, 0] = float("nan")
+        out.append((images, torch.randint(0, 10, (BATCH,), generator=gen)))
+    return out
+
+
+def _train(optimizer_name: str, batches, *, accum: int = 1, max_bad_steps: int = 0, stop_from: int | None = None):
+    """One epoch over `batches`; returns (result, progress, final weights)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = build_optimizer(model, OptimConfig(name=optimizer_name, lr=0.05, weight_decay=1e-4))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = Schedule(optimizer, OptimConfig(lr=0.05), SchedConfig(name="none", warmup_epochs=0), len(batches), 1)
+    calls = []
+
+    def stop_requested() -> bool:
+        calls.append(None)
+        return stop_from is not None and len(calls) > stop_from
+
+    state = EpochProgress()
+    result = train_one_epoch(model, batches, optimizer, schedule, BatchMixer(10, 0, 0, 0, 0, 0), accelerator,
+                             epoch=1, seed=0, clip_grad=1.0, channels_last=False, progress=False, state=state,
+                             stop_requested=stop_requested, max_bad_steps=max_bad_steps, after_step=lambda s: None)
+    return result, state, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "nadam"])
+def test_a_non_finite_step_changes_nothing_but_the_count(name):
+    """Fused optimizers skip on the device, NAdam on the host: either way the weights equal a run without that batch."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result, state, weights = _train(name, _batches(6, nan_at=(3,)), max_bad_steps=1)
+    _, _, clean = _train(name, [b for i, b in enumerate(_batches(6)) if i != 3])
+    assert all(torch.equal(a, b) for a, b in zip(weights, clean))
+    assert result.images == 5 * BATCH and state.sums[3].item() == 1
+    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert messages == ["non-finite loss at epoch 1, step 3, lr 0.05: step skipped (1 of train.max_bad_steps=1)"]
+
+
+def test_a_non_finite_micro_step_skips_its_whole_accumulated_step():
+    _, state, weights = _train("sgd", _batches(8, nan_at=(5,)), accum=2, max_bad_steps=1)
+    _, _, clean = _train("sgd", [b for i, b in enumerate(_batches(8)) if i not in (4, 5)], accum=2)
+    assert all(torch.equal(a, b) for a, b in zip(weights, clean))
+    assert state.sums[2].item() == 7 * BATCH and state.sums[3].item() == 1  # micro-step 4's images still count
+
+
+@pytest.mark.parametrize("name", ["sgd", "nadam"])
+def test_more_non_finite_steps_than_allowed_stop_naming_the_step(name):
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss at epoch 1, step 4, lr 0.05$"):
+        _train(name, _batches(8, nan_at=(2, 4)), max_bad_steps=1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "nadam"])
+def test_a_signal_stops_the_epoch_one_step_later_with_exact_progress(name):
+    result, state, weights = _train(name, _batches(8), stop_from=2)  # signalled during step 2
+    assert result is None and state.step == 4
+    _, _, four = _train(name, _batches(4))
+    assert all(torch.equal(a, b) for a, b in zip(weights, four))
+    assert state.sums[2].item() == 4 * BATCH and state.sums[3].item() == 0
+
+
+def test_norm_statistics_broken_by_a_skipped_step_start_afresh():
+    """The NaN batch's forward pass made BatchNorm's running statistics NaN; they are reset, then learn again."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 10))
+    optimizer = build_optimizer(model, OptimConfig(lr=0.05))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = Schedule(optimizer, OptimConfig(lr=0.05), SchedConfig(name="none", warmup_epochs=0), 6, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_one_epoch(model, _batches(6, nan_at=(2,)), optimizer, schedule, BatchMixer(10, 0, 0, 0, 0, 0), accelerator,
+                        epoch=1, seed=0, clip_grad=None, channels_last=False, progress=False, state=EpochProgress(),
+                        stop_requested=lambda: False, max_bad_steps=1, after_step=lambda s: None)
+    norm = model[1]
+    assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    assert int(norm.num_batches_tracked) == 2  # reset when step 2 is read, at the end of step 3; then steps 4, 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
