@@ -5,20 +5,24 @@ The per-sample torchvision path pays Python overhead for every image (about 130 
 crop + flip + normalize), which on a small machine costs as much as the model itself. Here a
 batch is cropped with one gather and flipped with one `where`. Every random draw comes from
 a generator seeded by (seed, epoch, step, rank), so runs are exact and resumable mid-epoch.
-AutoAugment draws a sub-policy per image, as torchvision's per-sample transform does, and
-applies each operation to the group of images that drew it, with torchvision's own op. ColorJitter
-has no batched version yet and is refused, not faked.
+AutoAugment draws a sub-policy per image, as torchvision's per-sample transform does. Each of
+a sub-policy's two slots then runs once per op type over the images that drew it, each image at
+its own signed magnitude: all geometric ops in one `grid_sample` with a matrix per image, the
+colour ops as one blend with a factor per image. The results are bit for bit torchvision's.
+Grouping and parameters are computed on the host from CPU draws and copied asynchronously, so the
+host never waits for the device. ColorJitter has no batched version yet and is refused, not faked.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from cifar100.errors import UserError
 from cifar100.transforms import AUTOAUGMENT_POLICIES, normalize_batch, sample_seed
@@ -45,52 +49,186 @@ class AutoAugmentDraws:
     """Per-image random choices of one batch: sub-policy, whether each of its two ops applies, and signs."""
 
     policy: torch.Tensor  # int64 (B,)
-    applies: torch.Tensor  # bool (B, 2)
+    applies: torch.Tensor  # float (B, 2): uniform draws; slot k applies where below its probability
     negative: torch.Tensor  # bool (B, 2)
 
 
 class BatchAutoAugment:
-    """torchvision's AutoAugment for a whole batch: each image its own sub-policy, ops applied by group.
+    """torchvision's AutoAugment for a whole batch: each image its own sub-policy, ops applied by type.
 
-    The policies, magnitudes and the operations themselves are taken from a torchvision
-    `v2.AutoAugment`, so a group's result is exactly what the per-sample transform would give
-    each of its images with the same draws.
+    The policies and magnitudes are taken from a torchvision `v2.AutoAugment`, and each op
+    reproduces torchvision's uint8 arithmetic, so every image comes out exactly as the
+    per-sample transform would give it with the same draws.
     """
 
     def __init__(self, policy: str):
-        self.reference = v2.AutoAugment(AUTOAUGMENT_POLICIES[policy])
-        self.policies = self.reference._policies
+        reference = v2.AutoAugment(AUTOAUGMENT_POLICIES[policy])
+        self.policies = reference._policies
+        self.space = reference._AUGMENTATION_SPACE
+        self.ops = tuple(self.space)
+        # Per sub-policy and slot, as CPU tables the draws index: op, probability and magnitude bin.
+        self.op_ids = torch.tensor([[self.ops.index(name) for name, _, _ in sub] for sub in self.policies])
+        self.probability = torch.tensor([[p for _, p, _ in sub] for sub in self.policies])
+        self.bins = torch.tensor([[b or 0 for _, _, b in sub] for sub in self.policies])
+        self.signed = torch.tensor([signed for _, signed in self.space.values()])
+        self.geometric = torch.tensor([self.ops.index(name) for name in _GEOMETRIC])
 
     def draw(self, batch: int, gen: torch.Generator) -> AutoAugmentDraws:
         """The batch's random choices, drawn on the CPU (so grouping never waits on the device)."""
         return AutoAugmentDraws(torch.randint(len(self.policies), (batch,), generator=gen),
                                 torch.rand(batch, 2, generator=gen), torch.rand(batch, 2, generator=gen) <= 0.5)
 
-    def op(self, transform_id: str, magnitude_idx: int, negative: bool, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """One of torchvision's AutoAugment operations at one signed magnitude, on a group of images."""
-        magnitudes_fn, signed = self.reference._AUGMENTATION_SPACE[transform_id]
-        magnitudes = magnitudes_fn(10, *size)
-        magnitude = 0.0 if magnitudes is None else float(magnitudes[magnitude_idx])
-        if signed and negative:
-            magnitude = -magnitude
-        return self.reference._apply_image_or_video_transform(
-            images, transform_id, magnitude, interpolation=self.reference.interpolation, fill=self.reference._fill)
-
     def __call__(self, images: torch.Tensor, draws: AutoAugmentDraws) -> torch.Tensor:
+        """Augment a uint8 (B, 3, H, W) batch on its device; the host never waits for the device."""
         out = images.clone()
-        size = tuple(images.shape[-2:])
+        h, w = images.shape[-2:]
+        # (op, bin) -> unsigned magnitude at this size; ops without one get 0.0, as in torchvision.
+        magnitudes = torch.stack([torch.zeros(10, dtype=torch.float64) if m is None else m.double()
+                                  for m in (fn(10, h, w) for fn, _ in self.space.values())])
         for slot in (0, 1):  # a sub-policy's first op, then its second, as per sample
-            for index, policy in enumerate(self.policies):
-                transform_id, probability, magnitude_idx = policy[slot]
-                chosen = (draws.policy == index) & (draws.applies[:, slot] <= probability)
-                signs = (False, True) if self.reference._AUGMENTATION_SPACE[transform_id][1] else (None,)
-                for negative in signs:
-                    group = chosen if negative is None else chosen & (draws.negative[:, slot] == negative)
-                    idx = group.nonzero().flatten()
-                    if idx.numel():
-                        idx = idx.to(images.device, non_blocking=True)
-                        out[idx] = self.op(transform_id, magnitude_idx, bool(negative), out[idx], size)
+            op = self.op_ids[draws.policy, slot]
+            magnitude = magnitudes[op, self.bins[draws.policy, slot]]
+            magnitude = torch.where(self.signed[op] & draws.negative[:, slot], -magnitude, magnitude)
+            applies = draws.applies[:, slot] <= self.probability[draws.policy, slot]
+            groups = [("geometric", applies & torch.isin(op, self.geometric))]
+            groups += [(name, applies & (op == self.ops.index(name))) for name in _PIXEL_OPS]
+            for name, chosen in groups:
+                chosen = chosen.nonzero().flatten()
+                if not chosen.numel():
+                    continue
+                idx = chosen.to(images.device, non_blocking=True)
+                if name == "geometric":
+                    out[idx] = _warp(out[idx], self._geometric_matrices(op[chosen], magnitude[chosen], h, w))
+                else:
+                    out[idx] = _PIXEL_OPS[name](out[idx], magnitude[chosen])
         return out
+
+    def _geometric_matrices(self, op: torch.Tensor, magnitude: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Each image's inverse matrix, from the arguments AutoAugment passes F.affine or F.rotate for its op."""
+        def only(name: str, value: torch.Tensor) -> torch.Tensor:
+            return torch.where(op == self.ops.index(name), value, 0.0)
+
+        shear = magnitude.atan() * _DEGREES  # AutoAugment shears by the angle whose tangent is the magnitude
+        sheared = (op == self.ops.index("ShearX")) | (op == self.ops.index("ShearY"))
+        return _inverse_affine(
+            angle=only("Rotate", -magnitude.remainder(360)),  # rotate turns the other way from affine
+            shear=(only("ShearX", shear), only("ShearY", shear)),
+            translate=(only("TranslateX", magnitude.trunc()), only("TranslateY", magnitude.trunc())),
+            # Shears turn about the top-left corner, the rest about the centre (the origin here).
+            center=(torch.where(sheared, -0.5 * w, 0.0).double(), torch.where(sheared, -0.5 * h, 0.0).double()))
+
+
+_GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+_RADIANS, _DEGREES = math.pi / 180.0, 180.0 / math.pi  # the factors math.radians and math.degrees use
+
+
+def _inverse_affine(angle: torch.Tensor, shear: tuple[torch.Tensor, torch.Tensor],
+                    translate: tuple[torch.Tensor, torch.Tensor],
+                    center: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per image, the (2, 3) matrix that maps output pixels back to input pixels, in float64.
+
+    The affine map is translate . center . rotate . shear-y . shear-x . center^-1 (angles in
+    degrees, coordinates relative to the image centre), as torchvision's F.affine defines it;
+    the operations run in torchvision's order so the float32 matrices come out identical.
+    """
+    rot, shear_x, shear_y = angle * _RADIANS, shear[0] * _RADIANS, shear[1] * _RADIANS
+    cos_y, tan_x = shear_y.cos(), shear_x.tan()
+    # The forward 2x2 part [[a, b], [c, d]]: its determinant is 1, so its inverse is [[d, -b], [-c, a]].
+    a = (rot - shear_y).cos() / cos_y
+    b = -(a * tan_x + rot.sin())
+    c = (rot - shear_y).sin() / cos_y
+    d = rot.cos() - c * tan_x
+    cx, cy = center
+    x, y = cx + translate[0], cy + translate[1]
+    rows = [d, -b, cx - d * x + b * y, -c, a, cy + c * x - a * y]
+    return torch.stack(rows, dim=1).view(-1, 2, 3)
+
+
+def _warp(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Resample each image through its inverse matrix as torchvision does: nearest pixel, zeros outside."""
+    n, _, h, w = images.shape
+    # torchvision's grid: pixel centres relative to the image centre, mapped, then scaled to [-1, 1].
+    theta = inverse.float().transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])
+    theta = theta.contiguous().to(images.device, non_blocking=True)
+    xs = torch.arange(w, dtype=torch.float32, device=images.device) - (w - 1) * 0.5
+    ys = torch.arange(h, dtype=torch.float32, device=images.device) - (h - 1) * 0.5
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones_like(xs).expand(h, w)], dim=-1)
+    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta).view(n, h, w, 2)
+    # Zeros outside: AutoAugment's default fill is None, which torchvision leaves to the zero padding.
+    warped = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
+                                             align_corners=False)
+    return warped.to(torch.uint8)  # nearest only copies pixels or zeros: already whole numbers
+
+
+def _per_image(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host values, one row per image, as a device tensor that broadcasts over (B, 3, H, W)."""
+    return values[..., None, None, None].to(device, non_blocking=True)
+
+
+def _fused(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x + alpha * y rounded once to float32, the fused multiply-add of torchvision's `add_(y, alpha=)`.
+
+    For uint8 pixels and AutoAugment's factors float64 holds the sum exactly, so one
+    rounding to float32 gives the fused result on any device.
+    """
+    return (x.double() + y.double() * alpha.double()).float()
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's uint8 blend: images * factor + other * (1 - factor), clamped and truncated."""
+    ratio, alpha = _per_image(torch.stack([factor, 1.0 - factor], dim=1).float(), images.device).unbind(1)
+    return _fused(images * ratio, other, alpha).clamp_(0, 255).to(torch.uint8)
+
+
+def _brightness(images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    factor = _per_image((1.0 + magnitude).float(), images.device)
+    return (images * factor).clamp_(0, 255).to(torch.uint8)
+
+
+def _color(images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    # uint8 grayscale truncates, the floor torchvision takes of its float grayscale.
+    return _blend(images, F.rgb_to_grayscale(images).float(), 1.0 + magnitude)
+
+
+def _contrast(images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    mean = F.rgb_to_grayscale(images).float().mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(images, mean, 1.0 + magnitude)
+
+
+def _sharpness(images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """torchvision's sharpness: the interior blended with a 3x3 blur (weights 1, centre 5, over 13), edges kept."""
+    x = images.float()
+    box = torch.nn.functional.avg_pool2d(x, 3, stride=1, divisor_override=1)
+    # The weighted sum S is a whole number and S / 13 is never within 1/26 of a half, so rounding
+    # the exact quotient equals rounding torchvision's float convolution, whatever its order.
+    blurred = x.clone()
+    blurred[..., 1:-1, 1:-1] = box.add_(x[..., 1:-1, 1:-1], alpha=4).div_(13).round_()
+    # torchvision adds (1 - factor) * (blurred - x) to x, fused; on the edges blurred - x is 0.
+    alpha = _per_image((1.0 - (1.0 + magnitude)).float(), images.device)
+    return _fused(x, blurred - x, alpha).clamp_(0, 255).to(torch.uint8)
+
+
+def _posterize(images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    bits = magnitude.long()  # keep the top `bits` bits of each channel
+    return images & _per_image(((255 << (8 - bits)) & 255).to(torch.uint8), images.device)
+
+
+def _solarize(images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    threshold = _per_image((255 * magnitude).float(), images.device)  # compared in float32, as torchvision does
+    return torch.where(images >= threshold, F.invert(images), images)
+
+
+_PIXEL_OPS = {
+    "Brightness": _brightness,
+    "Color": _color,
+    "Contrast": _contrast,
+    "Sharpness": _sharpness,
+    "Posterize": _posterize,
+    "Solarize": _solarize,
+    "AutoContrast": lambda images, _: F.autocontrast(images),
+    "Equalize": lambda images, _: F.equalize(images),
+    "Invert": lambda images, _: F.invert(images),
+}
 
 
 class DeviceLoader:

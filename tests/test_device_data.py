@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
-from cifar100.device_data import BatchAutoAugment, DeviceLoader, flip, random_crop
+from cifar100.device_data import (
+    AutoAugmentDraws,
+    BatchAutoAugment,
+    DeviceLoader,
+    flip,
+    random_crop,
+)
 from cifar100.errors import UserError
 from cifar100.transforms import normalize_batch
 
@@ -36,7 +46,7 @@ def test_flips_match_torchvision_where_masked():
 
 
 def _loader(images, labels, *, world=1, rank=0, batch=16, **aug):
-    kw = dict(crop_padding=4, hflip=0.5, vflip=0.0, color_jitter=0.0, autoaugment="none")
+    kw = {"crop_padding": 4, "hflip": 0.5, "vflip": 0.0, "color_jitter": 0.0, "autoaugment": "none"}
     kw.update(aug)
     return DeviceLoader(images, labels, batch, mean=MEAN, std=STD, seed=3, rank=rank, world=world,
                         device=torch.device("cpu"), **kw)
@@ -97,20 +107,104 @@ def test_operations_without_a_batched_version_are_refused():
         _loader(_images(), torch.arange(64), color_jitter=0.4)
 
 
-@pytest.mark.parametrize("policy", ["cifar10", "imagenet", "svhn"])
-def test_batched_autoaugment_equals_torchvision_per_image(policy):
-    """Each image gets exactly torchvision's op, at the drawn sign, for its own drawn sub-policy."""
-    aa = BatchAutoAugment(policy)
-    x = _images(256, seed=4)
-    draws = aa.draw(256, torch.Generator().manual_seed(5))
-    out = aa(x, draws)
-    for i in range(256):
-        want = x[i : i + 1]
+def _edge_images():
+    """All-0, all-255, mid-grey, a grey (r = g = b) random image and a 0/255 checkerboard."""
+    grey = _images(1, seed=9)[:, :1].expand(1, 3, 32, 32)
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)) % 2 * 255).to(torch.uint8).expand(1, 3, 32, 32)
+    flat = torch.tensor([0, 255, 128], dtype=torch.uint8)[:, None, None, None].expand(3, 3, 32, 32)
+    return torch.cat([flat, grey, checker])
+
+
+def _torchvision_op(reference, transform_id, magnitude_idx, negative, image):
+    """torchvision's own per-sample AutoAugment op at a magnitude bin and sign, on one image."""
+    magnitudes_fn, signed = reference._AUGMENTATION_SPACE[transform_id]
+    magnitudes = magnitudes_fn(10, *image.shape[-2:])
+    magnitude = 0.0 if magnitudes is None else float(magnitudes[magnitude_idx])
+    if signed and negative:
+        magnitude = -magnitude
+    return reference._apply_image_or_video_transform(image, transform_id, magnitude,
+                                                     interpolation=reference.interpolation, fill=reference._fill)
+
+
+def _assert_equals_torchvision(aa, images, draws):
+    reference = v2.AutoAugment()  # its ops and magnitudes do not depend on the policy
+    out = aa(images, draws)
+    for i in range(len(images)):
+        want = images[i]
         for slot in (0, 1):
             transform_id, probability, magnitude_idx = aa.policies[int(draws.policy[i])][slot]
             if draws.applies[i, slot] <= probability:
-                want = aa.op(transform_id, magnitude_idx, bool(draws.negative[i, slot]), want, (32, 32))
-        assert torch.equal(out[i], want[0]), (i, aa.policies[int(draws.policy[i])])
+                want = _torchvision_op(reference, transform_id, magnitude_idx, bool(draws.negative[i, slot]), want)
+        assert torch.equal(out[i], want), (i, aa.policies[int(draws.policy[i])], draws.negative[i].tolist())
+
+
+@pytest.mark.parametrize("policy", ["cifar10", "imagenet", "svhn"])
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_batched_autoaugment_equals_torchvision_per_image(policy, seed):
+    """Each image gets exactly torchvision's ops, at the drawn signs, for its own drawn sub-policy."""
+    aa = BatchAutoAugment(policy)
+    x = torch.cat([_edge_images(), _images(251, seed=seed)])
+    _assert_equals_torchvision(aa, x, aa.draw(len(x), torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("op", list(v2.AutoAugment._AUGMENTATION_SPACE))
+def test_each_batched_op_equals_torchvision_at_every_magnitude_and_sign(op, monkeypatch):
+    """One batch holds the op at all 10 magnitude bins and both signs, each on random and edge images."""
+    # Sub-policy b: `op` at bin b, always; its second op never applies.
+    policies = [((op, 1.0, b), ("Invert", 0.0, None)) for b in range(10)]
+    monkeypatch.setattr(v2.AutoAugment, "_get_policies", lambda self, policy: policies)
+    aa = BatchAutoAugment("cifar10")
+    images = torch.cat([_edge_images(), _images(19, seed=7)])
+    x = images.repeat(20, 1, 1, 1)
+    combo = torch.arange(20).repeat_interleave(len(images))  # every image under every (bin, sign)
+    draws = AutoAugmentDraws(combo // 2, torch.tensor([0.0, 0.5]).expand(len(x), 2),
+                             (combo % 2 == 1)[:, None].expand(len(x), 2))
+    _assert_equals_torchvision(aa, x, draws)
+
+
+def _torchvision_matrix(name, m):
+    """The inverse matrix torchvision's F.affine / F.rotate computes for AutoAugment's op on a 32x32 image."""
+    shear = math.degrees(math.atan(m))
+    corner, centre, still = [-16.0, -16.0], [0.0, 0.0], [0.0, 0.0]  # F.affine's center=[0, 0] is the corner
+    center, angle, translate, shears = {
+        "ShearX": (corner, 0.0, still, [shear, 0.0]),
+        "ShearY": (corner, 0.0, still, [0.0, shear]),
+        "TranslateX": (centre, 0.0, [float(int(m)), 0.0], still),
+        "TranslateY": (centre, 0.0, [0.0, float(int(m))], still),
+        "Rotate": (centre, -(m % 360), still, still),
+    }[name]
+    return _get_inverse_affine_matrix(center, angle, translate, 1.0, shears)
+
+
+def test_affine_matrices_equal_torchvision_float32_matrices():
+    """The per-image matrices, as float32 (what the device gets), are torchvision's to the bit."""
+    aa = BatchAutoAugment("cifar10")
+    cases = [(name, s * m) for name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+             for m in aa.space[name][0](10, 32, 32).tolist() for s in (1, -1)]
+    ops = torch.tensor([aa.ops.index(name) for name, _ in cases])
+    got = aa._geometric_matrices(ops, torch.tensor([m for _, m in cases], dtype=torch.float64), 32, 32)
+    want = torch.tensor([_torchvision_matrix(name, m) for name, m in cases], dtype=torch.float32)
+    assert torch.equal(got.float(), want.view(-1, 2, 3))
+
+
+@pytest.mark.parametrize("policy", ["cifar10", "imagenet", "svhn"])
+def test_batched_autoaugment_never_reads_the_device(policy, monkeypatch):
+    """Nothing in a batch makes the host wait for an accelerator.
+
+    On the meta device (no data) any read-back raises (.item(), .tolist(), nonzero, mask
+    indexing), and torch.tensor(..., device=...), a blocking copy, is refused here.
+    """
+    real_tensor = torch.tensor
+
+    def host_only(*args, device=None, **kwargs):
+        assert device is None or torch.device(device).type == "cpu", "torch.tensor on the device blocks the host"
+        return real_tensor(*args, device=device, **kwargs)
+
+    aa = BatchAutoAugment(policy)
+    draws = aa.draw(512, torch.Generator().manual_seed(8))
+    monkeypatch.setattr(torch, "tensor", host_only)
+    out = aa(torch.empty(512, 3, 32, 32, dtype=torch.uint8, device="meta"), draws)
+    assert out.shape == (512, 3, 32, 32) and out.dtype == torch.uint8
 
 
 def test_autoaugment_draw_frequencies_follow_the_policy():
