@@ -59,10 +59,11 @@ def _synthetic(batch: int, device: torch.device):
 
 
 def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: bool, loop: str,
-              steps: int, warmup: int) -> tuple[float, float | None]:
+              steps: int, warmup: int, cudnn_benchmark: bool = True) -> tuple[float, float | None]:
     """Training images/s for one choice, and host waits per step; `loop` is "plain" (bare PyTorch)
     or "engine" (ours)."""
     AcceleratorState._reset_state(True)  # each variant gets its own precision
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     accelerator = Accelerator(mixed_precision=precision)
     device = accelerator.device
     model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem)
@@ -119,20 +120,23 @@ def host_waits_per_step(run, device: torch.device, steps: int = 4) -> float | No
 
 def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) -> list[dict]:
     """The step grid on this device: each precision with and without channels_last through our engine,
-    then, at the first precision with channels_last, a plain PyTorch loop and the compiled model."""
+    then, at the first precision with channels_last, a plain PyTorch loop, the compiled model and
+    (on CUDA) cuDNN's heuristics instead of its autotuner, which training uses."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     precisions = ["bf16", "no"] if cuda else ["no"]
     flops = flops_per_image(build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem))
     peaks = {p: matmul_peak(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
-    grid = [(p, cl, False, "engine") for p in precisions for cl in (True, False)]
-    grid += [(precisions[0], True, False, "plain")] + [(precisions[0], True, True, "engine")] * with_compile
+    grid = [(p, cl, False, "engine", True) for p in precisions for cl in (True, False)]
+    grid += [(precisions[0], True, False, "plain", True)] + [(precisions[0], True, True, "engine", True)] * with_compile
+    grid += [(precisions[0], True, False, "engine", False)] * cuda
     rows = []
-    for precision, channels_last, compiled, loop in grid:
-        rate, waits = step_rate(cfg, precision, channels_last, compiled, loop, steps, warmup)
+    for precision, channels_last, compiled, loop, autotune in grid:
+        rate, waits = step_rate(cfg, precision, channels_last, compiled, loop, steps, warmup, autotune)
         achieved = rate * 3 * flops  # forward + backward ~ 3x the forward FLOPs
         rows.append({"model": cfg.model.name, "batch": cfg.data.batch_size, "precision": precision,
                      "channels_last": channels_last, "compile": compiled, "loop": loop,
+                     "cudnn_benchmark": autotune if cuda else None,
                      "images_per_second": rate, "tflops": achieved / 1e12,
                      "mfu": achieved / peaks[precision], "matmul_peak_tflops": peaks[precision] / 1e12,
                      "host_waits_per_step": waits})
@@ -169,7 +173,8 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
 def project(cfg: Config, step_rows: list[dict], data_rows: list[dict], train_images: int) -> dict:
     """Epoch and whole-run time from the measured rates of this recipe's own choices."""
     mine = [r for r in step_rows if r["precision"] in (cfg.train.precision, "no") and r["loop"] == "engine"
-            and r["channels_last"] == cfg.train.channels_last and r["compile"] == cfg.train.compile]
+            and r["channels_last"] == cfg.train.channels_last and r["compile"] == cfg.train.compile
+            and r["cudnn_benchmark"] is not False]  # training autotunes
     step = max(mine, key=lambda r: r["precision"] == cfg.train.precision)["images_per_second"]
     data = next(r["images_per_second"] for r in data_rows if r["pipeline"] == cfg.data.pipeline)
     rate = min(step, data)

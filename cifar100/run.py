@@ -118,6 +118,8 @@ def train(cfg: Config) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # Every training batch has one shape, so cuDNN's autotuner (timed once per shape) beats its heuristics.
+    torch.backends.cudnn.benchmark = device_type == "cuda"
     precision = resolve_precision(cfg.train.precision, device_type)
     accelerator = Accelerator(
         mixed_precision=precision,

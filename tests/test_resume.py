@@ -85,6 +85,20 @@ def test_kill_9_anywhere_then_resume_auto_is_exact(tmp_path, real_data, baseline
     assert summary["images_per_rank"] == [1200 // world] * world
 
 
+@pytest.mark.parametrize("option, batch", [("train.grad_accum=2", 8), ("train.compile=true", 4)])
+def test_kill_9_then_resume_is_exact_with_accumulation_or_compile(tmp_path, real_data, option, batch):
+    """Accumulation: step 12 counts optimizer steps, so it is micro-batch 8 of epoch 2. Compile:
+    checkpoints hold the uncompiled module's weights; the resumed run compiles the same graph again."""
+    finish(ONE, args(real_data, tmp_path, "whole", option))
+    proc = start(ONE, args(real_data, tmp_path, "r", option))
+    wait_for(tmp_path / "r" / "checkpoints" / "step-00000012" / "COMPLETE", proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = finish(ONE, args(real_data, tmp_path, "r", "resume=auto", option))
+    assert f"at epoch 2, batch {batch})" in out.stdout
+    assert metrics(tmp_path / "r") == metrics(tmp_path / "whole")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, real_data, baselines, sig):
     proc = start(ONE, args(real_data, tmp_path, "s", "train.checkpoint_every_steps=0"))
