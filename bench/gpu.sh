@@ -15,6 +15,8 @@ echo "== data: recipe=best (AutoAugment per sample), then crop+flip only"
 python -m cifar100 bench data recipe=best data.root="$data" data.workers=15 batches=40 json="$out/data.json"
 python -m cifar100 bench data recipe=best data.root="$data" data.workers=15 augment.autoaugment=none batches=40 json="$out/data_noaa.json"
 common=(recipe=best "data.root=$data" log.dir=/tmp/runs train.epochs=3 data.workers=15 log.wandb.mode=disabled log.progress=false sched.warmup_epochs=1)
+echo "== checkpoint stall: recipe=best"
+python -m cifar100 bench checkpoint recipe=best log.dir=/tmp/runs json="$out/checkpoint.json"
 echo "== end to end: recipe=best on the subset, eager then compiled"
 [ "${SKIP_E2E:-0}" = 1 ] && exit 0
 python train.py "${common[@]}" name=e2e 2>&1 | grep -E "^(run folder|epoch|done)"

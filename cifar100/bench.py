@@ -5,6 +5,8 @@
   engine, with model FLOP utilisation against a matrix product measured on the same device.
 - data: images/s of the per-sample reference input path (N workers) and of the batched device path.
 - recipe: the projected epoch and whole-run time from the slower of the two.
+- checkpoint: how long one checkpoint of the recipe's model holds training up, written in the
+  foreground or copied to host memory and written by the background writer (as training does).
 Every figure comes from timing real work here; nothing is looked up.
 """
 
@@ -12,9 +14,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from cifar100.checkpoint import BackgroundWriter, host_copy, save_checkpoint
 from cifar100.config import Config
 from cifar100.engine import EpochProgress, train_one_epoch
 from cifar100.mixing import BatchMixer, soft_target_cross_entropy
@@ -170,6 +177,40 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
     return rows
 
 
+def bench_checkpoint(cfg: Config, reps: int = 3) -> list[dict]:
+    """Seconds one checkpoint (weights and optimizer state) stops training, and until it is on disk,
+    in a scratch folder under `log.dir` (the disk the runs write to); medians of `reps`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    for param in model.parameters():  # one step, so the optimizer holds its momentum / moments
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    Path(cfg.log.dir).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".bench-checkpoint-", dir=cfg.log.dir))
+    writer, rows = BackgroundWriter(), []
+    try:
+        for mode in ("foreground", "background"):
+            waits, totals = [], []
+            for rep in range(reps):
+                _sync(device)
+                start = time.perf_counter()
+                weights, state = model.state_dict(), {"optimizer": optimizer.state_dict()}
+                if mode == "foreground":
+                    save_checkpoint(folder, f"{mode}-{rep}", weights, state, {})
+                else:
+                    writer.submit(partial(save_checkpoint, folder, f"{mode}-{rep}", host_copy(weights), host_copy(state), {}))
+                waits.append(time.perf_counter() - start)
+                writer.wait()
+                totals.append(time.perf_counter() - start)
+            size = sum(f.stat().st_size for f in (folder / f"{mode}-0").iterdir())
+            rows.append({"model": cfg.model.name, "megabytes": size / 1e6, "write": mode,
+                         "training_waits_s": statistics.median(waits), "on_disk_after_s": statistics.median(totals)})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def project(cfg: Config, step_rows: list[dict], data_rows: list[dict], train_images: int) -> dict:
     """Epoch and whole-run time from the measured rates of this recipe's own choices."""
     mine = [r for r in step_rows if r["precision"] in (cfg.train.precision, "no") and r["loop"] == "engine"
@@ -223,6 +264,9 @@ def main(action: str, cfg: Config, *, steps: int, warmup: int, batches: int, jso
         dataset = cifar_data.load(cfg.data.root, cfg.data.download)
         result["data"] = bench_data(cfg, dataset, batches)
         print_table(result["data"])
+    if action == "checkpoint":
+        result["checkpoint"] = bench_checkpoint(cfg)
+        print_table(result["checkpoint"])
     if action == "recipe":
         train_images = dataset.train.labels.numel() - cfg.data.val_size
         result["projection"] = project(cfg, result["step"], result["data"], cfg.data.train_limit or train_images)

@@ -5,7 +5,8 @@ at all), `train_state.pt` (optimizer, schedule, scaler, every rank's RNG and par
 tensors and plain data, loaded with `weights_only=True`), `meta.json` (position, counters,
 config, W&B id) and `COMPLETE`, written last. Each is built under a temporary name and renamed
 into place; older ones are pruned only after the new one is complete. `best` links to the weights
-of the best epoch, `last` to the newest checkpoint.
+of the best epoch, `last` to the newest checkpoint. Training copies its state to host memory and
+goes on while a `BackgroundWriter` writes it: a checkpoint costs the step a copy, not a disk write.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 import os
 import pickle
 import shutil
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,40 @@ PREFIX = "step-"
 def step_tag(global_step: int) -> str:
     """The folder name of the checkpoint taken after `global_step` optimizer steps."""
     return f"{PREFIX}{global_step:08d}"
+
+
+def host_copy(obj: Any) -> Any:
+    """`obj` (nested dicts, lists, tuples) with every tensor copied to new CPU memory, so it can be
+    written while training changes the originals in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs write jobs on one thread, one at a time and in order, while the caller goes on.
+
+    The thread is not a daemon: a process that ends, even by an exception, finishes its write first.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Start `job` once the previous one is done (so at most one copy of the state waits in memory)."""
+        self.wait()
+        self._thread = threading.Thread(target=job, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Return once every submitted job has finished."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor],

@@ -29,8 +29,9 @@ commands:
   data      data verify|stats|download [data.root=DIR]: check, describe or fetch CIFAR-100
   eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [key=value ...]: per-class and
             per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md
-  bench     bench step|data|recipe [recipe=NAME] [steps=N] [json=PATH]: measured images/s of the
-            training step (precision, channels_last, compile; MFU), the input pipelines, and a projection
+  bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [json=PATH]: measured images/s
+            of the training step (precision, channels_last, compile; MFU), the input pipelines, a
+            projection, and the seconds a checkpoint holds training up
   report    report FOLDER|GLOB ... [out=FOLDER] [wandb=true]: compare runs (seeds as mean ± std) in
             FOLDER (default report/): report.md and a self-contained report.html; wandb=true also
             builds a W&B Report
@@ -182,8 +183,8 @@ def cmd_data(args: list[str]) -> None:
 def cmd_bench(args: list[str]) -> None:
     from cifar100 import bench
 
-    if not args or args[0] not in ("step", "data", "recipe"):
-        raise UserError("usage: cifar100 bench step|data|recipe [recipe=NAME] [key=value ...] "
+    if not args or args[0] not in ("step", "data", "recipe", "checkpoint"):
+        raise UserError("usage: cifar100 bench step|data|recipe|checkpoint [recipe=NAME] [key=value ...] "
                         "[steps=N] [warmup=N] [batches=N] [compile=false] [json=PATH]")
     numbers = {}
     rest = args[1:]

@@ -12,6 +12,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +22,16 @@ from torch.utils.data import DataLoader
 
 from cifar100 import data as cifar_data
 from cifar100 import resume as resuming
-from cifar100.checkpoint import apply_weights, point_link, prune, save_best, save_checkpoint, step_tag
+from cifar100.checkpoint import (
+    BackgroundWriter,
+    apply_weights,
+    host_copy,
+    point_link,
+    prune,
+    save_best,
+    save_checkpoint,
+    step_tag,
+)
 from cifar100.config import Config, to_dict, to_yaml
 from cifar100.device_data import DeviceLoader
 from cifar100.engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch
@@ -30,8 +40,17 @@ from cifar100.mixing import BatchMixer
 from cifar100.models import build_model, count_parameters, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
 from cifar100.preemption import Preempted, StopFlag
-from cifar100.tracking import (append_metrics, finish_tracking, log_wandb, plot_history, read_metrics,
-                               rewrite_metrics, start_wandb, summarize, write_json_atomic)
+from cifar100.tracking import (
+    append_metrics,
+    finish_tracking,
+    log_wandb,
+    plot_history,
+    read_metrics,
+    rewrite_metrics,
+    start_wandb,
+    summarize,
+    write_json_atomic,
+)
 from cifar100.transforms import AugmentedDataset, train_transform
 
 NUM_CLASSES = 100
@@ -203,34 +222,42 @@ def train(cfg: Config) -> Path:
             f"precision {precision}, {batch} images per process per step", flush=True)
 
     ckpt_dir = run_dir / "checkpoints"
-    last_saved: list[str] = []
+    submitted: list[str] = []  # tags handed to the writer
+    written: list[str] = []  # tags on disk, complete (appended by the writer's thread)
+    writer = BackgroundWriter()
     selected = "val" if len(splits.val) else "test"
 
+    def write(tag: str, model_state: dict, state: dict, meta: dict, best: bool) -> None:
+        """The disk half of a checkpoint, on the writer's thread: a failure is a warning, never a stop."""
+        try:
+            save_checkpoint(ckpt_dir, tag, model_state, state, meta)
+            point_link(ckpt_dir, "last", tag)
+            prune(ckpt_dir, cfg.train.keep_last)
+            written.append(tag)
+            if best:
+                save_best(ckpt_dir, tag, model_state, meta)
+        except OSError as err:
+            previous = written[-1] if written else (ckpt.path.name if ckpt else "none")
+            warnings.warn(f"checkpoint {tag} not saved ({err.strerror or err}); the previous checkpoint "
+                          f"({previous}) is intact and loadable", stacklevel=1)
+
     def save(epoch_done: bool, best: bool = False) -> None:
-        """Checkpoint the exact position; every rank calls it (each contributes its RNG and sums)."""
+        """Checkpoint the exact position; every rank calls it (each contributes its RNG and sums).
+        The state is copied to host memory here and written in the background."""
         tag = step_tag(schedule.step_count)
         mine = {"rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
                 "progress": None if epoch_done else progress.state_dict()}
         ranks = gather_object([mine])
         model_state = accelerator.get_state_dict(prepared)
-        if main and not (last_saved and last_saved[-1] == tag):
+        if main and not (submitted and submitted[-1] == tag):
             totals.wall_seconds = wall_before + time.perf_counter() - started
             meta = {"epoch": epoch, "step_in_epoch": 0 if epoch_done else progress.step, "global_step": schedule.step_count,
                     "totals": asdict(totals), "config": config_dict}
             state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "ranks": ranks,
                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-            try:
-                save_checkpoint(ckpt_dir, tag, model_state, state, meta)
-                point_link(ckpt_dir, "last", tag)
-                prune(ckpt_dir, cfg.train.keep_last)
-                last_saved.append(tag)
-                if best:
-                    save_best(ckpt_dir, tag, model_state, meta)
-            except OSError as err:
-                previous = last_saved[-1] if last_saved else (ckpt.path.name if ckpt else "none")
-                warnings.warn(f"checkpoint {tag} not saved ({err.strerror or err}); the previous checkpoint "
-                              f"({previous}) is intact and loadable", stacklevel=2)
+            writer.submit(partial(write, tag, host_copy(model_state), host_copy(state), meta, best))
+            submitted.append(tag)
         accelerator.wait_for_everyone()
 
     def after_step(state: EpochProgress) -> None:
@@ -246,7 +273,8 @@ def train(cfg: Config) -> Path:
     eval_device = accelerator.device if cfg.data.pipeline == "device" else torch.device("cpu")
     test_images, test_labels = (t.to(eval_device) for t in (dataset.test.images[splits.test], dataset.test.labels[splits.test]))
     val_images, val_labels = (t.to(eval_device) for t in (dataset.train.images[splits.val], dataset.train.labels[splits.val]))
-    eval_kwargs = dict(mean=aug.mean, std=aug.std, batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
+    eval_kwargs = {"mean": aug.mean, "std": aug.std, "batch_size": cfg.data.eval_batch_size,
+                   "channels_last": cfg.train.channels_last}
     while epoch <= cfg.train.epochs:
         lr = schedule.lr_at(schedule.step_count - progress.step // cfg.train.grad_accum)
         batches = epoch_batches(loader, epoch, progress.step, accelerator)
@@ -257,12 +285,14 @@ def train(cfg: Config) -> Path:
                 state=progress, stop_requested=flag.__bool__, max_bad_steps=cfg.train.max_bad_steps,
                 after_step=after_step)
         except NonFiniteLoss as err:
-            last = ckpt_dir / last_saved[-1] if last_saved else (ckpt.path if ckpt else None)
+            writer.wait()
+            last = ckpt_dir / written[-1] if written else (ckpt.path if ckpt else None)
             raise UserError(f"{err}: stopping. Last good checkpoint: {last or 'none yet'}; resume with resume=auto "
                             "after lowering optim.lr or setting train.clip_grad, or allow skips with "
                             "train.max_bad_steps=N") from None
         if result is None:
             save(epoch_done=False)
+            writer.wait()
             raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} at epoch {epoch}, "
                             f"batch {progress.step}; checkpoint {ckpt_dir / 'last'}")
         row = {"epoch": epoch, "lr": lr, "train_loss": result.loss, "train_top1": result.top1}
@@ -293,9 +323,11 @@ def train(cfg: Config) -> Path:
         epoch, progress = epoch + 1, EpochProgress()
         stop = accelerator.reduce(torch.tensor(float(bool(flag)), device=accelerator.device), reduction="sum")
         if stop.item() > 0 and epoch <= cfg.train.epochs:
+            writer.wait()
             raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} after epoch {epoch - 1}; "
                             f"checkpoint {ckpt_dir / 'last'}")
     flag.uninstall()
+    writer.wait()
 
     summary = summarize(
         rows, recipe=cfg.recipe or cfg.name, name=run_dir.name, seed=cfg.seed, best_selected_on=selected,

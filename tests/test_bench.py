@@ -37,3 +37,12 @@ def test_bench_usage_errors(cli):
     assert cli("bench").returncode == 2
     bad = cli("bench", "step", "steps=many")
     assert bad.returncode == 2 and "steps=many: expected a whole number" in bad.stderr
+
+
+def test_bench_checkpoint_times_both_writes_and_leaves_nothing(cli, tmp_path):
+    out = cli("bench", "checkpoint", "recipe=smoke", f"log.dir={tmp_path}", f"json={tmp_path / 'c.json'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "c.json").read_text())["checkpoint"]
+    assert [r["write"] for r in rows] == ["foreground", "background"]
+    assert all(r["megabytes"] > 0 and 0 < r["training_waits_s"] <= r["on_disk_after_s"] for r in rows)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]

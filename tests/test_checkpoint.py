@@ -1,0 +1,66 @@
+"""Checkpoints written in the background: the state copied at save time is what lands on disk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import partial
+
+import torch
+
+from cifar100.checkpoint import (
+    BackgroundWriter,
+    host_copy,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+)
+
+
+def test_host_copy_is_independent_of_later_in_place_updates():
+    weights = {"w": torch.ones(3)}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "ranks": [{"sums": torch.zeros(4), "step": 3}], "scaler": None}
+    copied_weights, copied = host_copy(weights), host_copy(state)
+    weights["w"].add_(1)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+    optimizer.step()  # updates the momentum buffer in place
+    state["ranks"][0]["sums"].add_(5)
+    assert torch.equal(copied_weights["w"], torch.ones(3))
+    assert torch.equal(copied["optimizer"]["state"][0]["momentum_buffer"], torch.ones(3))
+    assert torch.equal(copied["ranks"][0]["sums"], torch.zeros(4)) and copied["ranks"][0]["step"] == 3
+    assert copied["scaler"] is None and copied["optimizer"]["param_groups"][0]["lr"] == 0.1
+
+
+def test_writer_runs_jobs_one_at_a_time_in_order():
+    events, running = [], threading.Lock()
+
+    def job(name):
+        def run():
+            assert running.acquire(blocking=False), "two writes at once"
+            events.append(f"start {name}")
+            time.sleep(0.05)
+            events.append(f"end {name}")
+            running.release()
+        return run
+
+    writer = BackgroundWriter()
+    for name in "abc":
+        writer.submit(job(name))
+    writer.wait()
+    assert events == ["start a", "end a", "start b", "end b", "start c", "end c"]
+
+
+def test_a_background_checkpoint_holds_the_state_of_its_save_while_training_goes_on(tmp_path):
+    params = {"w": torch.arange(1_000_000, dtype=torch.float32)}
+    train_state = {"sums": torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64)}
+    writer = BackgroundWriter()
+    writer.submit(partial(save_checkpoint, tmp_path, "step-1", host_copy(params), host_copy(train_state), {}))
+    for _ in range(20):  # training goes on, in place, while the write runs
+        params["w"].mul_(0.5)
+        train_state["sums"].add_(1)
+    writer.wait()
+    assert torch.equal(load_weights(tmp_path / "step-1")["w"], torch.arange(1_000_000, dtype=torch.float32))
+    assert load_train_state(tmp_path / "step-1")["sums"].tolist() == [1.0, 2.0, 3.0, 0.0]
