@@ -111,18 +111,23 @@ def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: b
 
 
 def host_waits_per_step(run, device: torch.device, steps: int = 4) -> float | None:
-    """How often per step the host waits for the GPU, as torch's CUDA sync debug mode counts them
-    (one wait is expected per epoch, when the metrics are read); None off CUDA."""
+    """How often per step the host waits for the GPU, as torch's CUDA sync debug mode counts them;
+    None off CUDA. Runs of `steps` and `2 * steps` are counted and differenced, so the waits an
+    epoch has once (reading its metrics at the end) cancel out."""
     if device.type != "cuda":
         return None
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            run(steps)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+    def count(n: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run(n)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    return (count(2 * steps) - count(steps)) / steps
 
 
 def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) -> list[dict]:

@@ -52,23 +52,34 @@ def host_copy(obj: Any) -> Any:
 class BackgroundWriter:
     """Runs write jobs on one thread, one at a time and in order, while the caller goes on.
 
-    The thread is not a daemon: a process that ends, even by an exception, finishes its write first.
+    The thread is not a daemon: a process that ends, even by an exception, finishes its write
+    first. An exception a job raises is raised again by the next `wait()` or `submit()`.
     """
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Start `job` once the previous one is done (so at most one copy of the state waits in memory)."""
+        """Start `job` once the previous one is done."""
         self.wait()
-        self._thread = threading.Thread(target=job, name="checkpoint-writer")
+        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer")
         self._thread.start()
 
     def wait(self) -> None:
-        """Return once every submitted job has finished."""
+        """Return once every submitted job has finished; raise what a job raised."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as err:  # noqa: BLE001  (handed to the caller's thread)
+            self._error = err
 
 
 def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor],

@@ -28,6 +28,14 @@ from cifar100.errors import UserError
 from cifar100.transforms import AUTOAUGMENT_POLICIES, normalize_batch, sample_seed
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for the GPU: from pinned memory, as a
+    copy from pageable memory may first wait for the stream."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def random_crop(images: torch.Tensor, padding: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
     """Zero-pad each image by `padding` and cut the original size at per-image offsets (top, left)."""
     b, c, h, w = images.shape
@@ -96,7 +104,7 @@ class BatchAutoAugment:
                 chosen = chosen.nonzero().flatten()
                 if not chosen.numel():
                     continue
-                idx = chosen.to(images.device, non_blocking=True)
+                idx = to_device(chosen, images.device)
                 if name == "geometric":
                     out[idx] = _warp(out[idx], self._geometric_matrices(op[chosen], magnitude[chosen], h, w))
                 else:
@@ -149,7 +157,7 @@ def _warp(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     n, _, h, w = images.shape
     # torchvision's grid: pixel centres relative to the image centre, mapped, then scaled to [-1, 1].
     theta = inverse.float().transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])
-    theta = theta.contiguous().to(images.device, non_blocking=True)
+    theta = to_device(theta.contiguous(), images.device)
     xs = torch.arange(w, dtype=torch.float32, device=images.device) - (w - 1) * 0.5
     ys = torch.arange(h, dtype=torch.float32, device=images.device) - (h - 1) * 0.5
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones_like(xs).expand(h, w)], dim=-1)
@@ -162,7 +170,7 @@ def _warp(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 
 def _per_image(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host values, one row per image, as a device tensor that broadcasts over (B, 3, H, W)."""
-    return values[..., None, None, None].to(device, non_blocking=True)
+    return to_device(values[..., None, None, None], device)
 
 
 def _fused(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -270,7 +278,7 @@ class DeviceLoader:
         step_size = self.batch_size * self.world
         for step in range(self.skip, self.skip + len(self)):
             start = step * step_size + self.rank * self.batch_size
-            idx = order[start:start + self.batch_size].to(self.device, non_blocking=True)
+            idx = to_device(order[start:start + self.batch_size], self.device)
             yield self._augment(self.images[idx], step), self.labels[idx]
 
     def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -278,7 +286,7 @@ class DeviceLoader:
         b = images.shape[0]
         draws = torch.rand(2, b, generator=gen)
         offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, b), generator=gen)
-        draws, offsets = draws.to(self.device, non_blocking=True), offsets.to(self.device, non_blocking=True)
+        draws, offsets = to_device(draws, self.device), to_device(offsets, self.device)
         if self.crop_padding:
             images = random_crop(images, self.crop_padding, offsets[0], offsets[1])
         if self.hflip:

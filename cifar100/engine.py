@@ -1,12 +1,13 @@
 """One training epoch and one exact evaluation: functions of the model, the data and the state.
 
-Nothing in a training step makes the host wait for the GPU. Metrics are summed in device
-tensors and read once per epoch. Each optimizer step, all ranks agree on two flags in one
-small all-reduce (a non-finite loss anywhere, a pending signal anywhere). A non-finite step
-is skipped on the device, by the same `found_inf` input that torch's fused optimizers take
-from a GradScaler. The host reads the flags one step late, once the GPU is busy with the next
-step, to warn, count or stop. Optimizers with no fused kernel (NAdam) and fp16 loss scaling
-read the skip flag before stepping: one wait per step.
+The host never waits for the step it has just queued, so the GPU is never left idle between
+steps. Metrics are summed in device tensors and read once per epoch. Each optimizer step, all
+ranks agree on two flags in one small all-reduce (a non-finite loss anywhere, a pending signal
+anywhere). A non-finite step is skipped on the device, by the same `found_inf` input that
+torch's fused optimizers take from a GradScaler. The host reads each step's flags after it has
+queued the next step (at most one step ahead of the GPU) to warn, count or stop. Optimizers
+with no fused kernel (NAdam) and fp16 loss scaling read the skip flag before stepping: one
+full wait per step.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def train_one_epoch(
     Returns the epoch's loss and top-1 against the unmixed labels, or None when a stop was
     requested: a signal during optimizer step k stops the epoch after step k + 1, and `state`
     says exactly where it stands. A non-finite loss skips its optimizer step on every rank
-    (the schedule still advances); more than `max_bad_steps` in an epoch raise NonFiniteLoss.
+    (the schedule still advances) and its images are not counted; more than `max_bad_steps` in
+    an epoch raise NonFiniteLoss.
     """
     model.train()
     device = accelerator.device
@@ -123,6 +125,7 @@ def train_one_epoch(
     skips_on_device = getattr(base, "_step_supports_amp_scaling", False) and accelerator.scaler is None
     off_on = torch.tensor([0.0, 1.0], device=device, dtype=torch.float64)  # indexed by the host's stop flag: no copy
     bad_since_step = torch.zeros((), device=device, dtype=torch.float64)
+    step_sums = torch.zeros(3, device=device, dtype=torch.float64)  # this optimizer step's micro-batches
     bad_steps = int(state.sums[3].item())
     pending: _StepFlags | None = None
 
@@ -137,7 +140,7 @@ def train_one_epoch(
                 raise NonFiniteLoss(f"non-finite loss at {where}")
             warnings.warn(f"non-finite loss at {where}: step skipped "
                           f"({bad_steps} of train.max_bad_steps={max_bad_steps})", stacklevel=3)
-            _reset_broken_norm_statistics(model)
+            reset_broken_norm_statistics(model)
         if not bar.disable:  # shown at the bar's next refresh: no terminal write per step
             rate = images_seen * accelerator.num_processes / max(time.perf_counter() - began, 1e-9)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{flags.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
@@ -162,9 +165,8 @@ def train_one_epoch(
             loss = loss.detach()
             finite = torch.isfinite(loss)
             n = labels.shape[0]
-            seen = torch.stack([loss.double() * n, (logits.detach().argmax(1) == labels).sum().double(),
-                                torch.full((), n, device=device, dtype=torch.float64)])
-            state.sums[:3] += torch.where(finite, seen, 0.0)
+            step_sums += torch.stack([loss.double() * n, (logits.detach().argmax(1) == labels).sum().double(),
+                                      torch.full((), n, device=device, dtype=torch.float64)])
             bad_since_step += (~finite).double()
             images_seen += n
             if accelerator.sync_gradients:
@@ -181,7 +183,10 @@ def train_one_epoch(
                     del base.found_inf
                 # The wrapped optimizer's zero_grad waits for a sync step; this is one, so clear directly.
                 base.zero_grad(set_to_none=True)
+                # A step skipped anywhere counts nowhere, so every rank's image count stays the same.
+                state.sums[:3] += torch.where(skip, 0.0, step_sums)
                 state.sums[3] += skip.double()
+                step_sums.zero_()
                 now = _StepFlags.send(step, schedule.lr, torch.cat([flags, loss.double()[None]]))
                 schedule.step()
                 stop = pending is not None and settle(pending)
@@ -205,7 +210,7 @@ def train_one_epoch(
                        state.seconds, tuple(int(n) for n in per_rank[:, 2].tolist()))
 
 
-def _reset_broken_norm_statistics(model: nn.Module) -> None:
+def reset_broken_norm_statistics(model: nn.Module) -> None:
     """A skipped step's forward pass still updated the running statistics of the norm layers; where
     that made them NaN or infinite (which no later update can undo), start them afresh."""
     for module in model.modules():

@@ -27,7 +27,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         groups.append({"params": no_decay, "weight_decay": 0.0})
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+        sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+        if cfg.momentum:
+            # Fused SGD creates its momentum buffers empty and fills them in the first step's kernel,
+            # so a skipped first step would leave them unwritten. Zeros give the same first step.
+            for param in decay + no_decay:
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return sgd
     betas = tuple(cfg.betas)
     if len(betas) != 2:
         raise UserError(f"optim.betas={list(betas)}: expected two numbers")

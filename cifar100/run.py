@@ -34,7 +34,13 @@ from cifar100.checkpoint import (
 )
 from cifar100.config import Config, to_dict, to_yaml
 from cifar100.device_data import DeviceLoader
-from cifar100.engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch
+from cifar100.engine import (
+    EpochProgress,
+    NonFiniteLoss,
+    evaluate,
+    reset_broken_norm_statistics,
+    train_one_epoch,
+)
 from cifar100.errors import UserError
 from cifar100.mixing import BatchMixer
 from cifar100.models import build_model, count_parameters, flops_per_image
@@ -244,6 +250,9 @@ def train(cfg: Config) -> Path:
     def save(epoch_done: bool, best: bool = False) -> None:
         """Checkpoint the exact position; every rank calls it (each contributes its RNG and sums).
         The state is copied to host memory here and written in the background."""
+        # A step skipped just before may have broken norm statistics the engine resets only when it
+        # reads that step's flags, one step later: a checkpoint must not keep them.
+        reset_broken_norm_statistics(prepared)
         tag = step_tag(schedule.step_count)
         mine = {"rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
@@ -256,8 +265,15 @@ def train(cfg: Config) -> Path:
                     "totals": asdict(totals), "config": config_dict}
             state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "ranks": ranks,
                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+            writer.wait()  # one copy of the state in host memory at a time
             writer.submit(partial(write, tag, host_copy(model_state), host_copy(state), meta, best))
             submitted.append(tag)
+        accelerator.wait_for_everyone()
+
+    def flush() -> None:
+        """Every checkpoint on disk before any rank goes on: a rank that exits first (a stop, an
+        error) makes the launcher end the main process, write or not."""
+        writer.wait()
         accelerator.wait_for_everyone()
 
     def after_step(state: EpochProgress) -> None:
@@ -285,14 +301,14 @@ def train(cfg: Config) -> Path:
                 state=progress, stop_requested=flag.__bool__, max_bad_steps=cfg.train.max_bad_steps,
                 after_step=after_step)
         except NonFiniteLoss as err:
-            writer.wait()
+            flush()
             last = ckpt_dir / written[-1] if written else (ckpt.path if ckpt else None)
             raise UserError(f"{err}: stopping. Last good checkpoint: {last or 'none yet'}; resume with resume=auto "
                             "after lowering optim.lr or setting train.clip_grad, or allow skips with "
                             "train.max_bad_steps=N") from None
         if result is None:
             save(epoch_done=False)
-            writer.wait()
+            flush()
             raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} at epoch {epoch}, "
                             f"batch {progress.step}; checkpoint {ckpt_dir / 'last'}")
         row = {"epoch": epoch, "lr": lr, "train_loss": result.loss, "train_top1": result.top1}
@@ -323,11 +339,11 @@ def train(cfg: Config) -> Path:
         epoch, progress = epoch + 1, EpochProgress()
         stop = accelerator.reduce(torch.tensor(float(bool(flag)), device=accelerator.device), reduction="sum")
         if stop.item() > 0 and epoch <= cfg.train.epochs:
-            writer.wait()
+            flush()
             raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} after epoch {epoch - 1}; "
                             f"checkpoint {ckpt_dir / 'last'}")
     flag.uninstall()
-    writer.wait()
+    flush()
 
     summary = summarize(
         rows, recipe=cfg.recipe or cfg.name, name=run_dir.name, seed=cfg.seed, best_selected_on=selected,

@@ -6,6 +6,7 @@ import threading
 import time
 from functools import partial
 
+import pytest
 import torch
 
 from cifar100.checkpoint import (
@@ -64,3 +65,15 @@ def test_a_background_checkpoint_holds_the_state_of_its_save_while_training_goes
     writer.wait()
     assert torch.equal(load_weights(tmp_path / "step-1")["w"], torch.arange(1_000_000, dtype=torch.float32))
     assert load_train_state(tmp_path / "step-1")["sums"].tolist() == [1.0, 2.0, 3.0, 0.0]
+
+
+def test_an_error_in_a_write_is_raised_in_the_caller():
+    writer = BackgroundWriter()
+
+    def broken():
+        raise ValueError("serialiser bug")
+
+    writer.submit(broken)
+    with pytest.raises(ValueError, match="serialiser bug"):
+        writer.wait()
+    writer.wait()  # raised once, then cleared

@@ -11,11 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import ROOT, clean_environ, run_cmd
 
-from cifar100.checkpoint import apply_weights, find_latest, load_train_state, save_checkpoint
+from cifar100.checkpoint import (
+    apply_weights,
+    find_latest,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+)
 from cifar100.errors import UserError
 from cifar100.models import build_model
-from conftest import ROOT, clean_environ, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -135,6 +142,18 @@ def test_non_finite_loss_stops_with_one_line_or_skips(tmp_path, real_data):
     skip = run_cmd([*ONE, *args(real_data, tmp_path, "nan2", "optim.lr=1e8", "train.max_bad_steps=2")])
     assert skip.returncode == 2
     assert skip.stderr.count("step skipped") == 2 and "(2 of train.max_bad_steps=2)" in skip.stderr
+
+
+def test_checkpoints_after_skipped_steps_hold_finite_norm_statistics(tmp_path, real_data):
+    """A skipped step's forward pass can make BatchNorm's running statistics NaN; no checkpoint keeps them."""
+    out = run_cmd([*ONE, *args(real_data, tmp_path, "skips", "optim.lr=1e8", "train.max_bad_steps=50",
+                                "train.checkpoint_every_steps=1", "train.keep_last=100", "train.epochs=1")])
+    assert out.returncode == 0 and out.stderr.count("step skipped") >= 3, out.stderr[-2000:]
+    checkpoints = sorted((tmp_path / "skips" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 8
+    for path in checkpoints:
+        stats = {k: v for k, v in load_weights(path).items() if "running_" in k}
+        assert stats and all(torch.isfinite(v).all() for v in stats.values()), path.name
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, real_data, baselines):
