@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         _report(f"preempted: {err}; continue with the same command plus resume=auto")
         return PREEMPTED_EXIT
+    except OSError as err:  # a folder that cannot be made or written: a path to fix, not a traceback
+        _report(f"error: {err.filename}: {err.strerror}" if err.filename and err.strerror else f"error: {err}")
+        return 2
     return 0
 
 

@@ -108,6 +108,14 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
     assert not list(tmp_path.glob("smoke*"))  # nothing half-made
 
 
+@pytest.mark.parametrize("command", [("train.py",), ("-m", "cifar100", "bench", "checkpoint")])
+def test_a_log_dir_that_cannot_be_made_is_one_clear_line(tmp_path, real_data, command):
+    (tmp_path / "file").write_text("not a folder")
+    out = run_cmd([sys.executable, *command, "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}/file/runs"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines()[-1] == f"error: {tmp_path}/file/runs: Not a directory" and "Traceback" not in out.stderr
+
+
 def test_wandb_failure_never_stops_training(tmp_path, real_data):
     # online mode without credentials (a fresh HOME, no API key): W&B refuses before any network use.
     assert "WANDB_API_KEY" not in os.environ
