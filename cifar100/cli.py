@@ -229,8 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         _report(f"preempted: {err}; continue with the same command plus resume=auto")
         return PREEMPTED_EXIT
-    except OSError as err:  # a folder that cannot be made or written: a path to fix, not a traceback
-        _report(f"error: {err.filename}: {err.strerror}" if err.filename and err.strerror else f"error: {err}")
+    except OSError as err:
+        if not err.filename:
+            raise  # not about a path the user gave: a traceback helps more
+        # A path that cannot be made, read or written: often on one rank only, so every rank says it.
+        where = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        text = str(err) if err.filename2 or not err.strerror else f"{err.filename}: {err.strerror}"
+        print(f"error: {where}{text}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -206,6 +206,8 @@ def train_one_epoch(
     # Gathered rather than summed: the per-rank counts prove every process trained.
     per_rank = accelerator.gather(state.sums[None, :3]).view(-1, 3)
     loss_total, correct_total, seen_total = per_rank.sum(0).tolist()
+    if not seen_total:
+        raise NonFiniteLoss(f"non-finite loss in every step of epoch {epoch}")
     return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total),
                        state.seconds, tuple(int(n) for n in per_rank[:, 2].tolist()))
 

@@ -50,21 +50,31 @@ class RunTotals:
     wandb_id: str | None = None
 
 
-def locate(resume: str, log_dir: str, name: str) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint folder or None) for `resume`; creates the run folder when new."""
+@dataclass(frozen=True)
+class Located:
+    """Where a run continues: its folder, the checkpoint (or None), and that checkpoint's weights
+    and train state when finding it meant reading them (so they are not read twice)."""
+
+    run_dir: Path
+    checkpoint: Path | None = None
+    read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+
+def locate(resume: str, log_dir: str, name: str) -> Located:
+    """The run folder and checkpoint for `resume`; creates the run folder when new."""
     if resume == "none":
-        return unique_run_dir(log_dir, name), None
+        return Located(unique_run_dir(log_dir, name))
     if resume == "auto":
         run_dir = Path(log_dir) / name
         run_dir.mkdir(parents=True, exist_ok=True)
         found = find_latest(run_dir / "checkpoints")
-        return run_dir, found[0] if found else None
+        return Located(run_dir, found[0], found[1:]) if found else Located(run_dir)
     path = Path(resume)
     if (path / "checkpoints").is_dir():
         found = find_latest(path / "checkpoints")
         if not found:
             raise UserError(f"resume={resume}: no complete checkpoint under {path / 'checkpoints'}")
-        return path, found[0]
+        return Located(path, found[0], found[1:])
     if not is_complete(path):
         raise UserError(f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
                         "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>")
@@ -79,11 +89,13 @@ def locate(resume: str, log_dir: str, name: str) -> tuple[Path, Path | None]:
         for p in newer:
             os.replace(p, aside / p.name)
         warnings.warn(f"resuming {path.name}: the newer {', '.join(p.name for p in newer)} moved to {aside}", stacklevel=2)
-    return path.parent.parent, path
+    return Located(path.parent.parent, path)
 
 
-def load(path: Path, config: dict[str, Any]) -> Checkpoint:
-    """Load a checkpoint and check that it belongs to this config."""
+def load(path: Path, config: dict[str, Any],
+         read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Checkpoint:
+    """Load a checkpoint (or take its already `read` weights and train state) and check that it
+    belongs to this config."""
     meta = read_meta(path)
     mismatched = config_differences(meta.get("config", {}), config)
     recovery = [m for m in mismatched if m.split(":")[0] in RECOVERY_KEYS]
@@ -95,11 +107,11 @@ def load(path: Path, config: dict[str, Any]) -> Checkpoint:
         shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
         raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
                         "resume with the same recipe and overrides, or start a new run")
-    state = load_train_state(path)
+    weights, state = read or (None, load_train_state(path))
     if "optimizer" not in state:
         raise UserError(f"{path}: holds weights only (the best epoch's, for eval); resume from a step-… "
                         "checkpoint, or use resume=auto")
-    return Checkpoint(path, load_weights(path), state, meta)
+    return Checkpoint(path, weights if weights is not None else load_weights(path), state, meta)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

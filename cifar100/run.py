@@ -192,10 +192,11 @@ def train(cfg: Config) -> Path:
 
     # Only now, with every part built and checked, the run folder: a bad value leaves no empty folder.
     # The main process picks it and the checkpoint; every process then loads the same one.
-    located = list(resuming.locate(cfg.resume, cfg.log.dir, cfg.name)) if main else [None, None]
+    found = resuming.locate(cfg.resume, cfg.log.dir, cfg.name) if main else None
+    located = [str(found.run_dir), found.checkpoint and str(found.checkpoint)] if main else [None, None]
     broadcast_object_list(located)
     run_dir, ckpt_path = Path(located[0]), located[1] and Path(located[1])
-    ckpt = resuming.load(ckpt_path, config_dict) if ckpt_path else None
+    ckpt = resuming.load(ckpt_path, config_dict, found.read if main else None) if ckpt_path else None
     if ckpt:
         apply_weights(accelerator.unwrap_model(prepared), ckpt.weights, ckpt.path)
 

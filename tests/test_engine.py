@@ -110,3 +110,10 @@ def test_norm_statistics_broken_by_a_skipped_step_start_afresh():
     assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
     assert int(norm.num_batches_tracked) == 2  # reset when step 2 is read, at the end of step 3; then steps 4, 5
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_epoch_with_every_step_skipped_stops_with_a_clear_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NonFiniteLoss, match=r"^non-finite loss in every step of epoch 1$"):
+            _train("sgd", _batches(3, nan_at=(0, 1, 2)), max_bad_steps=10)

@@ -267,3 +267,19 @@ def test_unreadable_meta_skips_to_the_previous_checkpoint(tmp_path):
     (tmp_path / "step-00000002" / "meta.json").write_text("{ truncated")
     with pytest.warns(UserWarning, match="skipping checkpoint step-00000002"):
         assert find_latest(tmp_path)[0].name == "step-00000001"
+
+
+def test_a_checkpoint_that_resume_auto_finds_is_read_once(tmp_path, monkeypatch):
+    from cifar100 import checkpoint, resume
+
+    model = build_model("cifarnet_tiny", 100, None, True)
+    save_checkpoint(tmp_path / "r" / "checkpoints", "step-00000003", model.state_dict(), {"optimizer": {}}, {"config": {}})
+    reads = []
+    for module in (checkpoint, resume):
+        for name in ("load_weights", "load_train_state"):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda path, real=real, name=name: reads.append(name) or real(path))
+    found = resume.locate("auto", str(tmp_path), "r")
+    loaded = resume.load(found.checkpoint, {}, found.read)
+    assert loaded.path.name == "step-00000003" and sorted(reads) == ["load_train_state", "load_weights"]
+    assert loaded.weights.keys() == model.state_dict().keys()

@@ -114,6 +114,10 @@ def test_a_log_dir_that_cannot_be_made_is_one_clear_line(tmp_path, real_data, co
     out = run_cmd([sys.executable, *command, "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}/file/runs"])
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.splitlines()[-1] == f"error: {tmp_path}/file/runs: Not a directory" and "Traceback" not in out.stderr
+    # Under a launcher such an error is often one rank's own, so each rank says it, with its number.
+    ranked = run_cmd([sys.executable, *command, "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}/file/runs"],
+                     env={"RANK": "1"})
+    assert ranked.returncode == 2 and ranked.stderr.splitlines()[-1] == f"error: [rank 1] {tmp_path}/file/runs: Not a directory"
 
 
 def test_wandb_failure_never_stops_training(tmp_path, real_data):
