@@ -107,11 +107,11 @@ def load(path: Path, config: dict[str, Any],
         shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
         raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
                         "resume with the same recipe and overrides, or start a new run")
-    weights, state = read or (None, load_train_state(path))
+    weights, state = read or (load_weights(path), load_train_state(path))
     if "optimizer" not in state:
         raise UserError(f"{path}: holds weights only (the best epoch's, for eval); resume from a step-… "
                         "checkpoint, or use resume=auto")
-    return Checkpoint(path, weights if weights is not None else load_weights(path), state, meta)
+    return Checkpoint(path, weights, state, meta)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
