@@ -119,6 +119,20 @@ def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, real_data, ba
     assert metrics(tmp_path / "s") == baselines[1]
 
 
+def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint_and_resumes_exactly(tmp_path, real_data, baselines):
+    """The launcher row of the README's signal table: torchrun forwards SIGTERM to its workers, both
+    agree on the step, rank 0 writes the checkpoint before either exits, and the run continues."""
+    proc = start(TWO, args(real_data, tmp_path, "tr", "train.checkpoint_every_steps=0"), DDP_ENV)
+    wait_for(tmp_path / "tr" / "checkpoints" / "step-00000008" / "COMPLETE", proc)  # end of epoch 1
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "preempted: stopped by SIGTERM" in err, (proc.returncode, err[-3000:])
+    last = (tmp_path / "tr" / "checkpoints" / "last").resolve()
+    assert (last / "COMPLETE").is_file() and last.name > "step-00000008"
+    finish(TWO, args(real_data, tmp_path, "tr", "resume=auto", "train.checkpoint_every_steps=0"), DDP_ENV)
+    assert metrics(tmp_path / "tr") == baselines[2]
+
+
 def test_second_signal_exits_at_once(tmp_path, real_data):
     # One slow step (a wider model on a 400-image batch) so both signals land inside it.
     proc = start(ONE, args(real_data, tmp_path, "s2", "train.epochs=20", "model.name=cifarnet_l", "data.batch_size=400",
