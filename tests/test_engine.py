@@ -117,3 +117,12 @@ def test_an_epoch_with_every_step_skipped_stops_with_a_clear_error():
         warnings.simplefilter("ignore")
         with pytest.raises(NonFiniteLoss, match=r"^non-finite loss in every step of epoch 1$"):
             _train("sgd", _batches(3, nan_at=(0, 1, 2)), max_bad_steps=10)
+
+
+def test_progress_saved_before_skips_were_summed_on_the_device_still_loads():
+    """Mid-epoch checkpoints of the previous version kept three sums and a separate skip count."""
+    old = {"step": 5, "sums": torch.tensor([10.0, 3.0, 40.0], dtype=torch.float64), "seconds": 2.5, "bad_steps": 1}
+    progress = EpochProgress.from_state(old, torch.device("cpu"))
+    assert progress.step == 5 and progress.seconds == 2.5
+    assert progress.sums.tolist() == [10.0, 3.0, 40.0, 1.0]
+    assert EpochProgress.from_state(progress.state_dict(), torch.device("cpu")).sums.tolist() == [10.0, 3.0, 40.0, 1.0]
