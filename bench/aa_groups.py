@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from cifar100.device_data import _GEOMETRIC, BatchAutoAugment
+from cifar100.augment.batched import _GEOMETRIC, BatchAutoAugment
 
 
 def groups(aa: BatchAutoAugment, batch: int, seed: int) -> tuple[int, int]:

@@ -29,9 +29,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from cifar100.checkpoint import BackgroundWriter, host_copy, save_checkpoint
+from cifar100.augment.loader import build_train_loader, epoch_batches
 from cifar100.config import Config
+from cifar100.data import NUM_CLASSES
 from cifar100.engine import EpochProgress, train_one_epoch
-from cifar100.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
 from cifar100.models import build_model, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
 
@@ -61,7 +63,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 def _synthetic(batch: int, device: torch.device):
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
-    labels = torch.randint(0, 100, (batch,), generator=gen).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
     return images, labels
 
 
@@ -73,15 +75,14 @@ def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: b
     torch.backends.cudnn.benchmark = cudnn_benchmark
     accelerator = Accelerator(mixed_precision=precision)
     device = accelerator.device
-    model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem)
+    model = build_model(cfg.model, NUM_CLASSES)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     if compile_model:
         model = torch.compile(model)
-    aug = cfg.augment
-    mixer = BatchMixer(100, aug.cutmix.prob, aug.cutmix.alpha, aug.mixup.prob, aug.mixup.alpha, aug.label_smoothing)
+    mixer = BatchMixer.from_config(cfg.augment, NUM_CLASSES)
     images, labels = _synthetic(cfg.data.batch_size, device)
     images = images.contiguous(memory_format=memory)
 
@@ -137,7 +138,7 @@ def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     precisions = ["bf16", "no"] if cuda else ["no"]
-    flops = flops_per_image(build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem))
+    flops = flops_per_image(build_model(cfg.model, NUM_CLASSES))
     peaks = {p: matmul_peak(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
     grid = [(p, cl, False, "engine", True) for p in precisions for cl in (True, False)]
     grid += [(precisions[0], True, False, "plain", True)] + [(precisions[0], True, True, "engine", True)] * with_compile
@@ -157,8 +158,6 @@ def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) 
 
 def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
     """Images/s of the reference path (per-sample torchvision, `data.workers`) and the device path."""
-    from cifar100.run import build_train_loader, epoch_batches
-
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     images, labels = dataset.train.images, dataset.train.labels
@@ -166,7 +165,8 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
     for pipeline in ("reference", "device"):
         trial = replace(cfg, data=replace(cfg.data, pipeline=pipeline))
         try:
-            loader = build_train_loader(images, labels, cfg.data.batch_size, trial, accelerator)
+            loader = build_train_loader(images, labels, cfg.data.batch_size, trial.data, cfg.augment, seed=cfg.seed,
+                                        grad_accum=1, accelerator=accelerator)
         except Exception as err:  # noqa: BLE001  (a path that cannot run this recipe is reported, not fatal)
             rows.append({"pipeline": pipeline, "images_per_second": None, "note": str(err)})
             continue
@@ -186,7 +186,7 @@ def bench_checkpoint(cfg: Config, reps: int = 3) -> list[dict]:
     """Seconds one checkpoint (weights and optimizer state) stops training, and until it is on disk,
     in a scratch folder under `log.dir` (the disk the runs write to); medians of `reps`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem).to(device)
+    model = build_model(cfg.model, NUM_CLASSES).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     for param in model.parameters():  # one step, so the optimizer holds its momentum / moments
         param.grad = torch.zeros_like(param)

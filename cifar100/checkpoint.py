@@ -19,6 +19,8 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,66 @@ class BackgroundWriter:
             job()
         except BaseException as err:  # noqa: BLE001  (handed to the caller's thread)
             self._error = err
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A checkpoint's three parts: weights (safetensors), train state (tensors and plain data,
+    `train_state.pt`) and meta (JSON: position, counters, config)."""
+
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class CheckpointWriter:
+    """Writes snapshots into `checkpoints/` on a background thread, and knows what is on disk: the
+    newest complete checkpoint (`last_good`) and the score of the weights under `best/`.
+
+    A failed write is a warning, never a stop: training goes on and the previous checkpoint stays.
+    """
+
+    def __init__(self, ckpt_dir: Path, keep_last: int, last_good: Path | None = None, best_score: float = -1.0):
+        self.ckpt_dir, self.keep_last = ckpt_dir, keep_last
+        self.last_good, self.best_score = last_good, best_score
+        self._thread = BackgroundWriter()
+        self._submitted: str | None = None
+
+    def submit(self, tag: str, snapshot: Snapshot, score: float | None = None) -> None:
+        """Copy `snapshot` to host memory and write it as `tag` in the background; with a `score`
+        that beats the best on disk, also as the best weights. The same tag twice is written once."""
+        self._thread.wait()  # one copy of the state in host memory at a time; best_score is current
+        if tag == self._submitted:
+            return
+        best = score if score is not None and score > self.best_score else None
+        copied = Snapshot(host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta)
+        self._thread.submit(partial(self._write, tag, copied, best))
+        self._submitted = tag
+
+    def wait(self) -> None:
+        """Return once every submitted write has finished."""
+        self._thread.wait()
+
+    def _write(self, tag: str, snap: Snapshot, best: float | None) -> None:
+        if best is not None:
+            try:
+                save_best(self.ckpt_dir, tag, snap.weights, snap.meta)
+                self.best_score = best
+            except OSError as err:
+                held = (self.ckpt_dir / "best").resolve().name if (self.ckpt_dir / "best").exists() else "nothing yet"
+                warnings.warn(f"best weights of {tag} not saved ({err.strerror or err}); checkpoints/best still "
+                              f"holds {held}", stacklevel=1)
+        # The meta says which best is really on disk, so a resumed run compares against that one.
+        meta = {**snap.meta, "best_score": self.best_score}
+        try:
+            save_checkpoint(self.ckpt_dir, tag, snap.weights, snap.state, meta)
+            point_link(self.ckpt_dir, "last", tag)
+            prune(self.ckpt_dir, self.keep_last)
+            self.last_good = self.ckpt_dir / tag
+        except OSError as err:
+            previous = self.last_good.name if self.last_good else "none"
+            warnings.warn(f"checkpoint {tag} not saved ({err.strerror or err}); the previous checkpoint "
+                          f"({previous}) is intact and loadable", stacklevel=1)
 
 
 def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor],

@@ -83,7 +83,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def cmd_train(args: list[str]) -> None:
-    from cifar100.run import train  # heavy imports only when training
+    from cifar100.trainer import train  # heavy imports only when training
 
     seeds_text, args = take(args, "seeds")
     recipe, overrides = split_args(args)

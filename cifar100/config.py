@@ -10,9 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import re
+import functools
 import types
 import typing
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,86 +27,118 @@ from cifar100.errors import UserError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
+def setting(default: Any, *, choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = (),
+            low: float | None = None, high: float | None = None, above: float | None = None,
+            length: int | None = None, launch: bool = False, component: bool = False, doc: str = "") -> Any:
+    """A config field with its rules beside it: a closed vocabulary (`choices`, or a function
+    returning the registry's names), inclusive bounds `low`/`high`, an exclusive lower bound `above`
+    (for a list: for every item), a list's exact `length`, `component` for a text that names one
+    folder, and `launch` for keys that say where and how a run is launched and logged, not what it
+    trains (a resume may change them, and the report does not tell runs apart by them)."""
+    rules = {"choices": choices, "low": low, "high": high, "above": above, "length": length,
+             "launch": launch, "component": component, "doc": doc}
+    return field(default=default, metadata=rules)
+
+
+def _optimizers() -> tuple[str, ...]:
+    from cifar100.optim import OPTIMIZERS  # the registry lives beside the code it names
+
+    return tuple(OPTIMIZERS)
+
+
+def _schedules() -> tuple[str, ...]:
+    from cifar100.optim import SCHEDULES
+
+    return tuple(SCHEDULES)
+
+
+# Upper bounds that keep a typo from exhausting memory or overflowing before anything useful runs.
+_MANY = 10**6
+_SEED_MAX = 2**32 - 1  # numpy's and torch's seeding accept up to this
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data"
-    download: bool = True
-    val_size: int = 0
-    batch_size: int = 512
-    workers: int = 8
-    train_limit: int = 0  # use only the first N training images (stratified); 0 = all
-    test_limit: int = 0  # evaluate on the first N test images; 0 = all
-    eval_batch_size: int = 1024
-    pipeline: str = "reference"  # reference: per-sample torchvision in workers; device: batched on the device
+    root: str = setting("data", launch=True)
+    download: bool = setting(True, launch=True)
+    val_size: int = setting(0, low=0, high=49_999)
+    batch_size: int = setting(512, low=1, high=50_000)
+    workers: int = setting(8, low=0, high=256, launch=True)
+    train_limit: int = setting(0, low=0, high=_MANY, doc="a stratified, seeded choice of N training images; 0 = all")
+    test_limit: int = setting(0, low=0, high=_MANY, doc="a stratified, seeded choice of N test images; 0 = all")
+    eval_batch_size: int = setting(1024, low=1, high=65_536)
+    pipeline: str = setting("reference", choices=("reference", "device"),
+                            doc="reference: per-sample torchvision in workers; device: batched on the device")
 
 
 @dataclass(frozen=True)
 class MixConfig:
-    prob: float = 0.0
-    alpha: float = 1.0
+    prob: float = setting(0.0, low=0.0, high=1.0)
+    alpha: float = setting(1.0, above=0.0, high=1e3)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    crop_padding: int = 4
-    hflip: float = 0.5
-    vflip: float = 0.0
-    color_jitter: float = 0.0
-    autoaugment: str = "none"
-    mean: tuple[float, ...] = (0.5071, 0.4865, 0.4409)
-    std: tuple[float, ...] = (0.2673, 0.2564, 0.2762)
+    crop_padding: int = setting(4, low=0, high=32)
+    hflip: float = setting(0.5, low=0.0, high=1.0)
+    vflip: float = setting(0.0, low=0.0, high=1.0)
+    color_jitter: float = setting(0.0, low=0.0, high=1.0)
+    autoaugment: str = setting("none", choices=("none", "cifar10", "imagenet", "svhn"))
+    mean: tuple[float, ...] = setting((0.5071, 0.4865, 0.4409), low=-1e3, high=1e3, length=3)
+    std: tuple[float, ...] = setting((0.2673, 0.2564, 0.2762), above=0.0, high=1e3, length=3)
     cutmix: MixConfig = MixConfig(prob=0.0, alpha=1.0)
     mixup: MixConfig = MixConfig(prob=0.0, alpha=0.2)
-    label_smoothing: float = 0.0
+    label_smoothing: float = setting(0.0, low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet50"
-    act: str | None = None  # None keeps the model's own activations
+    act: str | None = setting(None, doc="None keeps the model's own activations")
     cifar_stem: bool = True
-    drop_rate: float = 0.0
+    drop_rate: float = setting(0.0, low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    name: str = setting("sgd", choices=_optimizers)
+    lr: float = setting(0.1, low=0.0, high=1e10)  # a diverging rate is a test of the non-finite guard
+    momentum: float = setting(0.9, low=0.0, high=1.0)
     nesterov: bool = False
-    weight_decay: float = 5.0e-4
-    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = setting(5.0e-4, low=0.0, high=1e3)
+    betas: tuple[float, ...] = setting((0.9, 0.999), low=0.0, high=0.999_999_9, length=2)
     no_decay_norm_bias: bool = False
 
 
 @dataclass(frozen=True)
 class SchedConfig:
-    name: str = "cosine"
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 1.0e-4
-    min_lr: float = 0.0
-    step_epochs: int = 30  # step: decay every this many epochs
-    gamma: float = 0.1  # step and plateau: multiply the rate by this
-    patience: int = 10  # plateau: epochs without test-loss improvement before a decay
+    name: str = setting("cosine", choices=_schedules)
+    warmup_epochs: float = setting(0.0, low=0.0, high=_MANY)
+    warmup_lr: float = setting(1.0e-4, low=0.0, high=1e3)
+    min_lr: float = setting(0.0, low=0.0, high=1e3)
+    step_epochs: int = setting(30, low=1, high=_MANY, doc="step: decay every this many epochs")
+    gamma: float = setting(0.1, above=0.0, high=1.0, doc="step and plateau: multiply the rate by this")
+    patience: int = setting(10, low=0, high=_MANY, doc="plateau: epochs without improvement before a decay")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    precision: str = "bf16"
-    grad_accum: int = 1
-    clip_grad: float | None = None
+    epochs: int = setting(200, low=1, high=100_000)
+    precision: str = setting("bf16", choices=("no", "fp16", "bf16"))
+    grad_accum: int = setting(1, low=1, high=4096)
+    clip_grad: float | None = setting(None, above=0.0, high=1e6)
     channels_last: bool = True
-    compile: bool = False
-    threads: int = 0  # CPU intra-op threads; 0 = the library default
-    keep_last: int = 2  # step checkpoints kept (older ones pruned once a new one is complete)
-    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N optimizer steps; 0 = epoch ends only
-    max_bad_steps: int = 0  # non-finite losses skipped before the run stops
+    compile: bool = setting(False, launch=True)
+    threads: int = setting(0, low=0, high=1024, launch=True, doc="CPU intra-op threads; 0 = the library default")
+    keep_last: int = setting(2, low=1, high=_MANY, launch=True, doc="step checkpoints kept")
+    checkpoint_every_steps: int = setting(0, low=0, high=_MANY, launch=True,
+                                          doc="also checkpoint every N optimizer steps; 0 = epoch ends only")
+    max_bad_steps: int = setting(0, low=0, high=_MANY, launch=True, doc="non-finite losses skipped before a stop")
 
 
 @dataclass(frozen=True)
 class WandbConfig:
-    mode: str = "offline"
+    mode: str = setting("offline", choices=("online", "offline", "disabled"))
     project: str = "cifar100"
     entity: str | None = None
 
@@ -111,55 +147,49 @@ class WandbConfig:
 class LogConfig:
     dir: str = "runs"
     wandb: WandbConfig = WandbConfig()
-    progress: bool = True  # progress bar on the main process
+    progress: bool = setting(True, doc="progress bar on the main process")
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
-    recipe: str = ""
-    description: str = ""
-    seed: int = 0
-    resume: str = "none"  # none | auto (newest checkpoint of <log.dir>/<name>) | path to a checkpoint
+    name: str = setting("run", launch=True, component=True, doc="the run folder's name under log.dir: one path component")
+    recipe: str = setting("", launch=True)
+    description: str = setting("", launch=True)
+    seed: int = setting(0, low=0, high=_SEED_MAX)
+    resume: str = setting("none", launch=True,
+                          doc="none | auto (newest checkpoint of <log.dir>/<name>) | path to a checkpoint")
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
     train: TrainConfig = TrainConfig()
-    log: LogConfig = LogConfig()
+    log: LogConfig = setting(LogConfig(), launch=True)
 
 
-# Closed vocabularies: a value outside them is caught before anything is built.
-CHOICES = {
-    "data.pipeline": ("reference", "device"),
-    "augment.autoaugment": ("none", "cifar10", "imagenet", "svhn"),
-    "optim.name": ("sgd", "adam", "nadam", "adamw"),
-    "sched.name": ("cosine", "step", "plateau", "none"),
-    "train.precision": ("no", "fp16", "bf16"),
-    "log.wandb.mode": ("online", "offline", "disabled"),
-}
-
-
-# Lower bounds: a value below them would fail deep inside a library, or after an epoch of work.
-MINIMUM = {
-    "seed": 0, "data.val_size": 0, "data.batch_size": 1, "data.workers": 0, "data.train_limit": 0,
-    "data.test_limit": 0, "data.eval_batch_size": 1, "augment.crop_padding": 0, "optim.lr": 0.0,
-    "optim.weight_decay": 0.0, "sched.warmup_epochs": 0.0, "sched.step_epochs": 1, "sched.patience": 0,
-    "train.epochs": 1, "train.grad_accum": 1, "train.threads": 0, "train.keep_last": 1,
-    "train.checkpoint_every_steps": 0, "train.max_bad_steps": 0,
-}
-
-# Keys that say where and how a run is launched and logged, not what it trains: a resume may
-# change them, and the report does not tell runs apart by them.
-LAUNCH_KEYS = ("name", "recipe", "description", "resume", "data.root", "data.download", "data.workers", "log",
-               "train.threads", "train.compile", "train.keep_last", "train.checkpoint_every_steps",
-               "train.max_bad_steps")
+def rules(key: str) -> dict[str, Any]:
+    """The rules `setting` put on the field at dotted `key` (none set, for a plain field)."""
+    cls, parts = Config, key.split(".")
+    for part in parts[:-1]:
+        cls = _hints(cls)[part]
+    found = {f.name: f for f in dataclasses.fields(cls)}[parts[-1]]
+    return {**setting(None).metadata, **found.metadata}
 
 
 def is_launch_key(key: str) -> bool:
-    """True for a dotted key under one of LAUNCH_KEYS."""
-    return any(key == k or key.startswith(k + ".") for k in LAUNCH_KEYS)
+    """True for a dotted key (or one under a section) that only says where and how a run is launched."""
+    parts = key.split(".")
+    return any(_known(".".join(parts[:i])) and rules(".".join(parts[:i])).get("launch")
+               for i in range(1, len(parts) + 1))
+
+
+def _known(key: str) -> bool:
+    return key in _key_set()
+
+
+@functools.cache
+def _key_set() -> frozenset[str]:
+    return frozenset(all_keys())
 
 
 def available_recipes() -> dict[str, Path]:
@@ -193,15 +223,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> Config:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """Split `a.b=value`, parsing the value as a YAML scalar or flow list."""
+    """Split `a.b=value`. A text key takes the value exactly as typed (`name=007`, `train.precision=no`),
+    or unquoted when it is a quoted YAML string; any other key parses it as a YAML scalar or flow list
+    (`augment.mean=[0.5,0.5,0.5]`)."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise UserError(f"expected key=value, got {item!r}")
+    if key not in _key_set():
+        raise _unknown_key(key)
+    hint = _leaf_hint(key)
+    if hint is str or (_is_optional_str(hint) and text not in ("null", "~")):
+        return key, _unquoted(text)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = _load_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         raise UserError(f"cannot parse the value of {key}: {text!r} is not a YAML scalar or list") from None
     return key, value
+
+
+def _unquoted(text: str) -> str:
+    if text[:1] in ("'", '"'):
+        try:
+            value = _load_yaml(text)
+        except yaml.YAMLError:
+            return text
+        return value if isinstance(value, str) else text
+    return text
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -259,11 +306,39 @@ def _find_recipe(recipe: str) -> Path:
     raise UserError(f"unknown recipe {recipe!r}: available recipes are {names}, or give a path to a .yaml file")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people now read it (the 1.2 core schema): only true/false are booleans and nothing is
+    a date, so `precision: no` is the text "no"; a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read recipe ({err.strerror})") from None
     if data is None:
@@ -310,8 +385,20 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _leaf_hint(key: str) -> Any:
+    cls, parts = Config, key.split(".")
+    for part in parts:
+        cls = _hints(cls)[part] if dataclasses.is_dataclass(cls) else None
+    return cls
+
+
+def _is_optional_str(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and set(typing.get_args(hint)) == {str, type(None)}
 
 
 def _unknown_key(key: str) -> UserError:
@@ -378,21 +465,47 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         result = _coerce_plain(value, hint)
     if result is _MISMATCH:
         raise UserError(f"{key}={value!r}: expected {_type_name(hint)}, got {type(value).__name__}")
-    choices = CHOICES.get(key)
-    if choices and result not in choices:
-        raise UserError(f"{key}={value!r}: expected one of {', '.join(choices)}")
-    if key in MINIMUM and result is not None and result < MINIMUM[key]:
-        raise UserError(f"{key}={value!r}: must be at least {MINIMUM[key]}")
+    if result is not None:
+        _check_rules(key, value, result, rules(key))
     return result
 
 
+def _check_rules(key: str, value: Any, result: Any, rule: dict[str, Any]) -> None:
+    """A value of the right type, held to the rules `setting` put on its field."""
+    choices = rule.get("choices")
+    choices = choices() if callable(choices) else choices
+    if choices and result not in choices:
+        raise UserError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+    if rule.get("component") and (result in ("", ".", "..") or "/" in result or "\0" in result):
+        raise UserError(f"{key}={value!r}: must name one folder inside log.dir (not empty, '.', '..', "
+                        "nor containing '/')")
+    length = rule.get("length")
+    if length is not None and len(result) != length:
+        raise UserError(f"{key}={value!r}: expected a list of {length} numbers, got {len(result)}")
+    for number in result if isinstance(result, tuple) else (result,):
+        if not isinstance(number, (int, float)) or isinstance(number, bool):
+            continue
+        if not math.isfinite(number):
+            raise UserError(f"{key}={value!r}: must be a finite number")
+        low, high, above = rule.get("low"), rule.get("high"), rule.get("above")
+        if low is not None and number < low:
+            raise UserError(f"{key}={value!r}: must be at least {low}")
+        if above is not None and number <= above:
+            raise UserError(f"{key}={value!r}: must be greater than {above}")
+        if high is not None and number > high:
+            raise UserError(f"{key}={value!r}: must be at most {high}")
+
+
 _MISMATCH = object()
+_WORDS = {"yes": True, "on": True, "no": False, "off": False}
 
 
 def _coerce_plain(value: Any, hint: Any) -> Any:
     if hint is type(None):
         return None if value is None else _MISMATCH
     if hint is bool:
+        if isinstance(value, str):  # what shells and YAML 1.1 users type for a switch
+            return _WORDS.get(value.lower(), _MISMATCH)
         return value if isinstance(value, bool) else _MISMATCH
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torchvision.datasets.utils import download_and_extract_archive
 
+from cifar100.config import DataConfig
 from cifar100.errors import UserError
 
 try:
@@ -35,7 +36,7 @@ OFFICIAL_MD5 = {
 FOLDER = "cifar-100-python"
 ARCHIVE = "cifar-100-python.tar.gz"
 _OFFICIAL_PER_CLASS = {"train": 500, "test": 100}
-_NUM_FINE, _NUM_COARSE = 100, 20
+NUM_CLASSES, _NUM_COARSE = 100, 20
 
 # The only globals CIFAR's pickles reference: numpy array reconstruction (the official files name
 # the pre-2.0 module path) and _codecs.encode, which Python 3 writes for bytes at protocol 2.
@@ -134,7 +135,7 @@ def _read_split(path: Path) -> Split:
     images = torch.from_numpy(np.require(data, requirements=["C", "W"])).reshape(n, 3, 32, 32)
     return Split(
         images=images,
-        labels=_labels(path, d, "fine_labels", n, _NUM_FINE),
+        labels=_labels(path, d, "fine_labels", n, NUM_CLASSES),
         coarse=_labels(path, d, "coarse_labels", n, _NUM_COARSE),
     )
 
@@ -143,7 +144,7 @@ def _read_meta(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     d = _read_pickle(path)
     _require_keys(path, d, ("fine_label_names", "coarse_label_names"))
     names = []
-    for key, count in (("fine_label_names", _NUM_FINE), ("coarse_label_names", _NUM_COARSE)):
+    for key, count in (("fine_label_names", NUM_CLASSES), ("coarse_label_names", _NUM_COARSE)):
         value = d[key]
         if not (isinstance(value, (list, tuple)) and len(value) == count and all(isinstance(v, str) for v in value)):
             raise UserError(f"{path}: '{key}' must list {count} names")
@@ -244,6 +245,35 @@ def validation_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     return order[~is_val].sort().values, order[is_val].sort().values
 
 
+@dataclass(frozen=True)
+class Splits:
+    """Index tensors into the train set (train / val) and the test set."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def select_splits(dataset: Cifar100, cfg: DataConfig, seed: int) -> Splits:
+    """Apply `data.val_size`, `data.train_limit` and `data.test_limit`: each a stratified, seeded
+    choice of that many images (a limit at or above the split's size keeps it whole)."""
+    train_idx, val_idx = validation_split(dataset.train.labels, cfg.val_size, seed)
+    if 0 < cfg.train_limit < len(train_idx):
+        _, keep = validation_split(dataset.train.labels[train_idx], cfg.train_limit, seed)
+        train_idx = train_idx[keep]
+    test_idx = torch.arange(dataset.test.labels.numel())
+    if 0 < cfg.test_limit < len(test_idx):
+        _, test_idx = validation_split(dataset.test.labels, cfg.test_limit, seed)
+    return Splits(train_idx, val_idx, test_idx)
+
+
+def per_process_batch(global_batch: int, world: int, accum: int) -> int:
+    """`data.batch_size` is the global batch per optimizer step; this is one process's micro-batch."""
+    if global_batch % (world * accum):
+        raise UserError(f"data.batch_size={global_batch} must be divisible by processes x train.grad_accum = {world} x {accum}")
+    return global_batch // (world * accum)
+
+
 def verify(root) -> list[dict]:
     """Check train, test and meta under ``<root>/cifar-100-python`` and report one dict per file.
 
@@ -271,7 +301,7 @@ def verify(root) -> list[dict]:
             else:
                 split = _read_split(path)
                 entry["count"] = len(split.labels)
-                per_class = torch.bincount(split.labels, minlength=_NUM_FINE)
+                per_class = torch.bincount(split.labels, minlength=NUM_CLASSES)
                 entry["per_class_ok"] = bool((per_class == _OFFICIAL_PER_CLASS[name]).all())
         except UserError as e:
             entry["problem"] = str(e)

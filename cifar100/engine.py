@@ -24,9 +24,9 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from cifar100.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
 from cifar100.optim import Schedule
-from cifar100.transforms import normalize_batch
+from cifar100.augment.reference import normalize_batch
 
 
 @dataclass(frozen=True)
@@ -118,39 +118,13 @@ def train_one_epoch(
     an epoch raise NonFiniteLoss.
     """
     model.train()
-    device = accelerator.device
     if state.sums is None:
-        state.sums = torch.zeros(4, device=device, dtype=torch.float64)
-    base = getattr(optimizer, "optimizer", optimizer)
-    skips_on_device = getattr(base, "_step_supports_amp_scaling", False) and accelerator.scaler is None
-    off_on = torch.tensor([0.0, 1.0], device=device, dtype=torch.float64)  # indexed by the host's stop flag: no copy
-    bad_since_step = torch.zeros((), device=device, dtype=torch.float64)
-    step_sums = torch.zeros(3, device=device, dtype=torch.float64)  # this optimizer step's micro-batches
-    bad_steps = int(state.sums[3].item())
-    pending: _StepFlags | None = None
-
-    def settle(flags: _StepFlags) -> bool:
-        """Warn about or stop on a finished step's flags; True when a stop was requested."""
-        nonlocal bad_steps
-        bad, stop, loss = flags.read()
-        if bad:
-            bad_steps += 1
-            where = f"epoch {epoch}, step {flags.step}, lr {flags.lr:.3g}"
-            if bad_steps > max_bad_steps:
-                raise NonFiniteLoss(f"non-finite loss at {where}")
-            warnings.warn(f"non-finite loss at {where}: step skipped "
-                          f"({bad_steps} of train.max_bad_steps={max_bad_steps})", stacklevel=3)
-            reset_broken_norm_statistics(model)
-        if not bar.disable:  # shown at the bar's next refresh: no terminal write per step
-            rate = images_seen * accelerator.num_processes / max(time.perf_counter() - began, 1e-9)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{flags.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
-        return stop
-
-    steps = state.step + len(loader)
-    bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process))
-    began, images_seen = time.perf_counter(), 0
-    start = began - state.seconds
+        state.sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
+    bar = tqdm(total=state.step + len(loader), initial=state.step, desc=f"epoch {epoch}", leave=False,
+               dynamic_ncols=True, disable=not (progress and accelerator.is_main_process))
+    steps = _Stepper(model, optimizer, schedule, accelerator, state, bar, epoch=epoch, clip_grad=clip_grad,
+                     max_bad_steps=max_bad_steps)
+    start = time.perf_counter() - state.seconds
     for step, (images, labels) in enumerate(loader, start=state.step):
         rng = np.random.default_rng([seed, epoch, step, accelerator.process_index])
         images, targets = mixer(images, labels, rng)
@@ -162,46 +136,19 @@ def train_one_epoch(
                 logits = model(images)
             loss = soft_target_cross_entropy(logits.float(), targets)
             accelerator.backward(loss)
-            loss = loss.detach()
-            finite = torch.isfinite(loss)
-            n = labels.shape[0]
-            step_sums += torch.stack([loss.double() * n, (logits.detach().argmax(1) == labels).sum().double(),
-                                      torch.full((), n, device=device, dtype=torch.float64)])
-            bad_since_step += (~finite).double()
-            images_seen += n
+            steps.count(loss.detach(), logits.detach(), labels)
             if accelerator.sync_gradients:
-                flags = accelerator.reduce(torch.stack([bad_since_step, off_on[int(stop_requested())]]), reduction="sum")
-                bad_since_step.zero_()
-                skip = flags[0] > 0
-                if skips_on_device:
-                    base.found_inf = skip.float()
-                if skips_on_device or not skip.item():  # .item(): this optimizer cannot skip on the device
-                    if clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-                    optimizer.step()
-                if skips_on_device:
-                    del base.found_inf
-                # The wrapped optimizer's zero_grad waits for a sync step; this is one, so clear directly.
-                base.zero_grad(set_to_none=True)
-                # A step skipped anywhere counts nowhere, so every rank's image count stays the same.
-                state.sums[:3] += torch.where(skip, 0.0, step_sums)
-                state.sums[3] += skip.double()
-                step_sums.zero_()
-                now = _StepFlags.send(step, schedule.lr, torch.cat([flags, loss.double()[None]]))
-                schedule.step()
-                stop = pending is not None and settle(pending)
-                pending = now
+                stop = steps.optimizer_step(step, stop_requested())
         state.step = step + 1
         state.seconds = time.perf_counter() - start
         bar.update(1)
         if accelerator.sync_gradients:
             after_step(state)
         if stop:
-            settle(pending)
+            steps.settle_last()
             bar.close()
             return None
-    if pending is not None:
-        settle(pending)  # a stop flagged by the last step is seen by the caller's own check
+    steps.settle_last()  # a stop flagged by the last step is seen by the caller's own check
     bar.close()
     # Gathered rather than summed: the per-rank counts prove every process trained.
     per_rank = accelerator.gather(state.sums[None, :3]).view(-1, 3)
@@ -210,6 +157,85 @@ def train_one_epoch(
         raise NonFiniteLoss(f"non-finite loss in every step of epoch {epoch}")
     return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total),
                        state.seconds, tuple(int(n) for n in per_rank[:, 2].tolist()))
+
+
+class _Stepper:
+    """The optimizer steps of one epoch: sums kept on the device, the agreed flags of each step read
+    by the host one step late (to warn, count, or stop), a non-finite step skipped on the device."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+                 accelerator: Accelerator, state: EpochProgress, bar: tqdm, *, epoch: int,
+                 clip_grad: float | None, max_bad_steps: int):
+        self.model, self.schedule, self.accelerator, self.state, self.bar = model, schedule, accelerator, state, bar
+        self.optimizer, self.base = optimizer, getattr(optimizer, "optimizer", optimizer)
+        self.epoch, self.clip_grad, self.max_bad_steps = epoch, clip_grad, max_bad_steps
+        self.skips_on_device = getattr(self.base, "_step_supports_amp_scaling", False) and accelerator.scaler is None
+        device = accelerator.device
+        self.off_on = torch.tensor([0.0, 1.0], device=device, dtype=torch.float64)  # indexed by the stop flag: no copy
+        self.bad_since_step = torch.zeros((), device=device, dtype=torch.float64)
+        self.step_sums = torch.zeros(3, device=device, dtype=torch.float64)  # this optimizer step's micro-batches
+        self.bad_steps = int(state.sums[3].item())
+        self.pending: _StepFlags | None = None
+        self.began, self.images_seen = time.perf_counter(), 0
+        self.last_loss = torch.zeros((), device=device)
+
+    def count(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one micro-batch's loss, hits and size to the step's sums, on the device."""
+        n = labels.shape[0]
+        device = self.step_sums.device
+        self.step_sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
+                                       torch.full((), n, device=device, dtype=torch.float64)])
+        self.bad_since_step += (~torch.isfinite(loss)).double()
+        self.images_seen += n
+        self.last_loss = loss
+
+    def optimizer_step(self, step: int, stop_requested: bool) -> bool:
+        """Step (or skip, where any rank's loss was not finite) and queue the flags; True when the
+        previous step's flags asked for a stop."""
+        flags = self.accelerator.reduce(torch.stack([self.bad_since_step, self.off_on[int(stop_requested)]]),
+                                        reduction="sum")
+        self.bad_since_step.zero_()
+        skip = flags[0] > 0
+        if self.skips_on_device:
+            self.base.found_inf = skip.float()
+        if self.skips_on_device or not skip.item():  # .item(): this optimizer cannot skip on the device
+            if self.clip_grad:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.optimizer.step()
+        if self.skips_on_device:
+            del self.base.found_inf
+        # The wrapped optimizer's zero_grad waits for a sync step; this is one, so clear directly.
+        self.base.zero_grad(set_to_none=True)
+        # A step skipped anywhere counts nowhere, so every rank's image count stays the same.
+        self.state.sums[:3] += torch.where(skip, 0.0, self.step_sums)
+        self.state.sums[3] += skip.double()
+        self.step_sums.zero_()
+        now = _StepFlags.send(step, self.schedule.lr, torch.cat([flags, self.last_loss.double()[None]]))
+        self.schedule.step()
+        stop = self.pending is not None and self._settle(self.pending)
+        self.pending = now
+        return stop
+
+    def settle_last(self) -> None:
+        """Read the flags of the last step queued."""
+        if self.pending is not None:
+            self._settle(self.pending)
+            self.pending = None
+
+    def _settle(self, flags: _StepFlags) -> bool:
+        bad, stop, loss = flags.read()
+        if bad:
+            self.bad_steps += 1
+            where = f"epoch {self.epoch}, step {flags.step}, lr {flags.lr:.3g}"
+            if self.bad_steps > self.max_bad_steps:
+                raise NonFiniteLoss(f"non-finite loss at {where}")
+            warnings.warn(f"non-finite loss at {where}: step skipped "
+                          f"({self.bad_steps} of train.max_bad_steps={self.max_bad_steps})", stacklevel=4)
+            reset_broken_norm_statistics(self.model)
+        if not self.bar.disable:  # shown at the bar's next refresh: no terminal write per step
+            rate = self.images_seen * self.accelerator.num_processes / max(time.perf_counter() - self.began, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{flags.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+        return stop
 
 
 def reset_broken_norm_statistics(model: nn.Module) -> None:

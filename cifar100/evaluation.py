@@ -2,7 +2,7 @@
 
 The checkpoint's own `meta.json` says which config trained it; `key=value` overrides apply on
 top (say `data.root=`). Test and, when the run held one out, validation images are chosen with
-the run's own `select_splits`, so the numbers are those of training. Under `accelerate launch`
+the data module's `select_splits`, so the numbers are those of training. Under `accelerate launch`
 each process scores a shard and the logits are gathered in dataset order; the main process
 writes `eval-<checkpoint>.json`, `.md`, a confusion-matrix PNG and the logits (`.npz`), from
 which every number in the JSON can be recomputed.
@@ -25,7 +25,7 @@ from cifar100.config import apply_overrides
 from cifar100.engine import evaluate
 from cifar100.errors import UserError
 from cifar100.models import build_model
-from cifar100.run import NUM_CLASSES, resolve_precision, select_splits
+from cifar100.runtime import device_type, resolve_precision
 from cifar100.tracking import write_json_atomic
 
 matplotlib.use("Agg")  # files only, never a window
@@ -172,12 +172,11 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], tta: str) -
     if tta == "flip":
         tag += "-flip"
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision, device_type))
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision, device_type()))
     with accelerator.main_process_first():
         dataset = cifar_data.load(cfg.data.root, cfg.data.download)
-    splits = select_splits(dataset, cfg)
-    model = build_model(cfg.model.name, NUM_CLASSES, cfg.model.act, cfg.model.cifar_stem, cfg.model.drop_rate)
+    splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
+    model = build_model(cfg.model, cifar_data.NUM_CLASSES)
     apply_weights(model, weights, ckpt)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,8 +13,44 @@ from cifar100.config import OptimConfig, SchedConfig
 from cifar100.errors import UserError
 
 
+def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    if cfg.momentum:
+        # Fused SGD creates its momentum buffers empty and fills them in the first step's kernel,
+        # so a skipped first step would leave them unwritten. Zeros give the same first step.
+        for group in groups:
+            for param in group["params"]:
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return sgd
+
+
+def _nadam(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # torch has no fused NAdam; foreach is its fast path on CUDA.
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.NAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=on_cuda or None)
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """One optimizer: its name in tables, its builder over parameter groups, and the keys it reads."""
+
+    title: str
+    build: Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
+    momentum: bool = False  # reads optim.momentum and optim.nesterov (else optim.betas)
+
+
+# The registry: config validation, the training loop and the report all read it, so a new
+# optimizer is one entry here (and its test).
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "sgd": OptimizerKind("SGD", _sgd, momentum=True),
+    "adam": OptimizerKind("Adam", lambda g, c: torch.optim.Adam(g, lr=c.lr, betas=tuple(c.betas), fused=True)),
+    "nadam": OptimizerKind("NAdam", _nadam),
+    "adamw": OptimizerKind("AdamW", lambda g, c: torch.optim.AdamW(g, lr=c.lr, betas=tuple(c.betas), fused=True)),
+}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD / Adam / NAdam / AdamW over the model's parameters, fused where torch has a kernel.
+    """The `optim.name` optimizer over the model's parameters, fused where torch has a kernel.
 
     Fused kernels (SGD, Adam, AdamW, on CUDA and CPU) take one launch per step and can skip a
     step on the device (see engine); NAdam has none in torch and runs foreach on CUDA.
@@ -25,27 +63,40 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    if cfg.name == "sgd":
-        sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
-        if cfg.momentum:
-            # Fused SGD creates its momentum buffers empty and fills them in the first step's kernel,
-            # so a skipped first step would leave them unwritten. Zeros give the same first step.
-            for param in decay + no_decay:
-                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return sgd
-    betas = tuple(cfg.betas)
-    if len(betas) != 2:
-        raise UserError(f"optim.betas={list(betas)}: expected two numbers")
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, fused=True)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=True)
-    return torch.optim.NAdam(groups, lr=cfg.lr, betas=betas, foreach=on_cuda or None)
+    return OPTIMIZERS[cfg.name].build(groups, cfg)
+
+
+@dataclass(frozen=True)
+class ScheduleKind:
+    """One decay after the warmup: the rate at a step, and how the report says it."""
+
+    rate: Callable[[Schedule, int], float]  # (schedule, steps since the warmup) -> rate
+    describe: Callable[[SchedConfig], str]
+    watches_loss: bool = False  # takes the selected split's loss at each epoch's end
+
+
+def _cosine(s: Schedule, since: int) -> float:
+    progress = min(1.0, since / max(1, s.total_steps - s.warmup_steps))
+    return s.cfg.min_lr + (s.peak - s.cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+SCHEDULES: dict[str, ScheduleKind] = {
+    "cosine": ScheduleKind(_cosine, lambda c: "CosineAnnealingLR" + (f" to {_num(c.min_lr)}" if c.min_lr else "")),
+    "step": ScheduleKind(lambda s, since: s.peak * s.cfg.gamma ** (since // (s.cfg.step_epochs * s.steps_per_epoch)),
+                         lambda c: f"StepLR (× {_num(c.gamma)} every {c.step_epochs} epochs)"),
+    "plateau": ScheduleKind(lambda s, since: max(s.cfg.min_lr, s.peak * s.plateau_scale),
+                            lambda c: f"ReduceLROnPlateau (× {_num(c.gamma)} after {c.patience} epochs without "
+                                      "improvement)", watches_loss=True),
+    "none": ScheduleKind(lambda s, since: s.peak, lambda c: "constant"),
+}
 
 
 class Schedule:
-    """Linear warmup from `warmup_lr` to the peak, then cosine, step or plateau decay.
+    """Linear warmup from `warmup_lr` to the peak, then the `sched.name` decay of SCHEDULES.
 
     `step()` after each optimizer step sets the rate for the next one; `epoch_end(loss)`
     feeds the plateau rule. Its whole state is four numbers, saved with checkpoints.
@@ -68,18 +119,9 @@ class Schedule:
 
     def lr_at(self, step: int) -> float:
         """The rate used by optimizer step `step` (0-based)."""
-        cfg = self.cfg
         if step < self.warmup_steps:
-            return cfg.warmup_lr + (self.peak - cfg.warmup_lr) * step / self.warmup_steps
-        if cfg.name == "cosine":
-            span = max(1, self.total_steps - self.warmup_steps)
-            progress = min(1.0, (step - self.warmup_steps) / span)
-            return cfg.min_lr + (self.peak - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.name == "step":
-            return self.peak * cfg.gamma ** ((step - self.warmup_steps) // (cfg.step_epochs * self.steps_per_epoch))
-        if cfg.name == "plateau":
-            return max(cfg.min_lr, self.peak * self.plateau_scale)
-        return self.peak
+            return self.cfg.warmup_lr + (self.peak - self.cfg.warmup_lr) * step / self.warmup_steps
+        return SCHEDULES[self.cfg.name].rate(self, step - self.warmup_steps)
 
     @property
     def lr(self) -> float:
@@ -92,8 +134,9 @@ class Schedule:
         self._apply()
 
     def epoch_end(self, loss: float) -> None:
-        """Plateau rule: decay by `gamma` after `patience` epochs without a lower loss."""
-        if self.cfg.name != "plateau" or self.step_count < self.warmup_steps:
+        """Plateau rule: decay by `gamma` after `patience` epochs without a lower loss (the loss of the
+        split that selects the best epoch: validation when held out, else test)."""
+        if not SCHEDULES[self.cfg.name].watches_loss or self.step_count < self.warmup_steps:
             return
         if loss < self.best_loss:
             self.best_loss, self.bad_epochs = loss, 0

@@ -24,6 +24,7 @@ import yaml
 
 from cifar100.config import Config, flatten, from_dict, is_launch_key, to_dict
 from cifar100.errors import UserError
+from cifar100.optim import OPTIMIZERS, SCHEDULES
 from cifar100.tracking import plot_history, read_metrics
 
 matplotlib.use("Agg")  # files only, never a window
@@ -168,25 +169,21 @@ def model_text(cfg: Config) -> str:
 
 def optimizer_text(cfg: Config) -> str:
     """Optimizer name and the hyper-parameters it uses."""
-    o = cfg.optim
-    name = {"sgd": "SGD", "adam": "Adam", "nadam": "NAdam", "adamw": "AdamW"}[o.name]
+    o, kind = cfg.optim, OPTIMIZERS[cfg.optim.name]
     details = [f"lr {_num(o.lr)}"]
-    if o.name == "sgd":
+    if kind.momentum:
         details.append(f"momentum {_num(o.momentum)}" + (", Nesterov" if o.nesterov else ""))
     if o.weight_decay:
         details.append(f"weight decay {_num(o.weight_decay)}")
-    return f"{name} ({', '.join(details)})"
+    return f"{kind.title} ({', '.join(details)})"
 
 
 def scheduler_text(cfg: Config) -> str:
     """The learning-rate schedule in the seed report's words."""
-    s, peak = cfg.sched, cfg.optim.lr
-    decay = {"cosine": "CosineAnnealingLR" + (f" to {_num(s.min_lr)}" if s.min_lr else ""),
-             "step": f"StepLR (× {_num(s.gamma)} every {s.step_epochs} epochs)",
-             "plateau": f"ReduceLROnPlateau (× {_num(s.gamma)} after {s.patience} epochs without improvement)",
-             "none": "constant"}[s.name]
+    s = cfg.sched
+    decay = SCHEDULES[s.name].describe(s)
     if s.warmup_epochs:
-        return f"linear warmup {_num(s.warmup_lr)} → {_num(peak)} over {_num(s.warmup_epochs)} epochs, then {decay}"
+        return f"linear warmup {_num(s.warmup_lr)} → {_num(cfg.optim.lr)} over {_num(s.warmup_epochs)} epochs, then {decay}"
     return decay
 
 

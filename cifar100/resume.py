@@ -11,43 +11,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifar100.checkpoint import PREFIX, find_latest, is_complete, load_train_state, load_weights, read_meta
+from cifar100.checkpoint import PREFIX, Snapshot, find_latest, is_complete, load_train_state, load_weights, read_meta
 from cifar100.config import flatten, is_launch_key
 from cifar100.errors import UserError
-from cifar100.tracking import unique_run_dir
 
 # Besides the launch keys, the ways out of a diverged run that the non-finite-loss error suggests;
 # changing them on a resume is allowed, with a warning that the run is no longer one experiment.
 RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
-
-
-@dataclass
-class Checkpoint:
-    """A loaded checkpoint: where it is, its weights, train state and meta."""
-
-    path: Path
-    weights: dict[str, torch.Tensor]
-    train_state: dict[str, Any]
-    meta: dict[str, Any]
-
-
-@dataclass
-class RunTotals:
-    """What the run has done so far, carried across resumes in each checkpoint's meta.json."""
-
-    epochs_done: int = 0
-    train_images: int = 0
-    train_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    images_per_rank: list[int] = field(default_factory=list)
-    best_top1: float = -1.0
-    wandb_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +34,20 @@ class Located:
     run_dir: Path
     checkpoint: Path | None = None
     read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+
+def unique_run_dir(log_dir: str | Path, name: str) -> Path:
+    """`<log_dir>/<name>`, or `<name>-2`, `-3`, ... when taken: a new run never overwrites one."""
+    base = Path(log_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    candidate, n = base / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base / f"{name}-{n}"
 
 
 def locate(resume: str, log_dir: str, name: str) -> Located:
@@ -93,7 +83,7 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
 
 
 def load(path: Path, config: dict[str, Any],
-         read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Checkpoint:
+         read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Snapshot:
     """Load a checkpoint (or take its already `read` weights and train state) and check that it
     belongs to this config."""
     meta = read_meta(path)
@@ -111,7 +101,7 @@ def load(path: Path, config: dict[str, Any],
     if "optimizer" not in state:
         raise UserError(f"{path}: holds weights only (the best epoch's, for eval); resume from a step-… "
                         "checkpoint, or use resume=auto")
-    return Checkpoint(path, weights, state, meta)
+    return Snapshot(weights, state, meta)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -119,15 +109,3 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     a, b = flatten(saved), flatten(current)
     keys = sorted(k for k in set(a) | set(b) if not is_launch_key(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-def totals_from(meta: dict[str, Any] | None, world: int) -> RunTotals:
-    """The running totals a checkpoint carried (zeros for a fresh run)."""
-    if not meta:
-        return RunTotals(images_per_rank=[0] * world)
-    totals = RunTotals(**meta["totals"])
-    if len(totals.images_per_rank) != world:
-        warnings.warn(f"resuming on {world} processes instead of {len(totals.images_per_rank)}: the data order "
-                      "and per-rank counts differ from an uninterrupted run", stacklevel=2)
-        totals.images_per_rank = [sum(totals.images_per_rank)] + [0] * (world - 1)
-    return totals

@@ -23,20 +23,6 @@ from accelerate import Accelerator  # noqa: E402
 from cifar100.checkpoint import is_complete, read_meta  # noqa: E402
 
 
-def unique_run_dir(log_dir: str | Path, name: str) -> Path:
-    """`<log_dir>/<name>`, or `<name>-2`, `-3`, ... when taken: a new run never overwrites one."""
-    base = Path(log_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    candidate, n = base / name, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
-            candidate = base / f"{name}-{n}"
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temp file and a rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")

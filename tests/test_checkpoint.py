@@ -11,9 +11,12 @@ import torch
 
 from cifar100.checkpoint import (
     BackgroundWriter,
+    CheckpointWriter,
+    Snapshot,
     host_copy,
     load_train_state,
     load_weights,
+    read_meta,
     save_checkpoint,
 )
 
@@ -77,3 +80,45 @@ def test_an_error_in_a_write_is_raised_in_the_caller():
     with pytest.raises(ValueError, match="serialiser bug"):
         writer.wait()
     writer.wait()  # raised once, then cleared
+
+
+def _snapshot(value: float) -> Snapshot:
+    return Snapshot({"w": torch.full((4,), value)}, {"optimizer": {}}, {"epoch": int(value)})
+
+
+def test_the_writer_knows_what_is_on_disk_when_the_best_weights_cannot_be_written(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    writer = CheckpointWriter(ckpt, keep_last=2)
+    writer.submit("step-00000001", _snapshot(1), score=0.10)
+    writer.wait()
+    assert (ckpt / "best").resolve().name == "best-step-00000001" and writer.best_score == 0.10
+    # A real failure for the best weights only: a file where their temporary folder goes.
+    (ckpt / ".tmp-best-step-00000002").write_text("in the way")
+    with pytest.warns(UserWarning) as caught:
+        writer.submit("step-00000002", _snapshot(2), score=0.30)
+        writer.wait()
+    message = str(caught[0].message)
+    assert message.startswith("best weights of step-00000002 not saved (")
+    assert "checkpoints/best still holds best-step-00000001" in message and "intact" not in message
+    assert writer.best_score == 0.10 and writer.last_good == ckpt / "step-00000002"
+    assert read_meta(ckpt / "step-00000002")["best_score"] == 0.10  # a resume compares against what is on disk
+    (ckpt / ".tmp-best-step-00000002").unlink()
+    # A later epoch below the lost best but above the one on disk becomes the best.
+    writer.submit("step-00000003", _snapshot(3), score=0.20)
+    writer.wait()
+    assert (ckpt / "best").resolve().name == "best-step-00000003" and writer.best_score == 0.20
+    assert torch.equal(load_weights(ckpt / "best")["w"], torch.full((4,), 3.0))
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000002", "step-00000003"]
+
+
+def test_a_step_checkpoint_that_cannot_be_written_names_the_intact_previous_one(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    writer = CheckpointWriter(ckpt, keep_last=2)
+    writer.submit("step-00000001", _snapshot(1))
+    writer.wait()
+    (ckpt / ".tmp-step-00000002").write_text("in the way")
+    with pytest.warns(UserWarning, match=r"checkpoint step-00000002 not saved \(.*\); the previous checkpoint "
+                                         r"\(step-00000001\) is intact and loadable"):
+        writer.submit("step-00000002", _snapshot(2))
+        writer.wait()
+    assert writer.last_good == ckpt / "step-00000001" and (ckpt / "last").resolve().name == "step-00000001"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+
 import pytest
 import yaml
 
-from cifar100.config import Config, available_recipes, load_config, to_yaml
+from cifar100.config import Config, apply_overrides, available_recipes, load_config, rules, to_yaml
 from cifar100.errors import UserError
 
 
@@ -170,3 +174,111 @@ def test_recipes_command_lists_descriptions(cli):
     assert out.returncode == 0
     lines = {line.split()[0]: line for line in out.stdout.splitlines()}
     assert "81.45" in lines["best"] and "68" in lines["exp1"]
+
+
+def test_text_keys_take_the_value_as_typed_on_a_shell(cli):
+    cfg = load_config("smoke", ["train.precision=no", "name=007", "data.root=010", "log.dir=2024-05-01"])
+    assert (cfg.train.precision, cfg.name, cfg.data.root, cfg.log.dir) == ("no", "007", "010", "2024-05-01")
+    assert load_config("smoke", ["name=no", "model.act=null", "name='quoted'"]).name == "quoted"
+    assert load_config("smoke", ["model.act=null"]).model.act is None
+    # a switch takes what people type for one
+    assert load_config("smoke", ["data.download=no"]).data.download is False
+    assert load_config("smoke", ["log.progress=on"]).log.progress is True
+    shown = cli("show", "recipe=best", "train.precision=no")
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["train"]["precision"] == "no"
+
+
+def test_recipes_read_no_as_text_and_refuse_duplicate_keys_and_non_utf8(tmp_path):
+    (tmp_path / "plain.yaml").write_text("base: smoke\ntrain: {precision: no}\nname: 2024-05-01\n")
+    cfg = load_config(str(tmp_path / "plain.yaml"), [])
+    assert (cfg.train.precision, cfg.name) == ("no", "2024-05-01")
+    (tmp_path / "twice.yaml").write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(UserError, match="key 'lr' is given twice"):
+        load_config(str(tmp_path / "twice.yaml"), [])
+    (tmp_path / "latin1.yaml").write_bytes("description: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_config(str(tmp_path / "latin1.yaml"), [])
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/path", "", ".", "..", "a/b"])
+def test_a_run_name_is_one_folder_inside_log_dir(name):
+    with pytest.raises(UserError, match="must name one folder inside log.dir"):
+        load_config("smoke", [f"name={name}"])
+
+
+def _leaves(cls=Config, prefix=""):
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _leaves(hint, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hint
+
+
+def _bad_values(key, hint):
+    """A wrong type, a non-finite value, an out-of-range value and an absurd one, as a user types them."""
+    rule = rules(key)
+    if hint is bool:
+        return ["maybe", "[1]"]
+    if "str" in str(hint):  # text is taken as typed: only a closed vocabulary or a folder name can be wrong
+        return ["not-a-choice"] if rule["choices"] else ["../up"] if rule["component"] else []
+    bad = ["[1,2]", "{a: 1}"]
+    numeric = [".nan", ".inf", "-.inf"]
+    if rule["low"] is not None:
+        bad.append(str(rule["low"] - 1))
+    if rule["above"] is not None:
+        bad.append(str(rule["above"]))
+    if rule["high"] is not None:
+        bad.append(str(int(rule["high"]) * 10 + 10))
+    if rule["length"]:
+        bad += ["[]", "[" + ",".join(["0.5"] * (rule["length"] + 1)) + "]"]
+        numeric = [f"[{v}" + ",0.5" * (rule["length"] - 1) + "]" for v in (".nan", ".inf")]
+    elif "float" not in str(hint):
+        numeric = ["1.5", "1e3x"]  # not a whole number
+    return bad + numeric
+
+
+LEAVES = [(key, hint) for key, hint in _leaves() if key not in ("recipe", "description", "resume")]
+
+
+@pytest.mark.parametrize("key, hint", LEAVES, ids=[k for k, _ in LEAVES])
+def test_every_key_refuses_wrong_types_non_finite_out_of_range_and_absurd_values(key, hint):
+    for value in _bad_values(key, hint):
+        with pytest.raises(UserError) as err:
+            load_config("smoke", [f"{key}={value}"])
+        assert key in str(err.value) and "\n" not in str(err.value), (key, value)
+
+
+@pytest.mark.parametrize("key, hint", LEAVES, ids=[k for k, _ in LEAVES])
+def test_every_key_refuses_a_value_of_the_wrong_type_in_a_recipe(key, hint):
+    raw: dict = {}
+    node = raw
+    for part in key.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node[key.split(".")[-1]] = [[1, 2]]
+    with pytest.raises(UserError, match=f"^{re.escape(key)}=.*: expected "):
+        apply_overrides(raw, [])
+
+
+def test_every_numeric_key_has_bounds():
+    for key, hint in LEAVES:
+        if "int" in str(hint) or "float" in str(hint):
+            rule = rules(key)
+            assert rule["high"] is not None and (rule["low"] is not None or rule["above"] is not None), key
+
+
+def test_bad_values_on_the_command_line_make_no_folder(tmp_path, cli):
+    for value in ("optim.momentum=-5", "augment.std=[0,0,0]", "augment.mean=[]", "sched.warmup_epochs=nan",
+                  "sched.gamma=-1", "augment.hflip=1.5", "name=../../x"):
+        out = cli("train", "recipe=smoke", f"log.dir={tmp_path / 'runs'}", value)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_choices_of_optimizer_and_schedule_are_their_registries():
+    from cifar100.optim import OPTIMIZERS, SCHEDULES
+
+    for name in OPTIMIZERS:
+        assert load_config("smoke", [f"optim.name={name}"]).optim.name == name
+    for name in SCHEDULES:
+        assert load_config("smoke", [f"sched.name={name}"]).sched.name == name

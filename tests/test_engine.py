@@ -16,7 +16,7 @@ from torch import nn
 
 from cifar100.config import OptimConfig, SchedConfig
 from cifar100.engine import EpochProgress, NonFiniteLoss, train_one_epoch
-from cifar100.mixing import BatchMixer
+from cifar100.augment.mixing import BatchMixer
 from cifar100.optim import Schedule, build_optimizer
 
 BATCH = 8

@@ -14,12 +14,11 @@ import torch
 from cifar100.checkpoint import apply_weights, load_weights
 from cifar100.cli import main
 from cifar100.config import load_config
-from cifar100.data import load
+from cifar100.data import load, select_splits
 from cifar100.config import apply_overrides
 from cifar100.evaluation import split_metrics
 from cifar100.errors import UserError
 from cifar100.models import build_model
-from cifar100.run import select_splits
 from conftest import run_cmd
 
 VAL_SIZE = 200
@@ -103,7 +102,7 @@ def test_eval_reproduces_training_numbers_on_the_training_splits(best_eval, val_
     assert result["splits"]["val"]["top1"] == summary["best_val_top1"]
     assert result["splits"]["test"]["top1"] == summary["test_top1_at_best_val"]
     assert result["splits"]["test"]["loss"] == pytest.approx(at_best["test_loss"], rel=1e-5)
-    splits = select_splits(load(real_data), load_config("smoke", [f"data.val_size={VAL_SIZE}"]))
+    splits = select_splits(load(real_data), load_config("smoke", [f"data.val_size={VAL_SIZE}"]).data, 0)
     assert (arrays["val_index"] == splits.val.numpy()).all() and (arrays["test_index"] == splits.test.numpy()).all()
     md = (val_run / "eval-best.md").read_text()
     assert f"| test | 200 | {result['splits']['test']['top1']:.2%} |" in md
@@ -121,7 +120,7 @@ def test_flip_tta_on_the_last_checkpoint_averages_both_views(val_run, real_data)
         logits, index = npz["test_logits"], npz["test_index"]
     # Rebuild the model from the checkpoint and score both views here, by hand.
     cfg = load_config("smoke", [])
-    model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem).eval()
+    model = build_model(cfg.model, 100).eval()
     apply_weights(model, load_weights(val_run / "checkpoints" / "last"), val_run)
     test = load(real_data).test
     x = (test.images[torch.from_numpy(index)].float() / 255 - torch.tensor(cfg.augment.mean)[:, None, None]) \

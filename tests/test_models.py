@@ -7,18 +7,19 @@ import timm
 import torch
 from torch import nn
 
+from cifar100.config import ModelConfig
 from cifar100.errors import UserError
 from cifar100.models import ACTIVATIONS, build_model, count_parameters, flops_per_image
 
 
 def test_cifar_stem_replaces_the_imagenet_stem():
-    model = build_model("resnet50", 100, None, cifar_stem=True)
+    model = build_model(ModelConfig(name="resnet50", act=None, cifar_stem=True), 100)
     assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))
     assert isinstance(model.maxpool, nn.Identity)
     # The first stage sees the full 32x32 image.
     feats = model.forward_features(torch.zeros(1, 3, 32, 32))
     assert feats.shape[-2:] == (4, 4)
-    imagenet = build_model("resnet50", 100, None, cifar_stem=False).eval()
+    imagenet = build_model(ModelConfig(name="resnet50", act=None, cifar_stem=False), 100).eval()
     assert imagenet.conv1.stride == (2, 2) and imagenet.forward_features(torch.zeros(1, 3, 32, 32)).shape[-1] == 1
 
 
@@ -26,7 +27,7 @@ def test_mish_replaces_every_relu_including_se_blocks():
     before = timm.create_model("seresnet50", num_classes=100)
     relus = sum(isinstance(m, nn.ReLU) for m in before.modules())
     assert relus > 0
-    model = build_model("seresnet50", 100, "mish", cifar_stem=True)
+    model = build_model(ModelConfig(name="seresnet50", act="mish", cifar_stem=True), 100)
     kinds = {type(m) for m in model.modules() if isinstance(m, ACTIVATIONS)}
     assert kinds == {nn.Mish}
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
@@ -35,7 +36,7 @@ def test_mish_replaces_every_relu_including_se_blocks():
 
 
 def test_flops_and_parameters_of_seresnet50_match_the_issue():
-    model = build_model("seresnet50", 100, "mish", cifar_stem=True)
+    model = build_model(ModelConfig(name="seresnet50", act="mish", cifar_stem=True), 100)
     assert count_parameters(model) == pytest.approx(26.24e6, rel=0.01)
     assert flops_per_image(model) == pytest.approx(2.6e9, rel=0.01)  # "2.6 GFLOP per 32x32 image forward"
 
@@ -43,19 +44,19 @@ def test_flops_and_parameters_of_seresnet50_match_the_issue():
 @pytest.mark.parametrize("name", ["cifarnet_tiny", "cifarnet_s", "cifarnet_m", "cifarnet_l"])
 def test_cifarnet_family_is_in_timms_registry(name):
     assert timm.is_model(name)
-    model = build_model(name, 100, None, cifar_stem=True)
+    model = build_model(ModelConfig(name=name, act=None, cifar_stem=True), 100)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
 def test_act_override_on_cifarnet_and_unknown_names():
-    model = build_model("cifarnet_s", 100, "relu", cifar_stem=True)
+    model = build_model(ModelConfig(name="cifarnet_s", act="relu", cifar_stem=True), 100)
     assert {type(m) for m in model.modules() if isinstance(m, ACTIVATIONS)} == {nn.ReLU}
     with pytest.raises(UserError, match="unknown activation 'mush'"):
-        build_model("cifarnet_s", 100, "mush", cifar_stem=True)
+        build_model(ModelConfig(name="cifarnet_s", act="mush", cifar_stem=True), 100)
     with pytest.raises(UserError, match="unknown model 'resnet5O'"):
-        build_model("resnet5O", 100, None, cifar_stem=True)
+        build_model(ModelConfig(name="resnet5O", act=None, cifar_stem=True), 100)
     with pytest.raises(UserError, match="model.cifar_stem=false"):
-        build_model("vit_tiny_patch16_224", 100, None, cifar_stem=True)
+        build_model(ModelConfig(name="vit_tiny_patch16_224", act=None, cifar_stem=True), 100)
 
 
 def test_weights_are_never_downloaded():

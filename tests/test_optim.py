@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100.config import OptimConfig, SchedConfig
+from cifar100.config import Config, OptimConfig, SchedConfig
 from cifar100.errors import UserError
-from cifar100.optim import Schedule, build_optimizer
+from cifar100.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer
+from cifar100.report import optimizer_text, scheduler_text
 
 
 def _model():
@@ -76,3 +77,28 @@ def test_plateau_decays_after_patience_and_state_round_trips():
 def test_warmup_longer_than_training_is_refused():
     with pytest.raises(UserError, match="longer than train.epochs"):
         _schedule(SchedConfig(warmup_epochs=30), epochs=20)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_registered_optimizer_trains_and_the_report_names_it(name):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = build_optimizer(model, OptimConfig(name=name, lr=0.1))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    first = nn.functional.cross_entropy(model(x), y).item()
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert nn.functional.cross_entropy(model(x), y).item() < first
+    text = optimizer_text(Config(optim=OptimConfig(name=name, lr=0.1)))
+    assert text.startswith(OPTIMIZERS[name].title + " (lr 0.1")
+    assert ("momentum 0.9" in text) == OPTIMIZERS[name].momentum
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_registered_schedule_starts_at_the_peak_after_warmup_and_the_report_names_it(name):
+    _, s = _schedule(SchedConfig(name=name, warmup_epochs=0))
+    assert s.lr == pytest.approx(0.2)
+    assert scheduler_text(Config(optim=OptimConfig(lr=0.2), sched=SchedConfig(name=name))) == \
+        SCHEDULES[name].describe(SchedConfig(name=name))

@@ -21,6 +21,7 @@ from cifar100.checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from cifar100.config import ModelConfig
 from cifar100.errors import UserError
 from cifar100.models import build_model
 
@@ -216,7 +217,7 @@ class Payload:
 
 
 def test_train_state_with_foreign_objects_is_refused(tmp_path):
-    model = build_model("cifarnet_tiny", 100, None, True)
+    model = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
     path = save_checkpoint(tmp_path, "step-00000001", model.state_dict(), {"optimizer": Payload()}, {"epoch": 1})
     with pytest.raises(UserError, match="refused, it holds objects other than tensors"):
         load_train_state(path)
@@ -226,11 +227,11 @@ def test_train_state_with_foreign_objects_is_refused(tmp_path):
 
 
 def test_weights_of_another_model_list_the_mismatched_keys(tmp_path):
-    tiny = build_model("cifarnet_tiny", 100, None, True)
-    small = build_model("cifarnet_s", 100, None, True)
+    tiny = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
+    small = build_model(ModelConfig(name="cifarnet_s", act=None, cifar_stem=True), 100)
     with pytest.raises(UserError, match=r"does not fit this model \(shape differs: blocks\.0\.bn1\.bias, "):
         apply_weights(small, tiny.state_dict(), tmp_path)
-    other = build_model("resnet18", 100, None, True)
+    other = build_model(ModelConfig(name="resnet18", act=None, cifar_stem=True), 100)
     with pytest.raises(UserError, match=r"missing: .*unexpected: "):
         apply_weights(other, tiny.state_dict(), tmp_path)
 
@@ -251,7 +252,7 @@ def test_full_disk_keeps_the_previous_checkpoint_loadable(small_disk, real_data)
     assert "not saved (No space left on device); the previous checkpoint" in out.stderr, out.stderr[-2000:]
     found = find_latest(small_disk / "full" / "checkpoints")
     assert found is not None and found[0].name.startswith("step-")
-    model = build_model("cifarnet_tiny", 100, "mish", True)
+    model = build_model(ModelConfig(name="cifarnet_tiny", act="mish", cifar_stem=True), 100)
     apply_weights(model, found[1], found[0])
     assert not list((small_disk / "full" / "checkpoints").glob(".tmp-*"))  # no half-written folder left
 
@@ -275,7 +276,7 @@ def test_wandb_run_is_resumed_by_its_saved_id(tmp_path, real_data, baselines):
 
 
 def test_unreadable_meta_skips_to_the_previous_checkpoint(tmp_path):
-    model = build_model("cifarnet_tiny", 100, None, True)
+    model = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
     for step in (1, 2):
         save_checkpoint(tmp_path, f"step-{step:08d}", model.state_dict(), {"optimizer": {}}, {"epoch": step})
     (tmp_path / "step-00000002" / "meta.json").write_text("{ truncated")
@@ -286,7 +287,7 @@ def test_unreadable_meta_skips_to_the_previous_checkpoint(tmp_path):
 def test_a_checkpoint_that_resume_auto_finds_is_read_once(tmp_path, monkeypatch):
     from cifar100 import checkpoint, resume
 
-    model = build_model("cifarnet_tiny", 100, None, True)
+    model = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
     save_checkpoint(tmp_path / "r" / "checkpoints", "step-00000003", model.state_dict(), {"optimizer": {}}, {"config": {}})
     reads = []
     for module in (checkpoint, resume):
@@ -295,5 +296,5 @@ def test_a_checkpoint_that_resume_auto_finds_is_read_once(tmp_path, monkeypatch)
             monkeypatch.setattr(module, name, lambda path, real=real, name=name: reads.append(name) or real(path))
     found = resume.locate("auto", str(tmp_path), "r")
     loaded = resume.load(found.checkpoint, {}, found.read)
-    assert loaded.path.name == "step-00000003" and sorted(reads) == ["load_train_state", "load_weights"]
+    assert found.checkpoint.name == "step-00000003" and sorted(reads) == ["load_train_state", "load_weights"]
     assert loaded.weights.keys() == model.state_dict().keys()

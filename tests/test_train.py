@@ -11,7 +11,7 @@ import yaml
 
 from cifar100.checkpoint import apply_weights, is_complete, load_weights, read_meta
 from cifar100.config import load_config
-from cifar100.data import load
+from cifar100.data import load, select_splits
 from cifar100.engine import evaluate
 from cifar100.models import build_model
 from conftest import run_cmd
@@ -52,13 +52,12 @@ def test_smoke_run_leaves_a_complete_run_folder(tmp_path, real_data):
 
     # The last checkpoint reproduces the last epoch's test accuracy exactly.
     cfg = load_config("smoke", [f"data.root={real_data}"])
-    model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem)
+    model = build_model(cfg.model, 100)
     apply_weights(model, load_weights(run / "checkpoints" / "last"), run)
     assert read_meta(run / "checkpoints" / "last")["epoch"] == 2
     from accelerate import Accelerator
     data = load(real_data)
-    from cifar100.run import select_splits
-    test_idx = select_splits(data, cfg).test
+    test_idx = select_splits(data, cfg.data, cfg.seed).test
     result = evaluate(model, data.test.images[test_idx], data.test.labels[test_idx], Accelerator(cpu=True),
                       mean=cfg.augment.mean, std=cfg.augment.std, batch_size=64, channels_last=False)
     assert result.top1 == rows[-1]["test_top1"] and result.loss == pytest.approx(rows[-1]["test_loss"], rel=1e-6)
@@ -141,10 +140,9 @@ def test_worker_count_does_not_change_the_numbers(tmp_path, real_data):
 
 
 def test_limits_at_or_above_a_split_keep_it_whole(real_data):
-    from cifar100.run import select_splits
 
     data = load(real_data)
-    whole = select_splits(data, load_config("smoke", ["data.train_limit=50000", "data.test_limit=10000"]))
+    whole = select_splits(data, load_config("smoke", ["data.train_limit=50000", "data.test_limit=10000"]).data, 0)
     assert (len(whole.train), len(whole.test)) == (50000, 10000)
-    some = select_splits(data, load_config("smoke", ["data.test_limit=1000", "data.val_size=5000"]))
+    some = select_splits(data, load_config("smoke", ["data.test_limit=1000", "data.val_size=5000"]).data, 0)
     assert (len(some.train), len(some.val), len(some.test)) == (400, 5000, 1000)

@@ -5,18 +5,24 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from cifar100.errors import UserError
-from cifar100.transforms import (
+from cifar100.augment.reference import (
     AUTOAUGMENT_POLICIES,
     AugmentedDataset,
     eval_transform,
     normalize_batch,
     train_transform,
 )
+from cifar100.config import AugmentConfig
+from cifar100.errors import UserError
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # Identity normalization: outputs are x / 255, so they can be compared with raw crops.
 ID_MEAN, ID_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
+def _transform(crop_padding, hflip, vflip, color_jitter, autoaugment, mean, std):
+    return train_transform(AugmentConfig(crop_padding=crop_padding, hflip=hflip, vflip=vflip, color_jitter=color_jitter,
+                                         autoaugment=autoaugment, mean=mean, std=std))
 
 
 def random_images(n=16, seed=0):
@@ -37,7 +43,7 @@ def all_outputs(ds):
 
 
 def test_crop_and_hflip_equal_functional_pad_crop_flip():
-    ds = dataset(train_transform(4, 1.0, 0.0, 0.0, "none", ID_MEAN, ID_STD))
+    ds = dataset(_transform(4, 1.0, 0.0, 0.0, "none", ID_MEAN, ID_STD))
     offsets = set()
     for i in range(len(ds)):
         out, label = ds[i]
@@ -59,7 +65,7 @@ def test_flip_probability_zero_never_one_always(flip_arg, flip_fn):
     def flips(p):
         args = [0, 0.0, 0.0, 0.0, "none", ID_MEAN, ID_STD]
         args[flip_arg] = p
-        return train_transform(*args)
+        return _transform(*args)
 
     never, always = dataset(flips(0.0)), dataset(flips(1.0))
     for epoch in range(3):
@@ -70,7 +76,7 @@ def test_flip_probability_zero_never_one_always(flip_arg, flip_fn):
 
 
 def test_hflip_half_frequency_within_binomial_bounds():
-    ds = dataset(train_transform(0, 0.5, 0.0, 0.0, "none", ID_MEAN, ID_STD))
+    ds = dataset(_transform(0, 0.5, 0.0, 0.0, "none", ID_MEAN, ID_STD))
     plain, flipped = as_float(ds.images), as_float(TF.horizontal_flip(ds.images))
     n_flipped, n = 0, 0
     for epoch in range(125):  # 125 epochs x 16 images = 2000 draws
@@ -98,14 +104,14 @@ def test_normalize_batch_matches_per_sample_paths_bitwise():
     batch = normalize_batch(images, MEAN, STD)
     assert batch.dtype == torch.float32 and batch.shape == images.shape
     per_sample_eval = torch.stack([eval_transform(MEAN, STD)(x) for x in images])
-    no_aug_train = all_outputs(dataset(train_transform(0, 0.0, 0.0, 0.0, "none", MEAN, STD)))
+    no_aug_train = all_outputs(dataset(_transform(0, 0.0, 0.0, 0.0, "none", MEAN, STD)))
     assert torch.equal(batch, per_sample_eval)
     assert torch.equal(batch, no_aug_train)
     assert images.dtype == torch.uint8  # input untouched
 
 
 def full_pipeline():
-    return train_transform(4, 0.5, 0.5, 0.4, "cifar10", MEAN, STD)
+    return _transform(4, 0.5, 0.5, 0.4, "cifar10", MEAN, STD)
 
 
 def test_same_seed_epoch_index_identical_across_calls_and_global_state():
@@ -122,11 +128,11 @@ def test_same_seed_epoch_index_identical_across_calls_and_global_state():
 
 
 def test_different_epoch_or_seed_changes_augmentation():
-    ds = dataset(train_transform(4, 0.5, 0.0, 0.0, "none", MEAN, STD))
+    ds = dataset(_transform(4, 0.5, 0.0, 0.0, "none", MEAN, STD))
     epoch0 = all_outputs(ds)
     ds.set_epoch(1)
     epoch1 = all_outputs(ds)
-    other_seed = all_outputs(dataset(train_transform(4, 0.5, 0.0, 0.0, "none", MEAN, STD), seed=8))
+    other_seed = all_outputs(dataset(_transform(4, 0.5, 0.0, 0.0, "none", MEAN, STD), seed=8))
     # 162 crop/flip outcomes per image: a handful of coincidences at most
     assert sum(not torch.equal(a, b) for a, b in zip(epoch0, epoch1)) >= 12
     assert sum(not torch.equal(a, b) for a, b in zip(epoch0, other_seed)) >= 12
@@ -167,7 +173,7 @@ def test_set_epoch_reaches_persistent_workers():
 
 @pytest.mark.parametrize("policy", sorted(AUTOAUGMENT_POLICIES))
 def test_each_autoaugment_policy_runs(policy):
-    ds = dataset(train_transform(0, 0.0, 0.0, 0.0, policy, MEAN, STD))
+    ds = dataset(_transform(0, 0.0, 0.0, 0.0, policy, MEAN, STD))
     out = all_outputs(ds)
     assert out.dtype == torch.float32 and out.shape == (16, 3, 32, 32)
     assert torch.isfinite(out).all()
@@ -179,7 +185,7 @@ def test_each_autoaugment_policy_runs(policy):
 
 
 def test_color_jitter_changes_colours_only_within_range():
-    ds = dataset(train_transform(0, 0.0, 0.0, 0.4, "none", ID_MEAN, ID_STD))
+    ds = dataset(_transform(0, 0.0, 0.0, 0.4, "none", ID_MEAN, ID_STD))
     out = all_outputs(ds)
     assert not torch.equal(out, as_float(ds.images))
     assert out.min() >= 0 and out.max() <= 1
@@ -187,7 +193,7 @@ def test_color_jitter_changes_colours_only_within_range():
 
 def test_unknown_autoaugment_policy_raises_user_error_listing_valid_names():
     with pytest.raises(UserError) as info:
-        train_transform(4, 0.5, 0.0, 0.0, "randaugment", MEAN, STD)
+        _transform(4, 0.5, 0.0, 0.0, "randaugment", MEAN, STD)
     for name in ("none", "cifar10", "imagenet", "svhn"):
         assert name in str(info.value)
 
@@ -199,4 +205,4 @@ def test_unknown_autoaugment_policy_raises_user_error_listing_valid_names():
 def test_invalid_parameters_raise_user_error(kwargs):
     args = dict(crop_padding=4, hflip=0.5, vflip=0.0, color_jitter=0.0, autoaugment="none", mean=MEAN, std=STD)
     with pytest.raises(UserError):
-        train_transform(**{**args, **kwargs})
+        _transform(**{**args, **kwargs})

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torchvision.transforms import v2
 
+from cifar100.config import AugmentConfig
 from cifar100.errors import UserError
 
 AUTOAUGMENT_POLICIES = {
@@ -24,22 +25,16 @@ AUTOAUGMENT_POLICIES = {
 _MASK64 = (1 << 64) - 1
 
 
-def train_transform(
-    crop_padding: int,
-    hflip: float,
-    vflip: float,
-    color_jitter: float,
-    autoaugment: str,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Build the training augmentation for one uint8 (3, H, W) image.
+def train_transform(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Build the `augment` section's training augmentation for one uint8 (3, H, W) image.
 
     Order: random crop (zero padding), horizontal flip, vertical flip, colour jitter,
     AutoAugment (on uint8, as torchvision intends), then scale to float32 in [0, 1] and
     normalize. A stage whose parameter is 0 (or "none") is left out. The result draws
     its randomness from torch's global CPU generator; AugmentedDataset seeds that per sample.
     """
+    crop_padding, hflip, vflip, color_jitter, autoaugment = (cfg.crop_padding, cfg.hflip, cfg.vflip,
+                                                            cfg.color_jitter, cfg.autoaugment)
     if autoaugment not in AUTOAUGMENT_POLICIES:
         raise UserError(
             f"unknown autoaugment policy {autoaugment!r}; valid: {', '.join(AUTOAUGMENT_POLICIES)}"
@@ -65,7 +60,7 @@ def train_transform(
     policy = AUTOAUGMENT_POLICIES[autoaugment]
     if policy is not None:
         stages.append(v2.AutoAugment(policy))
-    return v2.Compose([*stages, *_to_normalized_float(mean, std)])
+    return v2.Compose([*stages, *_to_normalized_float(cfg.mean, cfg.std)])
 
 
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> Callable[[torch.Tensor], torch.Tensor]:

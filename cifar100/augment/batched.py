@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torchvision
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from cifar100.config import AugmentConfig
 from cifar100.errors import UserError
-from cifar100.transforms import AUTOAUGMENT_POLICIES, normalize_batch, sample_seed
+from cifar100.augment.reference import AUTOAUGMENT_POLICIES, normalize_batch, sample_seed
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -70,9 +72,7 @@ class BatchAutoAugment:
     """
 
     def __init__(self, policy: str):
-        reference = v2.AutoAugment(AUTOAUGMENT_POLICIES[policy])
-        self.policies = reference._policies
-        self.space = reference._AUGMENTATION_SPACE
+        self.policies, self.space = checked_tables(v2.AutoAugment(AUTOAUGMENT_POLICIES[policy]))
         self.ops = tuple(self.space)
         # Per sub-policy and slot, as CPU tables the draws index: op, probability and magnitude bin.
         self.op_ids = torch.tensor([[self.ops.index(name) for name, _, _ in sub] for sub in self.policies])
@@ -124,6 +124,27 @@ class BatchAutoAugment:
             translate=(only("TranslateX", magnitude.trunc()), only("TranslateY", magnitude.trunc())),
             # Shears turn about the top-left corner, the rest about the centre (the origin here).
             center=(torch.where(sheared, -0.5 * w, 0.0).double(), torch.where(sheared, -0.5 * h, 0.0).double()))
+
+
+def checked_tables(reference: v2.AutoAugment) -> tuple[list, dict]:
+    """The sub-policies and magnitude space of a torchvision AutoAugment. torchvision keeps them in
+    private attributes, so their shape is checked here: a torchvision that changed them stops with
+    one line before training, not with a wrong batch."""
+    policies = getattr(reference, "_policies", None)
+    space = getattr(reference, "_AUGMENTATION_SPACE", None)
+    ops = (*_GEOMETRIC, *_PIXEL_OPS)
+    ok = (isinstance(space, dict) and all(name in space for name in ops)
+          and all(isinstance(v, tuple) and len(v) == 2 and callable(v[0]) and isinstance(v[1], bool)
+                  for v in space.values())
+          and isinstance(policies, list) and len(policies) > 0
+          and all(len(sub) == 2 and all(len(slot) == 3 and slot[0] in space and 0.0 <= slot[1] <= 1.0
+                                        and (slot[2] is None or 0 <= slot[2] < 10) for slot in sub)
+                  for sub in policies))
+    if not ok:
+        raise UserError(f"torchvision {torchvision.__version__}: AutoAugment's policy tables are not in the form "
+                        "data.pipeline=device reads (tested with torchvision 0.19 to 0.29); use "
+                        "data.pipeline=reference")
+    return policies, space
 
 
 _GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
@@ -242,19 +263,17 @@ _PIXEL_OPS = {
 class DeviceLoader:
     """Yields (normalized float images, labels) batches of one process's share of each epoch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, crop_padding: int,
-                 hflip: float, vflip: float, color_jitter: float, autoaugment: str,
-                 mean: Sequence[float], std: Sequence[float], seed: int, rank: int, world: int,
-                 device: torch.device):
-        if color_jitter > 0:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, augment: AugmentConfig, *,
+                 seed: int, rank: int, world: int, device: torch.device):
+        if augment.color_jitter > 0:
             raise UserError("data.pipeline=device has no batched ColorJitter yet: use data.pipeline=reference "
                             "for this recipe")
-        self.autoaugment = BatchAutoAugment(autoaugment) if autoaugment != "none" else None
+        self.autoaugment = BatchAutoAugment(augment.autoaugment) if augment.autoaugment != "none" else None
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.crop_padding, self.hflip, self.vflip = crop_padding, hflip, vflip
-        self.mean, self.std, self.seed = tuple(mean), tuple(std), seed
+        self.crop_padding, self.hflip, self.vflip = augment.crop_padding, augment.hflip, augment.vflip
+        self.mean, self.std, self.seed = tuple(augment.mean), tuple(augment.std), seed
         self.device = device
         self.epoch = 0
         self.skip = 0

@@ -10,15 +10,17 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
-from cifar100.device_data import (
+from cifar100.augment.batched import (
     AutoAugmentDraws,
     BatchAutoAugment,
     DeviceLoader,
+    checked_tables,
     flip,
     random_crop,
 )
+from cifar100.config import AugmentConfig
 from cifar100.errors import UserError
-from cifar100.transforms import normalize_batch
+from cifar100.augment.reference import normalize_batch
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -48,8 +50,8 @@ def test_flips_match_torchvision_where_masked():
 def _loader(images, labels, *, world=1, rank=0, batch=16, **aug):
     kw = {"crop_padding": 4, "hflip": 0.5, "vflip": 0.0, "color_jitter": 0.0, "autoaugment": "none"}
     kw.update(aug)
-    return DeviceLoader(images, labels, batch, mean=MEAN, std=STD, seed=3, rank=rank, world=world,
-                        device=torch.device("cpu"), **kw)
+    return DeviceLoader(images, labels, batch, AugmentConfig(mean=MEAN, std=STD, **kw), seed=3, rank=rank, world=world,
+                        device=torch.device("cpu"))
 
 
 def test_loader_with_autoaugment_yields_normalized_batches():
@@ -221,3 +223,16 @@ def test_autoaugment_draw_frequencies_follow_the_policy():
             rate = (mine[:, slot] <= p).double().mean().item()
             assert abs(rate - p) < 5 * (p * (1 - p) / len(mine)) ** 0.5 + 1e-9
     assert abs(draws.negative.double().mean().item() - 0.5) < 0.01
+
+
+def test_torchvision_autoaugment_tables_are_checked_before_use():
+    policies, space = checked_tables(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+    assert len(policies) == 25 and "Rotate" in space
+    changed = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    changed._policies = [(("Rotate", 0.7), ("Invert", 0.2, None))]  # a slot of another shape
+    with pytest.raises(UserError, match="AutoAugment's policy tables are not in the form .* data.pipeline=reference"):
+        checked_tables(changed)
+    renamed = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    renamed._AUGMENTATION_SPACE = {k.lower(): v for k, v in renamed._AUGMENTATION_SPACE.items()}
+    with pytest.raises(UserError, match="torchvision .*: AutoAugment's policy tables"):
+        checked_tables(renamed)

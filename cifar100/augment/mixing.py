@@ -4,12 +4,15 @@ All randomness comes from a numpy Generator the caller passes in (so a resumed r
 replays the same draws); all tensor work stays on the images' device.
 """
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cifar100.config import AugmentConfig
 from cifar100.errors import UserError
 
 
@@ -46,6 +49,11 @@ class BatchMixer:
         self.mixup_prob = mixup_prob
         self.mixup_alpha = mixup_alpha
         self.label_smoothing = label_smoothing
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig, num_classes: int) -> BatchMixer:
+        """The mixer the `augment` section asks for."""
+        return cls(num_classes, cfg.cutmix.prob, cfg.cutmix.alpha, cfg.mixup.prob, cfg.mixup.alpha, cfg.label_smoothing)
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator

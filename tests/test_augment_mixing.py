@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar100.errors import UserError
-from cifar100.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
 
 B, C = 8, 10
 

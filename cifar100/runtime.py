@@ -1,0 +1,31 @@
+"""Where and how the arithmetic runs: the device type and the precision that really runs there."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def device_type() -> str:
+    """"cuda" when a GPU is usable, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(kind: str) -> str:
+    """The GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name() if kind == "cuda" else "cpu"
+
+
+def resolve_precision(requested: str, kind: str) -> str:
+    """The precision that will really run: fp16/bf16 fall back to fp32 (with a warning) where unsupported."""
+    if requested == "no":
+        return "no"
+    if kind == "cuda":
+        if requested == "bf16" and not torch.cuda.is_bf16_supported():
+            warnings.warn("bf16 is not supported on this GPU; training in fp32", stacklevel=2)
+            return "no"
+        return requested
+    warnings.warn(f"train.precision={requested} has no fast path on {kind}; training in fp32 "
+                  "(set train.precision=no to silence this)", stacklevel=2)
+    return "no"

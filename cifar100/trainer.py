@@ -1,0 +1,262 @@
+"""A training run from a config to a finished run folder, as one object whose methods read in order.
+
+`Trainer(cfg)` sets up (Accelerator, data, model, optimizer, schedule, mixer: everything checked
+before a folder exists); `restore()` picks the run folder and, on a resume, loads the train state;
+`train()` runs the epochs (train, evaluate, log, checkpoint) and `finish()` writes the summary.
+A signal or a non-finite loss ends the loop early, after a checkpoint or naming the last good one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import broadcast_object_list, set_seed
+
+from cifar100 import data as cifar_data
+from cifar100 import resume as resuming
+from cifar100.augment.batched import DeviceLoader
+from cifar100.augment.loader import build_train_loader, epoch_batches
+from cifar100.augment.mixing import BatchMixer
+from cifar100.checkpoint import CheckpointWriter
+from cifar100.config import Config, to_dict, to_yaml
+from cifar100.engine import EpochResult, NonFiniteLoss, evaluate, train_one_epoch
+from cifar100.errors import UserError
+from cifar100.models import build_model, count_parameters, flops_per_image
+from cifar100.optim import Schedule, build_optimizer
+from cifar100.preemption import Preempted, StopFlag
+from cifar100.runtime import device_name, device_type, resolve_precision
+from cifar100.tracking import (
+    append_metrics,
+    finish_tracking,
+    log_wandb,
+    plot_history,
+    read_metrics,
+    rewrite_metrics,
+    start_wandb,
+    summarize,
+    write_json_atomic,
+)
+from cifar100.train_state import TrainState
+
+
+def train(cfg: Config) -> Path:
+    """Train as `cfg` says; returns the run folder (the same path on every process)."""
+    trainer = Trainer(cfg)
+    trainer.restore()
+    trainer.train()
+    return trainer.finish()
+
+
+class Trainer:
+    """One run: built from the config, restored from a checkpoint when resuming, trained, finished."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.started = cfg, time.perf_counter()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device_type = device_type()
+        # Every training batch has one shape, so cuDNN's autotuner (timed once per shape) beats its heuristics.
+        torch.backends.cudnn.benchmark = self.device_type == "cuda"
+        self.precision = resolve_precision(cfg.train.precision, self.device_type)
+        self.accelerator = acc = Accelerator(
+            mixed_precision=self.precision,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            log_with="wandb" if cfg.log.wandb.mode != "disabled" else None,
+            # non_blocking: copies from the pinned batches never make the host wait for the GPU.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
+        )
+        set_seed(cfg.seed)
+        if acc.is_main_process:
+            print(to_yaml(cfg), flush=True)
+        self._build_data()
+        self._build_model()
+
+    def _build_data(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        with acc.main_process_first():
+            dataset = cifar_data.load(cfg.data.root, cfg.data.download)
+        self.splits = splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
+        self.batch = cifar_data.per_process_batch(cfg.data.batch_size, acc.num_processes, cfg.train.grad_accum)
+        self.loader = build_train_loader(dataset.train.images[splits.train], dataset.train.labels[splits.train],
+                                         self.batch, cfg.data, cfg.augment, seed=cfg.seed,
+                                         grad_accum=cfg.train.grad_accum, accelerator=acc)
+        # Indexed once, not every epoch; on the device already when the training data lives there.
+        where = acc.device if cfg.data.pipeline == "device" else torch.device("cpu")
+        self.eval_sets = {"test": (dataset.test.images[splits.test].to(where), dataset.test.labels[splits.test].to(where))}
+        if len(splits.val):
+            self.eval_sets = {"val": (dataset.train.images[splits.val].to(where),
+                                      dataset.train.labels[splits.val].to(where)), **self.eval_sets}
+        self.selected = "val" if len(splits.val) else "test"  # the split that picks the best epoch
+
+    def _build_model(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        model = build_model(cfg.model, cifar_data.NUM_CLASSES)
+        self.parameters, self.flops = count_parameters(model), flops_per_image(model)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = model.to(acc.device)
+        optimizer = build_optimizer(model, cfg.optim)
+        if isinstance(self.loader, DeviceLoader):
+            model, optimizer = acc.prepare(model, optimizer)
+        else:
+            model, optimizer, self.loader = acc.prepare(model, optimizer, self.loader)
+        # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
+        self.model = torch.compile(model) if cfg.train.compile else model
+        steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
+        schedule = Schedule(optimizer, cfg.optim, cfg.sched, steps_per_epoch, cfg.train.epochs)
+        self.mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
+        self.state = TrainState(model, optimizer, schedule, acc)
+
+    def restore(self) -> None:
+        """Pick the run folder (a new one, or the one a resume continues) and load its checkpoint.
+
+        Only now, with every part built and checked, is a folder made: a bad value leaves none.
+        The main process picks the folder and checkpoint; every process then loads the same one.
+        """
+        cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
+        found = resuming.locate(cfg.resume, cfg.log.dir, cfg.name) if main else None
+        located = [str(found.run_dir), found.checkpoint and str(found.checkpoint)] if main else [None, None]
+        broadcast_object_list(located)
+        self.run_dir, ckpt_path = Path(located[0]), located[1] and Path(located[1])
+        self.config_dict = to_dict(cfg)
+        best_score = -1.0
+        if ckpt_path:
+            snap = resuming.load(ckpt_path, self.config_dict, found.read if main else None)
+            self.state.load_state_dict(snap, ckpt_path)
+            best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
+        self.writer = CheckpointWriter(self.run_dir / "checkpoints", cfg.train.keep_last, ckpt_path or None, best_score)
+        self.wall_before = self.state.totals.wall_seconds
+        done = self.state.totals.epochs_done
+        self.rows = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["epoch"] <= done]
+        if main:
+            rewrite_metrics(self.run_dir / "metrics.jsonl", self.rows)  # drops epochs logged after the checkpoint
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            wandb = cfg.log.wandb
+            self.state.totals.wandb_id = start_wandb(acc, wandb.project, wandb.entity, wandb.mode, self.run_dir,
+                                                     self.run_dir.name, self.config_dict, run_id=self.state.totals.wandb_id)
+            self._print_header(f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}"
+                               if ckpt_path else "new run")
+
+    def _print_header(self, where: str) -> None:
+        s, acc = self.splits, self.accelerator
+        acc.print(f"run folder {self.run_dir} ({where}) | model {self.cfg.model.name}: {self.parameters / 1e6:.2f} M "
+                  f"parameters, {self.flops / 1e9:.3f} GFLOP per image | {len(s.train)} train / {len(s.val)} val / "
+                  f"{len(s.test)} test images | {acc.num_processes} process(es) on {device_name(self.device_type)}, "
+                  f"precision {self.precision}, {self.batch} images per process per step", flush=True)
+
+    def train(self) -> None:
+        """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
+        self.stop = StopFlag()
+        # Left installed when a stop or an error ends the loop, so that a second signal during the
+        # clean-up that follows still exits at once; given back only when the run has finished.
+        self.stop.install()
+        while self.state.epoch <= self.cfg.train.epochs:
+            result = self.train_epoch()
+            if result is None:
+                self.checkpoint()
+                self._halt(f"at epoch {self.state.epoch}, batch {self.state.progress.step}")
+            row = self.evaluate(result)
+            self.log(row)
+            self.state.end_epoch()
+            self.checkpoint(score=row[f"{self.selected}_top1"])
+            stop = self.accelerator.reduce(torch.tensor(float(bool(self.stop)), device=self.accelerator.device),
+                                           reduction="sum")
+            if stop.item() > 0 and self.state.epoch <= self.cfg.train.epochs:
+                self._halt(f"after epoch {self.state.epoch - 1}")
+        self.stop.uninstall()
+        self.flush()
+
+    def train_epoch(self) -> EpochResult | None:
+        """One epoch (or the rest of one, on a resume); None when a stop was requested."""
+        cfg, state = self.cfg, self.state
+        self.lr = state.schedule.lr_at(state.schedule.step_count - state.progress.step // cfg.train.grad_accum)
+        batches = epoch_batches(self.loader, state.epoch, state.progress.step, self.accelerator)
+        every = cfg.train.checkpoint_every_steps
+
+        def after_step(progress) -> None:
+            if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
+                self.checkpoint()
+
+        try:
+            return train_one_epoch(
+                self.model, batches, state.optimizer, state.schedule, self.mixer, self.accelerator, epoch=state.epoch,
+                seed=cfg.seed, clip_grad=cfg.train.clip_grad, channels_last=cfg.train.channels_last,
+                progress=cfg.log.progress, state=state.progress, stop_requested=self.stop.__bool__,
+                max_bad_steps=cfg.train.max_bad_steps, after_step=after_step)
+        except NonFiniteLoss as err:
+            self.flush()
+            raise UserError(f"{err}: stopping. Last good checkpoint: {self.writer.last_good or 'none yet'}; resume "
+                            "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
+                            "with train.max_bad_steps=N") from None
+
+    def evaluate(self, result: EpochResult) -> dict:
+        """The epoch's metrics row: training figures, then every held-out split scored exactly."""
+        cfg, acc = self.cfg, self.accelerator
+        row = {"epoch": self.state.epoch, "lr": self.lr, "train_loss": result.loss, "train_top1": result.top1}
+        for split, (images, labels) in self.eval_sets.items():
+            scores = evaluate(self.model, images, labels, acc, mean=cfg.augment.mean, std=cfg.augment.std,
+                              batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
+            row.update({f"{split}_loss": scores.loss, f"{split}_top1": scores.top1, f"{split}_top5": scores.top5})
+        row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds)
+        self.state.schedule.epoch_end(row[f"{self.selected}_loss"])
+        totals = self.state.totals
+        totals.train_images += result.images
+        totals.train_seconds += result.seconds
+        totals.images_per_rank = [a + b for a, b in zip(totals.images_per_rank, result.images_per_rank)]
+        return row
+
+    def log(self, row: dict) -> None:
+        """metrics.jsonl, the plots, W&B and one printed line (main process)."""
+        self.rows.append(row)
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        append_metrics(self.run_dir / "metrics.jsonl", row)
+        log_wandb(acc, row, plot_history(self.rows, self.run_dir, self.run_dir.name))
+        val = f"val top1 {row['val_top1']:.2%} | " if "val_top1" in row else ""
+        acc.print(f"epoch {row['epoch']}/{self.cfg.train.epochs} | lr {row['lr']:.3g} | train loss "
+                  f"{row['train_loss']:.4f} top1 {row['train_top1']:.2%} | {val}test loss {row['test_loss']:.4f} "
+                  f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%} | {row['epoch_seconds']:.1f} s, "
+                  f"{row['images_per_second']:.0f} img/s", flush=True)
+
+    def checkpoint(self, score: float | None = None) -> None:
+        """Checkpoint this exact position (every rank calls it); the main process hands it to the
+        background writer, with the epoch's `score` when it may be the best so far."""
+        self.state.totals.wall_seconds = self.wall_before + time.perf_counter() - self.started
+        snap = self.state.state_dict()
+        if self.accelerator.is_main_process:
+            snap.meta["config"] = self.config_dict
+            self.writer.submit(self.state.tag, snap, score)
+        self.accelerator.wait_for_everyone()
+
+    def flush(self) -> None:
+        """Every checkpoint on disk before any rank goes on: a rank that exits first (a stop, an
+        error) makes the launcher end the main process, write or not."""
+        self.writer.wait()
+        self.accelerator.wait_for_everyone()
+
+    def _halt(self, where: str) -> None:
+        self.flush()
+        raise Preempted(f"stopped by {self.stop.name or 'a signal on another rank'} {where}; "
+                        f"checkpoint {self.run_dir / 'checkpoints' / 'last'}")
+
+    def finish(self) -> Path:
+        """summary.json, the closing line and the end of tracking; returns the run folder."""
+        totals, acc = self.state.totals, self.accelerator
+        summary = summarize(
+            self.rows, recipe=self.cfg.recipe or self.cfg.name, name=self.run_dir.name, seed=self.cfg.seed,
+            best_selected_on=self.selected, wall_seconds=self.wall_before + time.perf_counter() - self.started,
+            images_per_second=totals.train_images / max(totals.train_seconds, 1e-9), world_size=acc.num_processes,
+            images_per_rank=totals.images_per_rank, precision=self.precision, device=device_name(self.device_type),
+            parameters=self.parameters, flops_per_image=self.flops)
+        if acc.is_main_process:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            best = summary[f"best_{self.selected}_top1"]
+            acc.print(f"done in {summary['wall_seconds']:.0f} s: final test top1 {summary['final_test_top1']:.2%}, "
+                      f"best {self.selected} top1 {best:.2%} | {self.run_dir}", flush=True)
+        finish_tracking(acc, self.run_dir, summary)
+        return self.run_dir
