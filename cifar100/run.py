@@ -9,6 +9,7 @@ checkpoint or naming the last good one.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -45,7 +46,7 @@ from cifar100.errors import UserError
 from cifar100.mixing import BatchMixer
 from cifar100.models import build_model, count_parameters, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
-from cifar100.preemption import Preempted, StopFlag
+from cifar100.preemption import Preempted, StopFlag, quiet_worker
 from cifar100.tracking import (
     append_metrics,
     finish_tracking,
@@ -58,6 +59,7 @@ from cifar100.tracking import (
     write_json_atomic,
 )
 from cifar100.transforms import AugmentedDataset, train_transform
+from cifar100.world import require_one_job
 
 NUM_CLASSES = 100
 
@@ -120,7 +122,8 @@ def build_train_loader(images: torch.Tensor, labels: torch.Tensor, batch: int, c
     # workers; the epoch reaches them through the dataset's shared-memory counter.
     return DataLoader(AugmentedDataset(images, labels, transform, seed=cfg.seed), batch_size=batch, shuffle=True,
                       drop_last=True, num_workers=cfg.data.workers, pin_memory=accelerator.device.type == "cuda",
-                      persistent_workers=cfg.data.workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+                      persistent_workers=cfg.data.workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+                      worker_init_fn=quiet_worker)  # a signal to the process group is the main process's to handle
 
 
 def epoch_batches(loader: DataLoader | DeviceLoader, epoch: int, skip: int, accelerator: Accelerator):
@@ -153,6 +156,7 @@ def train(cfg: Config) -> Path:
         # non_blocking: copies from the pinned batches never make the host wait for the GPU.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
     )
+    require_one_job(os.environ.get("WORLD_SIZE"), accelerator.num_processes)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
     if main:
@@ -311,7 +315,7 @@ def train(cfg: Config) -> Path:
             save(epoch_done=False)
             flush()
             raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} at epoch {epoch}, "
-                            f"batch {progress.step}; checkpoint {ckpt_dir / 'last'}")
+                            f"batch {progress.step}; checkpoint {ckpt_dir / 'last'}", flag.signal)
         row = {"epoch": epoch, "lr": lr, "train_loss": result.loss, "train_top1": result.top1}
         if len(splits.val):
             val = evaluate(model, val_images, val_labels, accelerator, **eval_kwargs)
@@ -342,7 +346,7 @@ def train(cfg: Config) -> Path:
         if stop.item() > 0 and epoch <= cfg.train.epochs:
             flush()
             raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} after epoch {epoch - 1}; "
-                            f"checkpoint {ckpt_dir / 'last'}")
+                            f"checkpoint {ckpt_dir / 'last'}", flag.signal)
     flag.uninstall()
     flush()
 
