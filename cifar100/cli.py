@@ -18,7 +18,7 @@ import yaml
 
 from cifar100.config import available_recipes, load_config, recipe_description, to_yaml
 from cifar100.errors import UserError
-from cifar100.preemption import PREEMPTED_EXIT, Preempted
+from cifar100.preemption import INTERRUPTED_EXIT, Preempted
 
 USAGE = """usage: cifar100 <command> [recipe=NAME|PATH] [key=value ...]
 
@@ -227,8 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"error: {err}")
         return 2
     except Preempted as err:
-        _report(f"preempted: {err}; continue with the same command plus resume=auto")
-        return PREEMPTED_EXIT
+        what = "interrupted" if err.status == INTERRUPTED_EXIT else "preempted"
+        _report(f"{what}: {err}; continue with the same command plus resume=auto")
+        return err.status
+    except KeyboardInterrupt:
+        # Ctrl-C before training installed its handler (or after it ended): nothing to save.
+        _report("interrupted")
+        return INTERRUPTED_EXIT
     except OSError as err:
         if not err.filename:
             raise  # not about a path the user gave: a traceback helps more

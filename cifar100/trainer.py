@@ -9,6 +9,7 @@ A signal or a non-finite loss ends the loop early, after a checkpoint or naming 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from cifar100.errors import UserError
 from cifar100.models import build_model, count_parameters, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
 from cifar100.preemption import Preempted, StopFlag
-from cifar100.runtime import device_name, device_type, resolve_precision
+from cifar100.runtime import device_name, device_type, require_one_job, resolve_precision
 from cifar100.tracking import (
     append_metrics,
     finish_tracking,
@@ -69,6 +70,7 @@ class Trainer:
             # non_blocking: copies from the pinned batches never make the host wait for the GPU.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         )
+        require_one_job(os.environ.get("WORLD_SIZE"), acc.num_processes)
         set_seed(cfg.seed)
         if acc.is_main_process:
             print(to_yaml(cfg), flush=True)
@@ -242,7 +244,7 @@ class Trainer:
     def _halt(self, where: str) -> None:
         self.flush()
         raise Preempted(f"stopped by {self.stop.name or 'a signal on another rank'} {where}; "
-                        f"checkpoint {self.run_dir / 'checkpoints' / 'last'}")
+                        f"checkpoint {self.run_dir / 'checkpoints' / 'last'}", self.stop.signal)
 
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""
