@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from cifar100.errors import UserError
+from cifar100.records import meta_problem, train_state_problem
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -211,15 +212,25 @@ def is_complete(path: Path) -> bool:
 def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint that loads, with its weights and train state.
 
-    A truncated or corrupt newer one is skipped with a warning naming it; None when none loads.
+    A truncated, corrupt or impossible newer one is skipped with a warning naming it; None when none loads.
     """
     for path in sorted(ckpt_dir.glob(f"{PREFIX}*"), reverse=True):
         try:
-            read_meta(path)  # a checkpoint whose meta.json is unreadable is as unusable as a truncated one
-            return path, load_weights(path), load_train_state(path)
+            return (path, *read_checkpoint(path))
         except UserError as err:
             warnings.warn(f"skipping checkpoint {path.name}: {err}", stacklevel=2)
     return None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A step checkpoint's weights and train state, each file checked as data (a meta.json or train
+    state of the wrong shape is as unusable as a truncated one)."""
+    meta = read_meta(path)
+    weights, state = load_weights(path), load_train_state(path)
+    problem = train_state_problem(state, meta)
+    if problem:
+        raise UserError(f"{path / 'train_state.pt'}: unreadable ({problem})")
+    return weights, state
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -245,11 +256,15 @@ def load_train_state(path: Path) -> dict[str, Any]:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """The checkpoint's meta.json (position, counters, config, ...)."""
+    """The checkpoint's meta.json (position, counters, config, ...), checked as data."""
     try:
-        return json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path / 'meta.json'}: unreadable ({err})") from None
+    problem = meta_problem(meta, resumable=path.name.startswith(PREFIX))
+    if problem:
+        raise UserError(f"{path / 'meta.json'}: unreadable ({problem})")
+    return meta
 
 
 def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

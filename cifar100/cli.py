@@ -6,7 +6,6 @@ stderr and exit status 2.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from cifar100.config import available_recipes, load_config, recipe_description, to_yaml
+from cifar100.config import Config, available_recipes, from_dict, load_config, recipe_description, to_dict, to_yaml
 from cifar100.errors import UserError
-from cifar100.preemption import INTERRUPTED_EXIT, Preempted
+from cifar100.preemption import INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted
 
 USAGE = """usage: cifar100 <command> [recipe=NAME|PATH] [key=value ...]
 
@@ -82,6 +81,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def seed_configs(cfg: Config, seeds: list[int], text: str) -> list[Config]:
+    """One config per seed, named `<name>-s<seed>`, each checked by the config's own rules before any run starts."""
+    try:
+        return [from_dict({**to_dict(cfg), "seed": s, "name": f"{cfg.name}-s{s}"}) for s in seeds]
+    except UserError as err:
+        raise UserError(f"seeds={text}: {err}") from None
+
+
 def cmd_train(args: list[str]) -> None:
     from cifar100.trainer import train  # heavy imports only when training
 
@@ -99,7 +106,7 @@ def cmd_train(args: list[str]) -> None:
         raise UserError(f"seeds= runs one seed after another in one process; under a distributed launch start one "
                         f"launch per seed: for s in {' '.join(map(str, seeds))}; do accelerate launch ... train.py "
                         f"<the same arguments> seed=$s name={cfg.name}-s$s; done")
-    run_dirs = [train(dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-s{s}")) for s in seeds]
+    run_dirs = [train(config) for config in seed_configs(cfg, seeds, seeds_text)]
     print(f"{len(seeds)} seeds done; compare them: cifar100 report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
 
 
@@ -212,7 +219,7 @@ COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data"
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad input)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv or argv[0] in ("-h", "--help", "help") or any(a in ("-h", "--help") for a in argv[1:]):
         print(USAGE, end="")
         return 0
     command = COMMANDS.get(argv[0])
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"error: {err}")
         return 2
     except Preempted as err:
-        what = "interrupted" if err.status == INTERRUPTED_EXIT else "preempted"
+        what = "preempted" if err.status == PREEMPTED_EXIT else "interrupted"
         _report(f"{what}: {err}; continue with the same command plus resume=auto")
         return err.status
     except KeyboardInterrupt:

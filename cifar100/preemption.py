@@ -1,8 +1,9 @@
-"""Stopping cleanly when the cluster or the user asks: SIGTERM, SIGUSR1 or SIGINT only raise a flag.
+"""Stopping cleanly when the cluster or the user asks: SIGTERM, SIGUSR1, SIGINT or SIGHUP only raise a flag.
 
 The training loop reads the flag at the next step boundary, all ranks agree on it, one
 checkpoint is written and the process exits: 143 after SIGTERM or SIGUSR1 (`PREEMPTED_EXIT`,
-the status the Slurm scripts requeue on), 130 after SIGINT (Ctrl-C). A second signal (later
+the status the Slurm scripts requeue on), 130 after SIGINT (Ctrl-C), 129 after SIGHUP (the
+terminal that started the run was closed). A second signal (later
 than a duplicate copy of the first) means "now": the process exits at once.
 
 Real systems signal every process of a job (Slurm's scancel and time limit, GNU timeout, a
@@ -15,19 +16,21 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import time
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a job stopped by SIGTERM
 INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
+HANGUP_EXIT = 129  # 128 + SIGHUP: what a shell reports for a job whose terminal went away
 # A launcher that forwards the signal it got to a worker that got it from the process group too
 # delivers two copies within milliseconds: only a signal after this many seconds means "now".
 REPEAT_AFTER_S = 0.5
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 def exit_status(signum: int | None) -> int:
-    """The status a run stopped by `signum` exits with: 130 for SIGINT, else 143."""
-    return INTERRUPTED_EXIT if signum == signal.SIGINT else PREEMPTED_EXIT
+    """The status a run stopped by `signum` exits with: 130 for SIGINT, 129 for SIGHUP, else 143."""
+    return {signal.SIGINT: INTERRUPTED_EXIT, signal.SIGHUP: HANGUP_EXIT}.get(signum, PREEMPTED_EXIT)
 
 
 class Preempted(Exception):
@@ -48,7 +51,7 @@ def quiet_worker(_worker_id: int) -> None:
 
 
 class StopFlag:
-    """Set by the first SIGTERM/SIGUSR1/SIGINT; nothing heavy runs inside the handler."""
+    """Set by the first stop signal (SIGNALS); nothing heavy runs inside the handler."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -57,7 +60,7 @@ class StopFlag:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Take over SIGTERM, SIGUSR1 and SIGINT (call from the main thread)."""
+        """Take over the stop signals (call from the main thread)."""
         self._pid = os.getpid()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -79,8 +82,24 @@ class StopFlag:
     def _handle(self, signum: int, _frame: object) -> None:
         if os.getpid() != self._pid:
             return  # a forked child that kept this handler: the trainer decides
+        if signum == signal.SIGHUP:
+            leave_hung_up_terminal()
         now = time.monotonic()
         if self.signal is None:
             self.signal, self._first_at = signum, now
         elif now - self._first_at > REPEAT_AFTER_S:
             os._exit(exit_status(signum))
+
+
+def leave_hung_up_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal that hung up (its window was
+    closed): every write there fails with EIO, which would end the run before its stop checkpoint."""
+    for fd in (1, 2):
+        try:
+            hung_up = stat.S_ISCHR(os.fstat(fd).st_mode) and not os.isatty(fd)
+        except OSError:
+            continue
+        if hung_up:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)

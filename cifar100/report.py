@@ -25,6 +25,7 @@ import yaml
 from cifar100.config import Config, flatten, from_dict, is_launch_key, to_dict
 from cifar100.errors import UserError
 from cifar100.optim import OPTIMIZERS, SCHEDULES
+from cifar100.records import summary_problem
 from cifar100.tracking import plot_history, read_metrics
 
 matplotlib.use("Agg")  # files only, never a window
@@ -81,15 +82,25 @@ def find_runs(patterns: list[str]) -> tuple[list[Run], list[str]]:
         else:
             folders.append(path)
     names = [p.name for p in folders]
-    return [_read_run(p, p.name if names.count(p.name) == 1 else f"{p.parent.name}/{p.name}") for p in folders], skipped
+    runs = []
+    for path in folders:
+        try:
+            runs.append(_read_run(path, path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"))
+        except UserError as err:
+            skipped.append(str(err))
+    return runs, skipped
 
 
 def _read_run(path: Path, label: str) -> Run:
+    """A run folder read and checked; a UserError names the file that is malformed."""
     try:
         raw = yaml.safe_load((path / "config.yaml").read_text())
         summary = json.loads((path / "summary.json").read_text())
-    except (OSError, yaml.YAMLError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: unreadable run folder ({err})") from None
+    problem = summary_problem(summary)
+    if problem:
+        raise UserError(f"{path / 'summary.json'}: unreadable ({problem})")
     try:
         config = from_dict(raw)
     except UserError as err:

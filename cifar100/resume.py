@@ -2,14 +2,17 @@
 
 `auto` takes the newest checkpoint that loads under `<log.dir>/<name>/checkpoints/` (a fresh
 start in that folder when there is none), so a requeued job can always pass it. A path names a
-checkpoint folder or a run folder. A checkpoint made with another config is refused, naming
-the keys that differ, except the launch keys (where data lives, worker counts, logging) and the
-recovery keys a diverged run may need (with a warning).
+checkpoint folder or a run folder: its run is continued when `<log.dir>/<name>` is that run's
+folder, and forked into a new folder otherwise (see `rundir.adopt`). A checkpoint made with
+another config is refused, naming the keys that differ, except the launch keys (where data lives,
+worker counts, logging) and the recovery keys a diverged run may need (with a warning).
+
+`locate` changes no file of any run: it makes and locks the folder of a new or continued run,
+reads the checkpoint and checks it; everything else waits until the checkpoint has loaded.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,17 @@ from typing import Any
 
 import torch
 
-from cifar100.checkpoint import PREFIX, Snapshot, find_latest, is_complete, load_train_state, load_weights, read_meta
+from cifar100.checkpoint import (
+    PREFIX,
+    Snapshot,
+    find_latest,
+    is_complete,
+    read_checkpoint,
+    read_meta,
+)
 from cifar100.config import flatten, is_launch_key
 from cifar100.errors import UserError
+from cifar100.rundir import lock, unique_run_dir
 
 # Besides the launch keys, the ways out of a diverged run that the non-finite-loss error suggests;
 # changing them on a resume is allowed, with a warning that the run is no longer one experiment.
@@ -28,63 +39,55 @@ RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
 
 @dataclass(frozen=True)
 class Located:
-    """Where a run continues: its folder, the checkpoint (or None), and that checkpoint's weights
-    and train state when finding it meant reading them (so they are not read twice)."""
+    """Where a run continues: its folder (None for a fork, made once the checkpoint has loaded), the
+    checkpoint (or None) with its weights and train state when finding it meant reading them (so they
+    are not read twice), the owner's checkpoints newer than it, and for a fork the run it forks."""
 
-    run_dir: Path
+    run_dir: Path | None
     checkpoint: Path | None = None
     read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
-
-
-def unique_run_dir(log_dir: str | Path, name: str) -> Path:
-    """`<log_dir>/<name>`, or `<name>-2`, `-3`, ... when taken: a new run never overwrites one."""
-    base = Path(log_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    candidate, n = base / name, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
-            candidate = base / f"{name}-{n}"
+    newer: tuple[Path, ...] = ()
+    fork_of: Path | None = None
 
 
 def locate(resume: str, log_dir: str, name: str) -> Located:
-    """The run folder and checkpoint for `resume`; creates the run folder when new."""
+    """The run folder and checkpoint for `resume`; makes and locks the folder of a new or continued run."""
     if resume == "none":
-        return Located(unique_run_dir(log_dir, name))
+        return Located(lock(unique_run_dir(log_dir, name)))
     if resume == "auto":
         run_dir = Path(log_dir) / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        found = find_latest(run_dir / "checkpoints")
+        found = find_latest(lock(run_dir) / "checkpoints")
         return Located(run_dir, found[0], found[1:]) if found else Located(run_dir)
     path = Path(resume)
-    if (path / "checkpoints").is_dir():
+    is_run = (path / "checkpoints").is_dir()
+    if not is_run and not is_complete(path):
+        raise UserError(f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
+                        "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>")
+    owner = path.resolve() if is_run else path.resolve().parent.parent
+    mine = (Path(log_dir) / name).resolve() == owner
+    if mine:
+        lock(owner)
+    if is_run:
         found = find_latest(path / "checkpoints")
         if not found:
             raise UserError(f"resume={resume}: no complete checkpoint under {path / 'checkpoints'}")
-        return Located(path, found[0], found[1:])
-    if not is_complete(path):
-        raise UserError(f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
-                        "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>")
-    path = path.resolve()
-    if not path.name.startswith(PREFIX):
-        raise UserError(f"resume={resume}: {path.name} holds weights only (the best epoch's, for eval); resume from "
-                        f"a {PREFIX}… checkpoint, or use resume=auto")
-    newer = sorted(p for p in path.parent.glob(f"{PREFIX}*") if p.name > path.name)
-    if newer:
-        # Going back to an older checkpoint forks the run: keep the newer ones, but out of resume=auto's way.
-        aside = unique_run_dir(path.parent / "abandoned", f"after-{path.name}")
-        for p in newer:
-            os.replace(p, aside / p.name)
-        warnings.warn(f"resuming {path.name}: the newer {', '.join(p.name for p in newer)} moved to {aside}", stacklevel=2)
-    return Located(path.parent.parent, path)
+        checkpoint, read = found[0].resolve(), found[1:]
+    else:
+        checkpoint = path.resolve()
+        if not checkpoint.name.startswith(PREFIX):
+            raise UserError(f"resume={resume}: {checkpoint.name} holds weights only (the best epoch's, for eval); "
+                            f"resume from a {PREFIX}… checkpoint, or use resume=auto")
+        read = read_checkpoint(checkpoint)
+    if not mine:
+        return Located(None, checkpoint, read, fork_of=owner)
+    newer = tuple(sorted(p for p in checkpoint.parent.glob(f"{PREFIX}*") if p.name > checkpoint.name))
+    return Located(owner, checkpoint, read, newer)
 
 
 def load(path: Path, config: dict[str, Any],
          read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Snapshot:
-    """Load a checkpoint (or take its already `read` weights and train state) and check that it
+    """Load a step checkpoint (or take its already `read` weights and train state) and check that it
     belongs to this config."""
     meta = read_meta(path)
     mismatched = config_differences(meta.get("config", {}), config)
@@ -97,10 +100,7 @@ def load(path: Path, config: dict[str, Any],
         shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
         raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
                         "resume with the same recipe and overrides, or start a new run")
-    weights, state = read or (load_weights(path), load_train_state(path))
-    if "optimizer" not in state:
-        raise UserError(f"{path}: holds weights only (the best epoch's, for eval); resume from a step-… "
-                        "checkpoint, or use resume=auto")
+    weights, state = read or read_checkpoint(path)
     return Snapshot(weights, state, meta)
 
 

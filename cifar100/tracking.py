@@ -6,6 +6,7 @@ through Accelerate's tracker; any W&B failure is a warning, never the end of a t
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -21,35 +22,93 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 from accelerate import Accelerator  # noqa: E402
 
 from cifar100.checkpoint import is_complete, read_meta  # noqa: E402
+from cifar100.errors import UserError  # noqa: E402
+from cifar100.records import metrics_row_problem  # noqa: E402
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temp file and a rename, so a reader never sees half a file. A failed write (a
+    full disk) removes the temp file and leaves the old file, if any, as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (see `write_atomic`)."""
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def stopped(path: Path, err: OSError) -> UserError:
+    """The one line a run ends with when a file it cannot go on without was not written."""
+    return UserError(f"{path}: not written ({err.strerror or err}); the run stops here: free space, then continue "
+                     "with the same command plus resume=auto")
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """Replace a file of the run folder (config.yaml, summary.json) atomically; a failed write stops
+    the run with one line and leaves the old file."""
+    try:
+        write_atomic(path, text.encode())
+    except OSError as err:
+        raise stopped(path, err) from None
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
-    """Append one epoch's row to metrics.jsonl and flush it to disk."""
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one epoch's row to metrics.jsonl and flush it to disk. A failed write (a full disk)
+    cuts the file back to its previous rows and stops the run: an epoch it cannot record would be lost."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.fstat(fd).st_size
+    try:
+        data = (json.dumps(row) + "\n").encode()
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as err:
+        os.ftruncate(fd, start)
+        raise stopped(path, err) from None
+    finally:
+        os.close(fd)
 
 
 def rewrite_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace metrics.jsonl with `rows` atomically (a resume drops epochs its checkpoint did not reach)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    write_run_file(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl (an empty list when there is none)."""
+    """The rows of a metrics.jsonl (an empty list when there is none), each checked as data.
+
+    A bad last line is what a crash while appending leaves: it is dropped with a warning. A bad
+    line before it is an error naming the line.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from None
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            row, problem = None, f"not JSON: {err}"
+        else:
+            problem = metrics_row_problem(row, rows[-1]["epoch"] if rows else 0)
+        if problem and number == len(lines):
+            warnings.warn(f"{path}: dropped the last line, cut short or malformed ({problem})", stacklevel=2)
+        elif problem:
+            raise UserError(f"{path}: line {number} unreadable ({problem})")
+        else:
+            rows.append(row)
+    return rows
 
 
 def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[Path]:
@@ -67,10 +126,22 @@ def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[
         ax.legend()
         fig.tight_layout()
         path = run_dir / ("loss.png" if metric == "loss" else "accuracy.png")
-        fig.savefig(path)
+        image = io.BytesIO()
+        fig.savefig(image, format="png")
         plt.close(fig)
+        write_atomic(path, image.getvalue())
         paths.append(path)
     return paths
+
+
+def plot_run(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[Path]:
+    """`plot_history` for a training run: plots that cannot be written (a full disk) are a warning,
+    never a stop (the next epoch draws them again from metrics.jsonl's rows)."""
+    try:
+        return plot_history(rows, run_dir, title)
+    except OSError as err:
+        warnings.warn(f"loss.png and accuracy.png not updated ({err.strerror or err}); training goes on", stacklevel=2)
+        return []
 
 
 def summarize(rows: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
@@ -97,6 +168,11 @@ def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode
     """Open the W&B run through Accelerate's tracker; returns its id, or None when off or failing."""
     if mode == "disabled":
         return None
+    if mode == "online" and not _has_login():
+        # Without credentials, wandb.init asks at an interactive prompt and waits there for an answer.
+        warnings.warn(f"log.wandb.mode=online, but no W&B login here (`wandb login` or WANDB_API_KEY): logging offline "
+                      f"into {run_dir / 'wandb'} instead, to upload later with wandb sync", stacklevel=2)
+        mode = "offline"
     init = {"name": name, "dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow" if run_id else None,
             "group": config.get("recipe") or None, "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t]}
     try:
@@ -106,6 +182,16 @@ def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode
         warnings.warn(f"W&B could not start ({type(err).__name__}: {err}); training continues without it", stacklevel=2)
         accelerator.trackers = []  # a half-started tracker would fail again at every log and at the end
         return None
+
+
+def _has_login() -> bool:
+    """Whether W&B finds credentials (environment, ~/.netrc, settings) without prompting or network."""
+    import wandb
+
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # noqa: BLE001  (credentials of the wrong format: wandb.init reports them)
+        return True
 
 
 def log_wandb(accelerator: Accelerator, row: dict[str, Any], images: list[Path] = ()) -> None:

@@ -8,6 +8,7 @@ A signal or a non-finite loss ends the loop early, after a checkpoint or naming 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from cifar100 import data as cifar_data
 from cifar100 import resume as resuming
+from cifar100 import rundir
 from cifar100.augment.batched import DeviceLoader
 from cifar100.augment.loader import build_train_loader, epoch_batches
 from cifar100.augment.mixing import BatchMixer
@@ -34,12 +36,10 @@ from cifar100.tracking import (
     append_metrics,
     finish_tracking,
     log_wandb,
-    plot_history,
-    read_metrics,
-    rewrite_metrics,
+    plot_run,
     start_wandb,
     summarize,
-    write_json_atomic,
+    write_run_file,
 )
 from cifar100.train_state import TrainState
 
@@ -114,33 +114,42 @@ class Trainer:
         self.state = TrainState(model, optimizer, schedule, acc)
 
     def restore(self) -> None:
-        """Pick the run folder (a new one, or the one a resume continues) and load its checkpoint.
+        """Pick the run folder (a new one, or the one a resume continues or forks) and load its checkpoint.
 
-        Only now, with every part built and checked, is a folder made: a bad value leaves none.
-        The main process picks the folder and checkpoint; every process then loads the same one.
+        Only now, with every part built and checked, is a folder made: a bad value leaves none. The
+        main process picks the folder and checkpoint and locks the folder; every process then loads
+        the same checkpoint, and only once it has loaded is any file of a run folder changed.
         """
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
         found = resuming.locate(cfg.resume, cfg.log.dir, cfg.name) if main else None
-        located = [str(found.run_dir), found.checkpoint and str(found.checkpoint)] if main else [None, None]
+        located = [found.checkpoint and str(found.checkpoint)] if main else [None]
         broadcast_object_list(located)
-        self.run_dir, ckpt_path = Path(located[0]), located[1] and Path(located[1])
+        ckpt_path = located[0] and Path(located[0])
         self.config_dict = to_dict(cfg)
         best_score = -1.0
         if ckpt_path:
             snap = resuming.load(ckpt_path, self.config_dict, found.read if main else None)
             self.state.load_state_dict(snap, ckpt_path)
             best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
-        self.writer = CheckpointWriter(self.run_dir / "checkpoints", cfg.train.keep_last, ckpt_path or None, best_score)
+        adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if main else None
+        shared = [str(adopted.run_dir), adopted.rows] if main else [None, None]
+        broadcast_object_list(shared)
+        self.run_dir, self.rows = Path(shared[0]), shared[1]
+        ckpt_dir = self.run_dir / "checkpoints"
+        # No best weights on disk (a fork from before its source's best epoch): any score beats none.
+        self.writer = CheckpointWriter(ckpt_dir, cfg.train.keep_last, ckpt_path and ckpt_dir / ckpt_path.name,
+                                       best_score if (ckpt_dir / "best").exists() else -1.0)
         self.wall_before = self.state.totals.wall_seconds
-        done = self.state.totals.epochs_done
-        self.rows = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["epoch"] <= done]
         if main:
-            rewrite_metrics(self.run_dir / "metrics.jsonl", self.rows)  # drops epochs logged after the checkpoint
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            if adopted.forked:
+                self.state.totals.wandb_id = None  # a fork is a W&B run of its own
+            if not (self.run_dir / "config.yaml").is_file() or (self.run_dir / "config.yaml").read_text() != to_yaml(cfg):
+                write_run_file(self.run_dir / "config.yaml", to_yaml(cfg))
             wandb = cfg.log.wandb
             self.state.totals.wandb_id = start_wandb(acc, wandb.project, wandb.entity, wandb.mode, self.run_dir,
                                                      self.run_dir.name, self.config_dict, run_id=self.state.totals.wandb_id)
-            self._print_header(f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}"
+            fork = f", a fork of {found.fork_of}" if adopted.forked else ""
+            self._print_header(f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}{fork}"
                                if ckpt_path else "new run")
 
     def _print_header(self, where: str) -> None:
@@ -218,7 +227,7 @@ class Trainer:
         if not acc.is_main_process:
             return
         append_metrics(self.run_dir / "metrics.jsonl", row)
-        log_wandb(acc, row, plot_history(self.rows, self.run_dir, self.run_dir.name))
+        log_wandb(acc, row, plot_run(self.rows, self.run_dir, self.run_dir.name))
         val = f"val top1 {row['val_top1']:.2%} | " if "val_top1" in row else ""
         acc.print(f"epoch {row['epoch']}/{self.cfg.train.epochs} | lr {row['lr']:.3g} | train loss "
                   f"{row['train_loss']:.4f} top1 {row['train_top1']:.2%} | {val}test loss {row['test_loss']:.4f} "
@@ -256,7 +265,7 @@ class Trainer:
             images_per_rank=totals.images_per_rank, precision=self.precision, device=device_name(self.device_type),
             parameters=self.parameters, flops_per_image=self.flops)
         if acc.is_main_process:
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             best = summary[f"best_{self.selected}_top1"]
             acc.print(f"done in {summary['wall_seconds']:.0f} s: final test top1 {summary['final_test_top1']:.2%}, "
                       f"best {self.selected} top1 {best:.2%} | {self.run_dir}", flush=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root, the real dataset, and a subprocess runner."""
+"""Shared fixtures: the repository root, the real dataset, a subprocess runner and a small real disk."""
 
 from __future__ import annotations
 
@@ -39,3 +39,30 @@ def cli():
     def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         return run_cmd([sys.executable, "-m", "cifar100", *args], cwd=cwd)
     return run
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: room for the first checkpoints, not for all of them."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(mount: Path) -> Path:
+    """Take every free byte of `mount` with one file; returns it (delete it to free the space)."""
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (65536, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import typing
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 from cifar100.config import Config, apply_overrides, available_recipes, load_config, rules, to_yaml
 from cifar100.errors import UserError
+from conftest import run_cmd
 
 
 def test_defaults_without_recipe():
@@ -282,3 +284,10 @@ def test_choices_of_optimizer_and_schedule_are_their_registries():
         assert load_config("smoke", [f"optim.name={name}"]).optim.name == name
     for name in SCHEDULES:
         assert load_config("smoke", [f"sched.name={name}"]).sched.name == name
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_train_py_help_prints_the_usage(flag):
+    out = run_cmd([sys.executable, "train.py", flag])
+    assert out.returncode == 0 and out.stdout.startswith("usage: cifar100 <command>") and not out.stderr
+    assert run_cmd([sys.executable, "train.py", "recipe=smoke", flag]).stdout == out.stdout

@@ -262,7 +262,9 @@ def test_report_without_runs_is_one_line(tmp_path, capsys):
 def test_seeds_mistakes_are_one_line(capsys, monkeypatch):
     for args, message in [(("seeds=3",), "expected a list of distinct integers"),
                           (("seeds=[0,0]",), "expected a list of distinct integers"),
-                          (("seeds=[0,1]", "seed=2"), "not both")]:
+                          (("seeds=[0,1]", "seed=2"), "not both"),
+                          (("seeds=[0,-1]",), "seeds=[0,-1]: seed=-1: must be at least 0"),
+                          (("seeds=[4294967296]",), "seed=4294967296: must be at most 4294967295")]:
         assert main(["train", "recipe=smoke", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

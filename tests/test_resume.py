@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, clean_environ, run_cmd
+from test_records import GOOD_META, GOOD_STATE
 
 from cifar100.checkpoint import (
     apply_weights,
@@ -218,7 +219,7 @@ class Payload:
 
 def test_train_state_with_foreign_objects_is_refused(tmp_path):
     model = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
-    path = save_checkpoint(tmp_path, "step-00000001", model.state_dict(), {"optimizer": Payload()}, {"epoch": 1})
+    path = save_checkpoint(tmp_path, "step-00000001", model.state_dict(), {"optimizer": Payload()}, GOOD_META)
     with pytest.raises(UserError, match="refused, it holds objects other than tensors"):
         load_train_state(path)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
@@ -234,17 +235,6 @@ def test_weights_of_another_model_list_the_mismatched_keys(tmp_path):
     other = build_model(ModelConfig(name="resnet18", act=None, cifar_stem=True), 100)
     with pytest.raises(UserError, match=r"missing: .*unexpected: "):
         apply_weights(other, tiny.state_dict(), tmp_path)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs: room for the first checkpoints, not for all of them."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_disk_keeps_the_previous_checkpoint_loadable(small_disk, real_data):
@@ -280,7 +270,7 @@ def test_wandb_run_is_resumed_by_its_saved_id(tmp_path, real_data, baselines):
 def test_unreadable_meta_skips_to_the_previous_checkpoint(tmp_path):
     model = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
     for step in (1, 2):
-        save_checkpoint(tmp_path, f"step-{step:08d}", model.state_dict(), {"optimizer": {}}, {"epoch": step})
+        save_checkpoint(tmp_path, f"step-{step:08d}", model.state_dict(), GOOD_STATE, GOOD_META)
     (tmp_path / "step-00000002" / "meta.json").write_text("{ truncated")
     with pytest.warns(UserWarning, match="skipping checkpoint step-00000002"):
         assert find_latest(tmp_path)[0].name == "step-00000001"
@@ -290,12 +280,11 @@ def test_a_checkpoint_that_resume_auto_finds_is_read_once(tmp_path, monkeypatch)
     from cifar100 import checkpoint, resume
 
     model = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
-    save_checkpoint(tmp_path / "r" / "checkpoints", "step-00000003", model.state_dict(), {"optimizer": {}}, {"config": {}})
+    save_checkpoint(tmp_path / "r" / "checkpoints", "step-00000003", model.state_dict(), GOOD_STATE, GOOD_META)
     reads = []
-    for module in (checkpoint, resume):
-        for name in ("load_weights", "load_train_state"):
-            real = getattr(module, name)
-            monkeypatch.setattr(module, name, lambda path, real=real, name=name: reads.append(name) or real(path))
+    for name in ("load_weights", "load_train_state"):
+        real = getattr(checkpoint, name)
+        monkeypatch.setattr(checkpoint, name, lambda path, real=real, name=name: reads.append(name) or real(path))
     found = resume.locate("auto", str(tmp_path), "r")
     loaded = resume.load(found.checkpoint, {}, found.read)
     assert found.checkpoint.name == "step-00000003" and sorted(reads) == ["load_train_state", "load_weights"]

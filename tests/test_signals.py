@@ -204,6 +204,32 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, real_data, te
     assert_group_ends(term.pid)  # the workers notice their parent is gone and end
 
 
+def test_sighup_to_the_process_group_stops_like_sigterm(tmp_path, real_data, reference):
+    """What a shell sends its jobs when its terminal goes away: SIGHUP to each job's whole group."""
+    proc = start(ONE, args(real_data, tmp_path, "hup"), ENV)
+    wait_for(tmp_path / "hup" / EPOCH_1, proc)
+    wait_for_workers(proc.pid, proc)
+    os.killpg(proc.pid, signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 129, err[-3000:]
+    assert_clean_stop(err, tmp_path / "hup", "interrupted: stopped by SIGHUP")
+    assert_group_ends(proc.pid)
+    assert_resumes_exactly(real_data, tmp_path, "hup", reference)
+
+
+def test_closing_the_terminal_stops_with_a_checkpoint(tmp_path, real_data, reference, terminal):
+    """The terminal's window is closed: the kernel hangs up the run's terminal (SIGHUP to its group),
+    and every later write to it fails; the run still writes its stop checkpoint and ends."""
+    term = terminal([*ONE, *args(real_data, tmp_path, "closed")])
+    wait_for(tmp_path / "closed" / EPOCH_1, term)
+    wait_for_workers(term.pid, term)
+    term.close()
+    assert_group_ends(term.pid, timeout=120)
+    last = (tmp_path / "closed" / "checkpoints" / "last").resolve()
+    assert (last / "COMPLETE").is_file() and last.name > "step-00000008"  # a stop checkpoint after epoch 1's
+    assert_resumes_exactly(real_data, tmp_path, "closed", reference)
+
+
 def image_command() -> list[str]:
     """The image's ENTRYPOINT exactly as docker/Dockerfile says, with the image's WORKDIR as this checkout."""
     steps = dockerfile()

@@ -119,14 +119,40 @@ def test_a_log_dir_that_cannot_be_made_is_one_clear_line(tmp_path, real_data, co
     assert ranked.returncode == 2 and ranked.stderr.splitlines()[-1] == f"error: [rank 1] {tmp_path}/file/runs: Not a directory"
 
 
-def test_wandb_failure_never_stops_training(tmp_path, real_data):
-    # online mode without credentials (a fresh HOME, no API key): W&B refuses before any network use.
+def test_wandb_online_without_a_login_logs_offline_and_never_prompts(tmp_path, real_data):
+    # online mode without credentials (a fresh HOME, no API key): no prompt, no network, an offline run instead.
     assert "WANDB_API_KEY" not in os.environ
     env = {"HOME": str(tmp_path)}
     out = train(tmp_path, real_data, "name=wbfail", "log.wandb.mode=online", env=env)
-    assert "warning: W&B could not start (UsageError" in out.stderr and "training continues without it" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert (f"warning: log.wandb.mode=online, but no W&B login here (`wandb login` or WANDB_API_KEY): logging "
+            f"offline into {tmp_path / 'wbfail' / 'wandb'} instead") in out.stderr
+    assert "Traceback" not in out.stderr and len(list((tmp_path / "wbfail" / "wandb").glob("offline-run-*"))) == 1
     assert json.loads((tmp_path / "wbfail" / "summary.json").read_text())["epochs"] == 2
+
+
+def test_wandb_online_without_a_login_does_not_wait_at_a_prompt_in_a_terminal(tmp_path, real_data):
+    """In a terminal, wandb.init would ask how to log in and wait for an answer."""
+    from test_signals import Terminal
+
+    term = Terminal(tmp_path, ["env", "-u", "WANDB_API_KEY", f"HOME={tmp_path}", sys.executable, "train.py",
+                               "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}", "name=tty",
+                               "train.epochs=1", "log.wandb.mode=online"])
+    try:
+        status, screen = term.exit_status(timeout=300), term.screen()
+    finally:
+        term.close()
+    assert status == 0 and "no W&B login here" in screen and "Enter your choice" not in screen, screen[-3000:]
+    assert json.loads((tmp_path / "tty" / "summary.json").read_text())["epochs"] == 1
+
+
+def test_build_time_checks_make_no_folder(tmp_path, real_data):
+    """Values each valid alone, refused together once the parts are built: before any folder exists."""
+    for values in (["sched.warmup_epochs=5"], ["augment.cutmix.prob=0.8", "augment.mixup.prob=0.5"]):
+        out = run_cmd([sys.executable, "train.py", "recipe=smoke", f"data.root={real_data}",
+                       f"log.dir={tmp_path / 'runs'}", *values])
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_worker_count_does_not_change_the_numbers(tmp_path, real_data):
