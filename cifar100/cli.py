@@ -185,7 +185,8 @@ def cmd_bench(args: list[str]) -> None:
 
     if not args or args[0] not in ("step", "data", "recipe", "checkpoint"):
         raise UserError("usage: cifar100 bench step|data|recipe|checkpoint [recipe=NAME] [key=value ...] "
-                        "[steps=N] [warmup=N] [batches=N] [compile=false] [json=PATH]")
+                        "[steps=N] [warmup=N] [batches=N] [compile=false|true|MODE,...] [eager=false] "
+                        "[profile=TRACE.json.gz] [json=PATH]")
     numbers = {}
     rest = args[1:]
     for key, default in (("steps", 20), ("warmup", 5), ("batches", 30)):
@@ -197,12 +198,14 @@ def cmd_bench(args: list[str]) -> None:
         if numbers[key] < (0 if key == "warmup" else 1):
             raise UserError(f"{key}={text}: must be at least {0 if key == 'warmup' else 1}")
     json_path, rest = take(rest, "json")
-    compile_text, rest = take(rest, "compile")
-    if compile_text not in (None, "true", "false"):
-        raise UserError(f"compile={compile_text}: expected true or false")
+    profile_path, rest = take(rest, "profile")
+    modes, rest = take(rest, "compile")
+    eager, rest = take(rest, "eager")
+    if eager not in (None, "true", "false"):
+        raise UserError(f"eager={eager}: expected true or false")
     recipe, overrides = split_args(rest)
-    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, with_compile=compile_text != "false",
-               **numbers)
+    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, compile_modes=bench.compile_modes(modes),
+               eager_grid=eager != "false", profile_path=profile_path, **numbers)
 
 
 COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data": cmd_data, "eval": cmd_eval,

@@ -313,12 +313,14 @@ def train(cfg: Config) -> Path:
             raise Preempted(f"stopped by {flag.name or 'a signal on another rank'} at epoch {epoch}, "
                             f"batch {progress.step}; checkpoint {ckpt_dir / 'last'}")
         row = {"epoch": epoch, "lr": lr, "train_loss": result.loss, "train_top1": result.top1}
+        eval_started = time.perf_counter()
         if len(splits.val):
             val = evaluate(model, val_images, val_labels, accelerator, **eval_kwargs)
             row.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
         test = evaluate(model, test_images, test_labels, accelerator, **eval_kwargs)
         row.update(test_loss=test.loss, test_top1=test.top1, test_top5=test.top5,
-                   epoch_seconds=result.seconds, images_per_second=result.images / result.seconds)
+                   epoch_seconds=result.seconds, images_per_second=result.images / result.seconds,
+                   eval_seconds=time.perf_counter() - eval_started)
         schedule.epoch_end(row[f"{selected}_loss"])
         totals.epochs_done = epoch
         totals.train_images += result.images
@@ -336,7 +338,11 @@ def train(cfg: Config) -> Path:
                 f"top1 {row['train_top1']:.2%} | " + (f"val top1 {row['val_top1']:.2%} | " if len(splits.val) else "")
                 + f"test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%} | "
                 f"{result.seconds:.1f} s, {row['images_per_second']:.0f} img/s", flush=True)
+        saving = time.perf_counter()
         save(epoch_done=True, best=is_best)
+        if main:  # how long the checkpoint held training up; the row is on disk before the checkpoint
+            rows[-1]["checkpoint_seconds"] = time.perf_counter() - saving
+            rewrite_metrics(run_dir / "metrics.jsonl", rows)
         epoch, progress = epoch + 1, EpochProgress()
         stop = accelerator.reduce(torch.tensor(float(bool(flag)), device=accelerator.device), reduction="sum")
         if stop.item() > 0 and epoch <= cfg.train.epochs:
