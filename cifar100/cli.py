@@ -29,9 +29,10 @@ commands:
   data      data verify|stats|download [data.root=DIR]: check, describe or fetch CIFAR-100
   eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [key=value ...]: per-class and
             per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md
-  bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [json=PATH]: measured images/s
-            of the training step (precision, channels_last, compile; MFU), the input pipelines, a
-            projection, and the seconds a checkpoint holds training up
+  bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [compile=MODE,...] [json=PATH]:
+            measured images/s of the training step (precision, channels_last, compile modes; MFU,
+            graph breaks; profile=PATH for its top kernels), the input pipelines, a projection, and
+            the seconds a checkpoint holds training up
   report    report FOLDER|GLOB ... [out=FOLDER] [wandb=true]: compare runs (seeds as mean ± std) in
             FOLDER (default report/): report.md and a self-contained report.html; wandb=true also
             builds a W&B Report
