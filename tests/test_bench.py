@@ -72,21 +72,21 @@ def test_the_recipes_own_layout_is_measured_when_the_grid_lacks_it(cli, tmp_path
 def test_compile_modes_are_checked(cli):
     bad = cli("bench", "step", "compile=max-autotune,fastest")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["error: compile=max-autotune,fastest: 'fastest' is not a mode; expected "
-                                               "true, false or a comma list of default, reduce-overhead, "
-                                               "max-autotune-no-cudagraphs, max-autotune"]
+    assert bad.stderr.strip().splitlines() == [("error: compile=max-autotune,fastest: 'fastest' is not a mode; expected "
+                                                "true, false or a comma list of default, reduce-overhead, "
+                                                "max-autotune-no-cudagraphs, max-autotune")]
     assert cli("bench", "step", "eager=no").returncode == 2
 
 
 # Guarantees for graph capture (torch.compile as one graph, CUDA graphs), checked on the CPU.
 
-def _accelerator():
+def _accelerator(precision: str = "no"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    return Accelerator(cpu=True)
+    return Accelerator(cpu=True, mixed_precision=precision)
 
 
 @pytest.mark.parametrize("name", ["cifarnet_tiny", "seresnet50"])
@@ -101,7 +101,11 @@ def test_the_best_recipes_model_traces_as_one_graph(name):
     model = build_model(cfg.model.name, 100, cfg.model.act, cfg.model.cifar_stem).to(memory_format=torch.channels_last)
     assert type(model.act1 if name == "seresnet50" else model.stem[1]).__name__ == "Mish"
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    assert graph_breaks(model, x) == 0
+    # As training compiles it: prepared by Accelerate for bf16 (its autocast and fp32-output wrappers), under autocast.
+    accelerator = _accelerator(cfg.train.precision)
+    prepared = accelerator.prepare(model)
+    with accelerator.autocast():
+        assert graph_breaks(prepared, x) == 0
     broken = torch.nn.Sequential(model, _PrintsMidway())  # the count is real: a print breaks the graph
     assert graph_breaks(broken, x) >= 1
 

@@ -7,7 +7,6 @@ import gzip
 import json
 
 import pytest
-
 from conftest import ROOT, run_cmd
 
 pytestmark = pytest.mark.slow

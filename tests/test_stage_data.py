@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cmd
 
 pytestmark = pytest.mark.slow
