@@ -29,9 +29,10 @@ commands:
   data      data verify|stats|download [data.root=DIR]: check, describe or fetch CIFAR-100
   eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [key=value ...]: per-class and
             per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md
-  bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [json=PATH]: measured images/s
-            of the training step (precision, channels_last, compile; MFU), the input pipelines, a
-            projection, and the seconds a checkpoint holds training up
+  bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [compile=MODE,...] [json=PATH]:
+            measured images/s of the training step (precision, channels_last, compile modes; MFU,
+            graph breaks; profile=PATH for its top kernels), the input pipelines, a projection, and
+            the seconds a checkpoint holds training up
   report    report FOLDER|GLOB ... [out=FOLDER] [wandb=true]: compare runs (seeds as mean ± std) in
             FOLDER (default report/): report.md and a self-contained report.html; wandb=true also
             builds a W&B Report
@@ -185,7 +186,8 @@ def cmd_bench(args: list[str]) -> None:
 
     if not args or args[0] not in ("step", "data", "recipe", "checkpoint"):
         raise UserError("usage: cifar100 bench step|data|recipe|checkpoint [recipe=NAME] [key=value ...] "
-                        "[steps=N] [warmup=N] [batches=N] [compile=false] [json=PATH]")
+                        "[steps=N] [warmup=N] [batches=N] [compile=false|true|MODE,...] [eager=false] "
+                        "[profile=TRACE.json.gz] [json=PATH]")
     numbers = {}
     rest = args[1:]
     for key, default in (("steps", 20), ("warmup", 5), ("batches", 30)):
@@ -197,12 +199,14 @@ def cmd_bench(args: list[str]) -> None:
         if numbers[key] < (0 if key == "warmup" else 1):
             raise UserError(f"{key}={text}: must be at least {0 if key == 'warmup' else 1}")
     json_path, rest = take(rest, "json")
-    compile_text, rest = take(rest, "compile")
-    if compile_text not in (None, "true", "false"):
-        raise UserError(f"compile={compile_text}: expected true or false")
+    profile_path, rest = take(rest, "profile")
+    modes, rest = take(rest, "compile")
+    eager, rest = take(rest, "eager")
+    if eager not in (None, "true", "false"):
+        raise UserError(f"eager={eager}: expected true or false")
     recipe, overrides = split_args(rest)
-    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, with_compile=compile_text != "false",
-               **numbers)
+    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, compile_modes=bench.compile_modes(modes),
+               eager_grid=eager != "false", profile_path=profile_path, **numbers)
 
 
 COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data": cmd_data, "eval": cmd_eval,
