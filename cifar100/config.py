@@ -115,6 +115,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    name: str = ""  # the sweep this run belongs to (`cifar100 sweep`); its W&B group
+    overrides: tuple[str, ...] = ()  # the key=value that set this run apart from the sweep's others
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     recipe: str = ""
@@ -128,6 +134,7 @@ class Config:
     sched: SchedConfig = SchedConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 # Closed vocabularies: a value outside them is caught before anything is built.
@@ -154,7 +161,7 @@ MINIMUM = {
 # change them, and the report does not tell runs apart by them.
 LAUNCH_KEYS = ("name", "recipe", "description", "resume", "data.root", "data.download", "data.workers", "log",
                "train.threads", "train.compile", "train.keep_last", "train.checkpoint_every_steps",
-               "train.max_bad_steps")
+               "train.max_bad_steps", "sweep")
 
 
 def is_launch_key(key: str) -> bool:
@@ -169,7 +176,7 @@ def available_recipes() -> dict[str, Path]:
 
 def recipe_description(path: Path) -> str:
     """The recipe's one-line `description:` (empty when it has none)."""
-    return str(_read_yaml(path).get("description", ""))
+    return str(read_yaml(path).get("description", ""))
 
 
 def load_config(recipe: str | None, overrides: list[str]) -> Config:
@@ -259,17 +266,18 @@ def _find_recipe(recipe: str) -> Path:
     raise UserError(f"unknown recipe {recipe!r}: available recipes are {names}, or give a path to a .yaml file")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
+    """A YAML file that holds a mapping (a recipe, a sweep file), or a UserError naming `what` it should be."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     except OSError as err:
-        raise UserError(f"{path}: cannot read recipe ({err.strerror})") from None
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+        raise UserError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -278,7 +286,7 @@ def _resolve_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         chain = " -> ".join(p.stem for p in (*seen, path.resolve()))
         raise UserError(f"recipe inheritance loops: {chain}")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
