@@ -36,6 +36,9 @@ commands:
   report    report FOLDER|GLOB ... [out=FOLDER] [wandb=true]: compare runs (seeds as mean ± std) in
             FOLDER (default report/): report.md and a self-contained report.html; wandb=true also
             builds a W&B Report
+  sweep     sweep FILE [run|task=I] [key=value ...]: list a sweep's runs (every config checked), train
+            them here one after another (finished ones skipped, unfinished continued), or print array
+            task I's train.py arguments (launch/slurm/sweep.sbatch)
 
 train takes seeds=[0,1,2] to run the recipe once per seed, into <name>-s<seed> folders.
 
@@ -142,6 +145,29 @@ def cmd_report(args: list[str]) -> None:
                              "cifar100 report " + " ".join(shlex.quote(a) for a in args)))
 
 
+def cmd_sweep(args: list[str]) -> None:
+    from cifar100 import sweep
+
+    if not args or "=" in args[0]:
+        raise UserError("usage: cifar100 sweep FILE [run|task=I] [key=value ...]")
+    run = args[1:2] == ["run"]
+    task, overrides = take(args[1 + run:], "task")
+    if run and task is not None:
+        raise UserError("give run (train every run here) or task=I (one array task's arguments), not both")
+    if run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("sweep FILE run trains one run after another in one process; under a distributed launch "
+                        "start one launch per run with the arguments `cifar100 sweep FILE task=I` prints")
+    plan = sweep.load_sweep(args[0], overrides)
+    if task is not None:
+        print("\n".join(sweep.task_args(plan, task)))
+    elif run:
+        folders = sweep.run_all(plan)
+        print(f"sweep {plan.name}: {len(folders)} runs done; compare them: cifar100 report "
+              + " ".join(shlex.quote(str(f)) for f in folders))
+    else:
+        print(sweep.listing(plan))
+
+
 def cmd_show(args: list[str]) -> None:
     recipe, overrides = split_args(args)
     print(to_yaml(load_config(recipe, overrides)), end="")
@@ -210,7 +236,7 @@ def cmd_bench(args: list[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data": cmd_data, "eval": cmd_eval,
-            "report": cmd_report, "bench": cmd_bench}
+            "report": cmd_report, "bench": cmd_bench, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
