@@ -107,17 +107,30 @@ class CheckpointWriter:
         self.last_good, self.best_score = last_good, best_score
         self._thread = BackgroundWriter()
         self._submitted: str | None = None
+        self._staged: Callable[[], None] | None = None
 
     def submit(self, tag: str, snapshot: Snapshot, score: float | None = None) -> None:
-        """Copy `snapshot` to host memory and write it as `tag` in the background; with a `score`
-        that beats the best on disk, also as the best weights. The same tag twice is written once."""
+        """`copy` then `start`: write `snapshot` as `tag` in the background."""
+        self.copy(tag, snapshot, score)
+        self.start()
+
+    def copy(self, tag: str, snapshot: Snapshot, score: float | None = None) -> None:
+        """Copy `snapshot` to host memory as the next write, `tag`; with a `score` that beats the best
+        on disk, also the best weights. The same tag twice is written once. Training may change the
+        originals as soon as this returns."""
         self._thread.wait()  # one copy of the state in host memory at a time; best_score is current
         if tag == self._submitted:
             return
         best = score if score is not None and score > self.best_score else None
         copied = Snapshot(host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta)
-        self._thread.submit(partial(self._write, tag, copied, best))
+        self._staged = partial(self._write, tag, copied, best)
         self._submitted = tag
+
+    def start(self) -> None:
+        """Start writing what `copy` took, on the background thread."""
+        if self._staged is not None:
+            self._thread.submit(self._staged)
+            self._staged = None
 
     def wait(self) -> None:
         """Return once every submitted write has finished."""

@@ -174,7 +174,7 @@ def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode
                       f"into {run_dir / 'wandb'} instead, to upload later with wandb sync", stacklevel=2)
         mode = "offline"
     init = {"name": name, "dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow" if run_id else None,
-            "group": config.get("recipe") or None, "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t]}
+            "group": config.get("sweep", {}).get("name") or config.get("recipe") or None, "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t]}
     try:
         accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None} | ({"entity": entity} if entity else {})})
         return accelerator.get_tracker("wandb", unwrap=True).id

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -171,9 +172,11 @@ class Trainer:
                 self.checkpoint()
                 self._halt(f"at epoch {self.state.epoch}, batch {self.state.progress.step}")
             row = self.evaluate(result)
-            self.log(row)
             self.state.end_epoch()
-            self.checkpoint(score=row[f"{self.selected}_top1"])
+            # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
+            # metrics, and the row can say how long the checkpoint held training up.
+            self.checkpoint(score=row[f"{self.selected}_top1"],
+                            before_write=lambda held: self.log({**row, "checkpoint_seconds": held}))
             stop = self.accelerator.reduce(torch.tensor(float(bool(self.stop)), device=self.accelerator.device),
                                            reduction="sum")
             if stop.item() > 0 and self.state.epoch <= self.cfg.train.epochs:
@@ -208,11 +211,13 @@ class Trainer:
         """The epoch's metrics row: training figures, then every held-out split scored exactly."""
         cfg, acc = self.cfg, self.accelerator
         row = {"epoch": self.state.epoch, "lr": self.lr, "train_loss": result.loss, "train_top1": result.top1}
+        began = time.perf_counter()
         for split, (images, labels) in self.eval_sets.items():
             scores = evaluate(self.model, images, labels, acc, mean=cfg.augment.mean, std=cfg.augment.std,
                               batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
             row.update({f"{split}_loss": scores.loss, f"{split}_top1": scores.top1, f"{split}_top5": scores.top5})
-        row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds)
+        row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds,
+                   eval_seconds=time.perf_counter() - began)
         self.state.schedule.epoch_end(row[f"{self.selected}_loss"])
         totals = self.state.totals
         totals.train_images += result.images
@@ -221,7 +226,7 @@ class Trainer:
         return row
 
     def log(self, row: dict) -> None:
-        """metrics.jsonl, the plots, W&B and one printed line (main process)."""
+        """metrics.jsonl, the plots, W&B and one printed line (main process); every rank keeps the row."""
         self.rows.append(row)
         acc = self.accelerator
         if not acc.is_main_process:
@@ -234,14 +239,20 @@ class Trainer:
                   f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%} | {row['epoch_seconds']:.1f} s, "
                   f"{row['images_per_second']:.0f} img/s", flush=True)
 
-    def checkpoint(self, score: float | None = None) -> None:
-        """Checkpoint this exact position (every rank calls it); the main process hands it to the
-        background writer, with the epoch's `score` when it may be the best so far."""
-        self.state.totals.wall_seconds = self.wall_before + time.perf_counter() - self.started
+    def checkpoint(self, score: float | None = None, before_write: Callable[[float], None] | None = None) -> None:
+        """Checkpoint this exact position (every rank calls it): the main process copies it to host
+        memory, with the epoch's `score` when it may be the best so far, runs `before_write(seconds
+        training was held up)`, then lets the background writer write it."""
+        began = time.perf_counter()
+        self.state.totals.wall_seconds = self.wall_before + began - self.started
         snap = self.state.state_dict()
         if self.accelerator.is_main_process:
             snap.meta["config"] = self.config_dict
-            self.writer.submit(self.state.tag, snap, score)
+            self.writer.copy(self.state.tag, snap, score)
+        if before_write is not None:
+            before_write(time.perf_counter() - began)
+        if self.accelerator.is_main_process:
+            self.writer.start()
         self.accelerator.wait_for_everyone()
 
     def flush(self) -> None:
