@@ -17,7 +17,16 @@ from typing import Any
 
 import torch
 
-from cifar100.checkpoint import PREFIX, Snapshot, find_latest, is_complete, load_train_state, load_weights, read_meta
+from cifar100.checkpoint import (
+    PREFIX,
+    Snapshot,
+    find_latest,
+    is_complete,
+    load_ema,
+    load_train_state,
+    load_weights,
+    read_meta,
+)
 from cifar100.config import flatten, is_launch_key
 from cifar100.errors import UserError
 
@@ -28,12 +37,12 @@ RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
 
 @dataclass(frozen=True)
 class Located:
-    """Where a run continues: its folder, the checkpoint (or None), and that checkpoint's weights
-    and train state when finding it meant reading them (so they are not read twice)."""
+    """Where a run continues: its folder, the checkpoint (or None), and that checkpoint's weights,
+    train state and averaged weights when finding it meant reading them (so they are not read twice)."""
 
     run_dir: Path
     checkpoint: Path | None = None
-    read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None
 
 
 def unique_run_dir(log_dir: str | Path, name: str) -> Path:
@@ -83,9 +92,9 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
 
 
 def load(path: Path, config: dict[str, Any],
-         read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Snapshot:
-    """Load a checkpoint (or take its already `read` weights and train state) and check that it
-    belongs to this config."""
+         read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None) -> Snapshot:
+    """Load a checkpoint (or take its already `read` weights, train state and averaged weights) and
+    check that it belongs to this config."""
     meta = read_meta(path)
     mismatched = config_differences(meta.get("config", {}), config)
     recovery = [m for m in mismatched if m.split(":")[0] in RECOVERY_KEYS]
@@ -97,11 +106,11 @@ def load(path: Path, config: dict[str, Any],
         shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
         raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
                         "resume with the same recipe and overrides, or start a new run")
-    weights, state = read or (load_weights(path), load_train_state(path))
+    weights, state, ema = read or (load_weights(path), load_train_state(path), load_ema(path))
     if "optimizer" not in state:
         raise UserError(f"{path}: holds weights only (the best epoch's, for eval); resume from a step-… "
                         "checkpoint, or use resume=auto")
-    return Snapshot(weights, state, meta)
+    return Snapshot(weights, state, meta, ema)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

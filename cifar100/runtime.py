@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
+from collections.abc import Callable
 
 import torch
+
+from cifar100.config import DataConfig
 
 
 def device_type() -> str:
@@ -29,3 +34,19 @@ def resolve_precision(requested: str, kind: str) -> str:
     warnings.warn(f"train.precision={requested} has no fast path on {kind}; training in fp32 "
                   "(set train.precision=no to silence this)", stacklevel=2)
     return "no"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or Slurm's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def capped_workers(data: DataConfig, say: Callable[[str], None] | None) -> DataConfig:
+    """`data` with at most one loader worker per usable core: more only queue for the same cores.
+    `say` (the main process's print, or None) tells the user once when the count was lowered."""
+    cores = usable_cores()
+    if data.pipeline != "reference" or data.workers <= cores:
+        return data
+    if say is not None:
+        say(f"data.workers={data.workers} lowered to {cores}: this process may use {cores} CPU core(s)")
+    return dataclasses.replace(data, workers=cores)
