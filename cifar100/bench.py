@@ -12,6 +12,7 @@ Every figure comes from timing real work here; nothing is looked up.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import shutil
@@ -34,6 +35,7 @@ from cifar100.config import Config
 from cifar100.data import NUM_CLASSES
 from cifar100.engine import EpochProgress, train_one_epoch
 from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.errors import UserError
 from cifar100.models import build_model, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
 
@@ -67,10 +69,10 @@ def _synthetic(batch: int, device: torch.device):
     return images, labels
 
 
-def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: bool, loop: str,
-              steps: int, warmup: int, cudnn_benchmark: bool = True) -> tuple[float, float | None]:
-    """Training images/s for one choice, and host waits per step; `loop` is "plain" (bare PyTorch)
-    or "engine" (ours)."""
+def _step_runner(cfg: Config, precision: str, channels_last: bool, compile_mode: str | None, loop: str,
+                 cudnn_benchmark: bool = True):
+    """A function `run(n)` that trains n steps of the recipe's model on one synthetic batch, the
+    model (uncompiled), one input batch and the device; `loop` is "plain" (bare PyTorch) or "engine" (ours)."""
     AcceleratorState._reset_state(True)  # each variant gets its own precision
     torch.backends.cudnn.benchmark = cudnn_benchmark
     accelerator = Accelerator(mixed_precision=precision)
@@ -80,8 +82,9 @@ def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: b
     model = model.to(device, memory_format=memory)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if compile_model:
-        model = torch.compile(model)
+    prepared = model
+    if compile_mode:
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     mixer = BatchMixer.from_config(cfg.augment, NUM_CLASSES)
     images, labels = _synthetic(cfg.data.batch_size, device)
     images = images.contiguous(memory_format=memory)
@@ -101,14 +104,68 @@ def step_rate(cfg: Config, precision: str, channels_last: bool, compile_model: b
                         clip_grad=cfg.train.clip_grad, channels_last=channels_last, progress=False,
                         state=EpochProgress(), stop_requested=lambda: False, max_bad_steps=0, after_step=lambda s: None)
 
-    run = plain if loop == "plain" else engine
+    def autocast():
+        return accelerator.autocast()
+
+    return (plain if loop == "plain" else engine), prepared, images, device, autocast
+
+
+def step_rate(cfg: Config, precision: str, channels_last: bool, compile_mode: str | None, loop: str,
+              steps: int, warmup: int, cudnn_benchmark: bool = True,
+              profile_path: str | None = None) -> tuple[float, float | None, int | None, list[dict] | None]:
+    """Training images/s for one choice, host waits per step, graph breaks of the compiled model
+    (None when eager) and, with `profile_path`, the top kernels of a profile of a few more steps."""
+    run, model, images, device, autocast = _step_runner(cfg, precision, channels_last, compile_mode, loop,
+                                                         cudnn_benchmark)
     if warmup:
         run(warmup)
     _sync(device)
     start = time.perf_counter()
     run(steps)
     _sync(device)
-    return steps * cfg.data.batch_size / (time.perf_counter() - start), host_waits_per_step(run, device)
+    rate = steps * cfg.data.batch_size / (time.perf_counter() - start)
+    waits = host_waits_per_step(run, device)
+    kernels = profile_steps(run, device, min(steps, 5), profile_path) if profile_path else None
+    with autocast():
+        breaks = graph_breaks(model, images) if compile_mode else None
+    return rate, waits, breaks, kernels
+
+
+def graph_breaks(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """How many times TorchDynamo breaks the model's forward pass into separate graphs (0: one graph,
+    what CUDA graphs and whole-graph fusion need); traced in training mode, as the step runs."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # explain must trace afresh, not reuse the compiled frames
+    return torch._dynamo.explain(model)(images).graph_break_count
+
+
+def profile_steps(run, device: torch.device, steps: int, path: str, top: int = 15) -> list[dict]:
+    """Profile `steps` more steps (already compiled and warm): print the `top` kernels by self time
+    (CUDA kernels on a GPU, operators on a CPU), save the trace as gzipped Chrome JSON at `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=activities) as prof:
+        run(steps)
+        _sync(device)
+    events = [e for e in prof.key_averages()
+              if (e.device_type.name == "CUDA") == cuda and (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events)
+    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": key(e) / 1e3 / steps,
+             "share": key(e) / total} for e in sorted(events, key=key, reverse=True)[:top]]
+    trace = Path(path)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace.with_suffix("")))
+    with open(trace.with_suffix(""), "rb") as raw, gzip.open(trace, "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.with_suffix("").unlink()
+    print(f"top {len(rows)} {'CUDA kernels' if cuda else 'CPU operators'} by self time over {steps} steps "
+          f"({total / 1e3 / steps:.2f} ms per step in all); trace {trace}")
+    print_table(rows)
+    return rows
 
 
 def host_waits_per_step(run, device: torch.device, steps: int = 4) -> float | None:
@@ -131,29 +188,75 @@ def host_waits_per_step(run, device: torch.device, steps: int = 4) -> float | No
     return (count(2 * steps) - count(steps)) / steps
 
 
-def bench_step(cfg: Config, steps: int, warmup: int, with_compile: bool = True) -> list[dict]:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def bench_step(cfg: Config, steps: int, warmup: int, compile_modes: tuple[str, ...] = ("default",),
+               eager_grid: bool = True, profile_path: str | None = None,
+               on_row=lambda rows: None) -> list[dict]:
     """The step grid on this device: each precision with and without channels_last through our engine,
-    then, at the first precision with channels_last, a plain PyTorch loop, the compiled model and
-    (on CUDA) cuDNN's heuristics instead of its autotuner, which training uses."""
+    then, at the first precision with channels_last, a plain PyTorch loop, (on CUDA) cuDNN's
+    heuristics instead of its autotuner (training autotunes), and the model compiled in each of
+    `compile_modes`. Without `eager_grid`, only the eager row the compiled ones compare with. The
+    recipe's own choice is always measured, so a projection has its row. `profile_path`: profile
+    the first compiled row (or the eager one) there. `on_row(rows)` after each row: a caller can
+    save what was measured before a later variant fails or runs out of time."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     precisions = ["bf16", "no"] if cuda else ["no"]
+    first = precisions[0]
+    grid = [(first, True, None, "engine", True)]
+    if eager_grid:
+        grid = [(p, cl, None, "engine", True) for p in precisions for cl in (True, False)]
+        grid += [(first, True, None, "plain", True)] + [(first, True, None, "engine", False)] * cuda
+    grid += [(first, True, mode, "engine", True) for mode in compile_modes]
+    own = _own_choice(cfg, cuda, compile_modes)
+    if own not in grid:
+        grid.append(own)
+    profiled = next((g for g in grid if g[2]), grid[0]) if profile_path else None
     flops = flops_per_image(build_model(cfg.model, NUM_CLASSES))
-    peaks = {p: matmul_peak(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
-    grid = [(p, cl, False, "engine", True) for p in precisions for cl in (True, False)]
-    grid += [(precisions[0], True, False, "plain", True)] + [(precisions[0], True, True, "engine", True)] * with_compile
-    grid += [(precisions[0], True, False, "engine", False)] * cuda
+    peaks = {p: matmul_peak(device, _DTYPES[p]) for p in {g[0] for g in grid}}
     rows = []
-    for precision, channels_last, compiled, loop, autotune in grid:
-        rate, waits = step_rate(cfg, precision, channels_last, compiled, loop, steps, warmup, autotune)
+    for choice in grid:
+        precision, channels_last, mode, loop, autotune = choice
+        rate, waits, breaks, kernels = step_rate(cfg, precision, channels_last, mode, loop, steps, warmup, autotune,
+                                                 profile_path if choice == profiled else None)
         achieved = rate * 3 * flops  # forward + backward ~ 3x the forward FLOPs
         rows.append({"model": cfg.model.name, "batch": cfg.data.batch_size, "precision": precision,
-                     "channels_last": channels_last, "compile": compiled, "loop": loop,
+                     "channels_last": channels_last, "compile": mode is not None, "compile_mode": mode, "loop": loop,
                      "cudnn_benchmark": autotune if cuda else None,
                      "images_per_second": rate, "tflops": achieved / 1e12,
                      "mfu": achieved / peaks[precision], "matmul_peak_tflops": peaks[precision] / 1e12,
-                     "host_waits_per_step": waits})
+                     "host_waits_per_step": waits, "graph_breaks": breaks})
+        if kernels is not None:
+            rows[-1]["top_kernels"] = kernels
+        on_row(rows)
     return rows
+
+
+def compile_modes(text: str | None) -> tuple[str, ...]:
+    """`compile=` as typed: true (or nothing) is torch.compile's default mode, false none, else a
+    comma list of modes."""
+    if text in (None, "true"):
+        return ("default",)
+    if text == "false":
+        return ()
+    modes = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown:
+        raise UserError(f"compile={text}: {unknown[0]!r} is not a mode; expected true, false or a comma list of "
+                        f"{', '.join(COMPILE_MODES)}")
+    return modes
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+def _own_choice(cfg: Config, cuda: bool, compile_modes: tuple[str, ...]) -> tuple:
+    """The grid entry of what training with this recipe runs (fp32 off CUDA, as training falls back;
+    compiled in the default mode as training compiles, unless compiling was switched off here)."""
+    compiled = "default" if cfg.train.compile and compile_modes else None
+    return (cfg.train.precision if cuda else "no", cfg.train.channels_last, compiled, "engine", True)
 
 
 def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
@@ -218,23 +321,25 @@ def bench_checkpoint(cfg: Config, reps: int = 3) -> list[dict]:
 
 def project(cfg: Config, step_rows: list[dict], data_rows: list[dict], train_images: int) -> dict:
     """Epoch and whole-run time from the measured rates of this recipe's own choices."""
-    mine = [r for r in step_rows if r["precision"] in (cfg.train.precision, "no") and r["loop"] == "engine"
-            and r["channels_last"] == cfg.train.channels_last and r["compile"] == cfg.train.compile
+    want_compile = cfg.train.compile and any(r["compile"] for r in step_rows)
+    mine = [r for r in step_rows if r["loop"] == "engine" and r["channels_last"] == cfg.train.channels_last
+            and r["compile_mode"] == ("default" if want_compile else None)
             and r["cudnn_benchmark"] is not False]  # training autotunes
     step = max(mine, key=lambda r: r["precision"] == cfg.train.precision)["images_per_second"]
     data = next(r["images_per_second"] for r in data_rows if r["pipeline"] == cfg.data.pipeline)
     rate = min(step, data)
     epoch = train_images / rate
+    note = "train.compile=true but compile=false: projected from the eager step" if cfg.train.compile and not want_compile else ""
     return {"recipe": cfg.recipe, "step_images_per_second": step, "data_images_per_second": data,
             "bound_by": "data" if data < step else "model", "epoch_seconds": epoch,
-            "run_seconds": epoch * cfg.train.epochs, "epochs": cfg.train.epochs}
+            "run_seconds": epoch * cfg.train.epochs, "epochs": cfg.train.epochs, "note": note}
 
 
 def print_table(rows: list[dict]) -> None:
     """A small aligned table of the rows' values."""
     if not rows:
         return
-    keys = list(rows[0])
+    keys = [k for k, v in rows[0].items() if not isinstance(v, list | dict)]
     cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
@@ -255,15 +360,17 @@ def write_json(path: str | None, data) -> None:
 
 
 def main(action: str, cfg: Config, *, steps: int, warmup: int, batches: int, json_path: str | None,
-         with_compile: bool = True) -> None:
-    """Run one bench action, print its table and optionally save it as JSON."""
+         compile_modes: tuple[str, ...] = ("default",), eager_grid: bool = True, profile_path: str | None = None) -> None:
+    """Run one bench action, print its table and optionally save it as JSON (the step rows also
+    after each row, marked partial, so a variant that fails or is stopped loses no earlier row)."""
     from cifar100 import data as cifar_data
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; torch {torch.__version__}")
     result: dict = {"device": device}
     if action in ("step", "recipe"):
-        result["step"] = bench_step(cfg, steps, warmup, with_compile)
+        result["step"] = bench_step(cfg, steps, warmup, compile_modes, eager_grid, profile_path,
+                                    on_row=lambda rows: write_json(json_path, {**result, "step": rows, "partial": True}))
         print_table(result["step"])
     if action in ("data", "recipe"):
         dataset = cifar_data.load(cfg.data.root, cfg.data.download)

@@ -4,10 +4,11 @@ A checkpoint is `checkpoints/step-<global step>/` holding `model.safetensors` (w
 at all), `train_state.pt` (optimizer, schedule, scaler, every rank's RNG and partial-epoch sums:
 tensors and plain data, loaded with `weights_only=True`), `ema.safetensors` (the averaged
 weights, when `train.ema` is on), `meta.json` (position, counters, config, W&B id) and
-`COMPLETE`, written last. Each is built under a temporary name and renamed
-into place; older ones are pruned only after the new one is complete. `best` links to the weights
-of the best epoch (the model's or the averaged ones, as `train.ema.select` says, in `model.safetensors`), `last` to the newest checkpoint. Training copies its state to host memory and
-goes on while a `BackgroundWriter` writes it: a checkpoint costs the step a copy, not a disk write.
+`COMPLETE`, written last. Each is built under a temporary name and renamed into place; older
+ones are pruned only after the new one is complete. `best` links to the weights of the best epoch
+(the model's or the averaged ones, as `train.ema.select` says, in `model.safetensors`), `last` to
+the newest checkpoint. Training copies its state to host memory and goes on while a
+`BackgroundWriter` writes it: a checkpoint costs the step a copy, not a disk write.
 """
 
 from __future__ import annotations
@@ -111,17 +112,30 @@ class CheckpointWriter:
         self.last_good, self.best_score = last_good, best_score
         self._thread = BackgroundWriter()
         self._submitted: str | None = None
+        self._staged: Callable[[], None] | None = None
 
     def submit(self, tag: str, snapshot: Snapshot, score: float | None = None) -> None:
-        """Copy `snapshot` to host memory and write it as `tag` in the background; with a `score`
-        that beats the best on disk, also as the best weights. The same tag twice is written once."""
+        """`copy` then `start`: write `snapshot` as `tag` in the background."""
+        self.copy(tag, snapshot, score)
+        self.start()
+
+    def copy(self, tag: str, snapshot: Snapshot, score: float | None = None) -> None:
+        """Copy `snapshot` to host memory as the next write, `tag`; with a `score` that beats the best
+        on disk, also the best weights. The same tag twice is written once. Training may change the
+        originals as soon as this returns."""
         self._thread.wait()  # one copy of the state in host memory at a time; best_score is current
         if tag == self._submitted:
             return
         best = score if score is not None and score > self.best_score else None
         copied = Snapshot(host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta, host_copy(snapshot.ema))
-        self._thread.submit(partial(self._write, tag, copied, best))
+        self._staged = partial(self._write, tag, copied, best)
         self._submitted = tag
+
+    def start(self) -> None:
+        """Start writing what `copy` took, on the background thread."""
+        if self._staged is not None:
+            self._thread.submit(self._staged)
+            self._staged = None
 
     def wait(self) -> None:
         """Return once every submitted write has finished."""

@@ -18,7 +18,7 @@ import yaml
 
 from cifar100.config import available_recipes, load_config, recipe_description, to_yaml
 from cifar100.errors import UserError
-from cifar100.preemption import PREEMPTED_EXIT, Preempted
+from cifar100.preemption import INTERRUPTED_EXIT, Preempted
 
 USAGE = """usage: cifar100 <command> [recipe=NAME|PATH] [key=value ...]
 
@@ -30,12 +30,16 @@ commands:
   eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] [key=value ...]: per-class
             and per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md;
             weights=ema scores a checkpoint's averaged weights (train.ema)
-  bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [json=PATH]: measured images/s
-            of the training step (precision, channels_last, compile; MFU), the input pipelines, a
-            projection, and the seconds a checkpoint holds training up
+  bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [compile=MODE,...] [json=PATH]:
+            measured images/s of the training step (precision, channels_last, compile modes; MFU,
+            graph breaks; profile=PATH for its top kernels), the input pipelines, a projection, and
+            the seconds a checkpoint holds training up
   report    report FOLDER|GLOB ... [out=FOLDER] [wandb=true]: compare runs (seeds as mean ± std) in
             FOLDER (default report/): report.md and a self-contained report.html; wandb=true also
             builds a W&B Report
+  sweep     sweep FILE [run|task=I] [key=value ...]: list a sweep's runs (every config checked), train
+            them here one after another (finished ones skipped, unfinished continued), or print array
+            task I's train.py arguments (launch/slurm/sweep.sbatch)
 
 train takes seeds=[0,1,2] to run the recipe once per seed, into <name>-s<seed> folders.
 
@@ -144,6 +148,29 @@ def cmd_report(args: list[str]) -> None:
                              "cifar100 report " + " ".join(shlex.quote(a) for a in args)))
 
 
+def cmd_sweep(args: list[str]) -> None:
+    from cifar100 import sweep
+
+    if not args or "=" in args[0]:
+        raise UserError("usage: cifar100 sweep FILE [run|task=I] [key=value ...]")
+    run = args[1:2] == ["run"]
+    task, overrides = take(args[1 + run:], "task")
+    if run and task is not None:
+        raise UserError("give run (train every run here) or task=I (one array task's arguments), not both")
+    if run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("sweep FILE run trains one run after another in one process; under a distributed launch "
+                        "start one launch per run with the arguments `cifar100 sweep FILE task=I` prints")
+    plan = sweep.load_sweep(args[0], overrides)
+    if task is not None:
+        print("\n".join(sweep.task_args(plan, task)))
+    elif run:
+        folders = sweep.run_all(plan)
+        print(f"sweep {plan.name}: {len(folders)} runs done; compare them: cifar100 report "
+              + " ".join(shlex.quote(str(f)) for f in folders))
+    else:
+        print(sweep.listing(plan))
+
+
 def cmd_show(args: list[str]) -> None:
     recipe, overrides = split_args(args)
     print(to_yaml(load_config(recipe, overrides)), end="")
@@ -188,7 +215,8 @@ def cmd_bench(args: list[str]) -> None:
 
     if not args or args[0] not in ("step", "data", "recipe", "checkpoint"):
         raise UserError("usage: cifar100 bench step|data|recipe|checkpoint [recipe=NAME] [key=value ...] "
-                        "[steps=N] [warmup=N] [batches=N] [compile=false] [json=PATH]")
+                        "[steps=N] [warmup=N] [batches=N] [compile=false|true|MODE,...] [eager=false] "
+                        "[profile=TRACE.json.gz] [json=PATH]")
     numbers = {}
     rest = args[1:]
     for key, default in (("steps", 20), ("warmup", 5), ("batches", 30)):
@@ -200,16 +228,18 @@ def cmd_bench(args: list[str]) -> None:
         if numbers[key] < (0 if key == "warmup" else 1):
             raise UserError(f"{key}={text}: must be at least {0 if key == 'warmup' else 1}")
     json_path, rest = take(rest, "json")
-    compile_text, rest = take(rest, "compile")
-    if compile_text not in (None, "true", "false"):
-        raise UserError(f"compile={compile_text}: expected true or false")
+    profile_path, rest = take(rest, "profile")
+    modes, rest = take(rest, "compile")
+    eager, rest = take(rest, "eager")
+    if eager not in (None, "true", "false"):
+        raise UserError(f"eager={eager}: expected true or false")
     recipe, overrides = split_args(rest)
-    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, with_compile=compile_text != "false",
-               **numbers)
+    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, compile_modes=bench.compile_modes(modes),
+               eager_grid=eager != "false", profile_path=profile_path, **numbers)
 
 
 COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data": cmd_data, "eval": cmd_eval,
-            "report": cmd_report, "bench": cmd_bench}
+            "report": cmd_report, "bench": cmd_bench, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"error: {err}")
         return 2
     except Preempted as err:
-        _report(f"preempted: {err}; continue with the same command plus resume=auto")
-        return PREEMPTED_EXIT
+        what = "interrupted" if err.status == INTERRUPTED_EXIT else "preempted"
+        _report(f"{what}: {err}; continue with the same command plus resume=auto")
+        return err.status
+    except KeyboardInterrupt:
+        # Ctrl-C before training installed its handler (or after it ended): nothing to save.
+        _report("interrupted")
+        return INTERRUPTED_EXIT
     except OSError as err:
         if not err.filename:
             raise  # not about a path the user gave: a traceback helps more

@@ -168,6 +168,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    name: str = ""  # the sweep this run belongs to (`cifar100 sweep`); its W&B group
+    overrides: tuple[str, ...] = ()  # the key=value that set this run apart from the sweep's others
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = setting("run", launch=True, component=True, doc="the run folder's name under log.dir: one path component")
     recipe: str = setting("", launch=True)
@@ -182,6 +188,7 @@ class Config:
     sched: SchedConfig = SchedConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = setting(LogConfig(), launch=True)
+    sweep: SweepConfig = setting(SweepConfig(), launch=True)
 
 
 def rules(key: str) -> dict[str, Any]:
@@ -216,7 +223,7 @@ def available_recipes() -> dict[str, Path]:
 
 def recipe_description(path: Path) -> str:
     """The recipe's one-line `description:` (empty when it has none)."""
-    return str(_read_yaml(path).get("description", ""))
+    return str(read_yaml(path).get("description", ""))
 
 
 def load_config(recipe: str | None, overrides: list[str]) -> Config:
@@ -349,19 +356,20 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
+    """A YAML file that holds a mapping (a recipe, a sweep file), or a UserError naming `what` it should be."""
     try:
         data = _load_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     except OSError as err:
-        raise UserError(f"{path}: cannot read recipe ({err.strerror})") from None
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+        raise UserError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -370,7 +378,7 @@ def _resolve_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         chain = " -> ".join(p.stem for p in (*seen, path.resolve()))
         raise UserError(f"recipe inheritance loops: {chain}")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data

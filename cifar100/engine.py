@@ -296,12 +296,17 @@ def evaluate(
     for chunk in shard.split(batch_size):
         x = normalize_batch(images[chunk].to(device, non_blocking=True), mean, std)
         y = labels[chunk].to(device, non_blocking=True)
+        n = y.shape[0]
+        if n < batch_size < shard.numel():
+            # A short last batch padded to the others' shape: a compiled model (and a CUDA graph)
+            # then sees one shape only. In eval mode no image's result depends on another's.
+            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
-            logits = model(x).float()
+            logits = model(x).float()[:n]
             if tta_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
+                logits = (logits + model(x.flip(3)).float()[:n]) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits[0] += (top5[:, 0] == y).sum()

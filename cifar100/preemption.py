@@ -1,8 +1,14 @@
-"""Stopping cleanly when the cluster asks: SIGTERM or SIGUSR1 only raise a flag.
+"""Stopping cleanly when the cluster or the user asks: SIGTERM, SIGUSR1 or SIGINT only raise a flag.
 
 The training loop reads the flag at the next step boundary, all ranks agree on it, one
-checkpoint is written and the process exits with `PREEMPTED_EXIT`, the status the Slurm
-scripts requeue on. A second signal (later than a duplicate copy of the first) means "now": the process exits at once.
+checkpoint is written and the process exits: 143 after SIGTERM or SIGUSR1 (`PREEMPTED_EXIT`,
+the status the Slurm scripts requeue on), 130 after SIGINT (Ctrl-C). A second signal (later
+than a duplicate copy of the first) means "now": the process exits at once.
+
+Real systems signal every process of a job (Slurm's scancel and time limit, GNU timeout, a
+terminal's Ctrl-C, `kill -- -PGID`), loader workers included. Workers leave the decision to the
+main process (`quiet_worker`): they ignore these signals and end when the main process shuts
+them down or dies.
 """
 
 from __future__ import annotations
@@ -12,18 +18,37 @@ import signal
 import time
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a job stopped by SIGTERM
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
 # A launcher that forwards the signal it got to a worker that got it from the process group too
 # delivers two copies within milliseconds: only a signal after this many seconds means "now".
 REPEAT_AFTER_S = 0.5
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def exit_status(signum: int | None) -> int:
+    """The status a run stopped by `signum` exits with: 130 for SIGINT, else 143."""
+    return INTERRUPTED_EXIT if signum == signal.SIGINT else PREEMPTED_EXIT
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; the CLI exits with PREEMPTED_EXIT."""
+    """Raised after the stop checkpoint is written; the CLI exits with `status`."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.status = exit_status(signum)
+
+
+def quiet_worker(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: ignore the stop signals, so a signal to the whole process
+    group cannot kill a worker mid-batch (PyTorch's own worker handler dies of a SIGTERM that
+    its parent did not send, and the main process then raises). Workers still end with the main
+    process: it shuts them down on exit or error, and each notices within seconds if it died."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopFlag:
-    """Set by the first SIGTERM/SIGUSR1; nothing heavy runs inside the handler."""
+    """Set by the first SIGTERM/SIGUSR1/SIGINT; nothing heavy runs inside the handler."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -32,7 +57,7 @@ class StopFlag:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Take over SIGTERM and SIGUSR1 (call from the main thread)."""
+        """Take over SIGTERM, SIGUSR1 and SIGINT (call from the main thread)."""
         self._pid = os.getpid()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -53,9 +78,9 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: object) -> None:
         if os.getpid() != self._pid:
-            return  # a forked DataLoader worker: the trainer decides, the worker carries on until told
+            return  # a forked child that kept this handler: the trainer decides
         now = time.monotonic()
         if self.signal is None:
             self.signal, self._first_at = signum, now
         elif now - self._first_at > REPEAT_AFTER_S:
-            os._exit(PREEMPTED_EXIT)
+            os._exit(exit_status(signum))

@@ -114,8 +114,17 @@ def group_runs(runs: list[Run]) -> list[Column]:
     for members in groups.values():
         recipe = members[0].config.recipe or members[0].config.name
         label = members[0].label if len(members) == 1 else f"{recipe} (seeds {', '.join(str(r.config.seed) for r in members)})"
-        columns.append(Column(label, tuple(members)))
+        columns.append(Column(_sweep_label(members) or label, tuple(members)))
     return _distinguish(columns)
+
+
+def _sweep_label(members: list[Run]) -> str | None:
+    """`side: sched.name=step (seeds 0, 1)`: a sweep's column is named by the values it varies."""
+    sweep = members[0].config.sweep
+    if not sweep.name:
+        return None
+    seeds = ", ".join(str(r.config.seed) for r in members)
+    return f"{sweep.name}: {' '.join(sweep.overrides) or 'base'} (seed{'s' if len(members) > 1 else ''} {seeds})"
 
 
 def _distinguish(columns: list[Column]) -> list[Column]:

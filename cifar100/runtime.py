@@ -1,4 +1,5 @@
-"""Where and how the arithmetic runs: the device type and the precision that really runs there."""
+"""Where and how the arithmetic runs: the device type, the precision that really runs there, and
+whether the processes a launcher started form one job."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from cifar100.config import DataConfig
+from cifar100.errors import UserError
 
 
 def device_type() -> str:
@@ -34,6 +36,22 @@ def resolve_precision(requested: str, kind: str) -> str:
     warnings.warn(f"train.precision={requested} has no fast path on {kind}; training in fp32 "
                   "(set train.precision=no to silence this)", stacklevel=2)
     return "no"
+
+
+def require_one_job(launched: str | None, joined: int) -> None:
+    """Refuse a run whose launcher started `launched` processes (its WORLD_SIZE) that did not join
+    one process group (`joined`, the Accelerator's process count): each would train alone, into a
+    folder of its own. Accelerate falls back to single processes where CUDA is unavailable, e.g.
+    `accelerate launch --multi_gpu` on a CPU machine or a GPU node whose driver failed."""
+    try:
+        world = int(launched or 1)
+    except ValueError:
+        return  # not a launcher's value; Accelerate reports what it makes of it
+    if world > 1 and joined != world:
+        raise UserError(f"the launcher started {world} processes (WORLD_SIZE={world}) but they did not join one job: "
+                        f"each would train alone ({joined} process(es) in its group), as Accelerate does where CUDA "
+                        "is unavailable. For CPU processes set ACCELERATE_USE_CPU=1; on GPU nodes check the driver "
+                        "(nvidia-smi)")
 
 
 def usable_cores() -> int:

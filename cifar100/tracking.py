@@ -106,7 +106,7 @@ def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode
     if mode == "disabled":
         return None
     init = {"name": name, "dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow" if run_id else None,
-            "group": config.get("recipe") or None, "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t]}
+            "group": config.get("sweep", {}).get("name") or config.get("recipe") or None, "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t]}
     try:
         accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None} | ({"entity": entity} if entity else {})})
         return accelerator.get_tracker("wandb", unwrap=True).id
@@ -135,20 +135,27 @@ def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, 
 
     Before closing, the main process adds summary.json to the run's summary and logs the best and
     last checkpoints as versions of one model artifact, aliased "best" and "last". After closing,
-    an offline run's exact `wandb sync` command is printed.
+    an offline run's `wandb sync` command is printed: it names the folder of every start of the
+    run (a resumed run adds one per start, under the same id), which wandb uploads in order.
     """
-    sync_dir = None
+    sync_dirs: list[Path] = []
     if accelerator.is_main_process and accelerator.trackers:
         try:
             run = accelerator.get_tracker("wandb", unwrap=True)
             run.summary.update(summary)
             log_checkpoints(run, run_dir / "checkpoints")
-            sync_dir = run.settings.sync_dir if run.offline else None
+            sync_dirs = offline_runs(Path(run.settings.sync_dir).parent, run.id) if run.offline else []
         except Exception as err:  # noqa: BLE001  (W&B must never fail a finished run)
             warnings.warn(f"W&B could not record the checkpoints ({type(err).__name__}: {err})", stacklevel=2)
     accelerator.end_training()
-    if sync_dir:
-        print(f"W&B run saved offline; to upload it: wandb sync {shlex.quote(sync_dir)}", flush=True)
+    if sync_dirs:
+        print(f"W&B run saved offline; to upload it: wandb sync {' '.join(shlex.quote(str(d)) for d in sync_dirs)}",
+              flush=True)
+
+
+def offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The offline folders of one run, oldest start first (names begin offline-run-YYYYMMDD_HHMMSS)."""
+    return sorted(wandb_dir.glob(f"offline-run-*-{run_id}"))
 
 
 def log_checkpoints(run: Any, ckpt_dir: Path) -> None:

@@ -9,8 +9,10 @@ A signal or a non-finite loss ends the loop early, after a checkpoint or naming 
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from cifar100.errors import UserError
 from cifar100.models import build_model, count_parameters, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
 from cifar100.preemption import Preempted, StopFlag
-from cifar100.runtime import capped_workers, device_name, device_type, resolve_precision
+from cifar100.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
 from cifar100.tracking import (
     append_metrics,
     finish_tracking,
@@ -72,6 +74,7 @@ class Trainer:
             # non_blocking: copies from the pinned batches never make the host wait for the GPU.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         )
+        require_one_job(os.environ.get("WORLD_SIZE"), acc.num_processes)
         set_seed(cfg.seed)
         if acc.is_main_process:
             print(to_yaml(cfg), flush=True)
@@ -174,9 +177,11 @@ class Trainer:
                 self.checkpoint()
                 self._halt(f"at epoch {self.state.epoch}, batch {self.state.progress.step}")
             row = self.evaluate(result)
-            self.log(row)
             self.state.end_epoch()
-            self.checkpoint(score=row[self.score_key])
+            # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
+            # metrics, and the row can say how long the checkpoint held training up.
+            self.checkpoint(score=row[self.score_key],
+                            before_write=lambda held: self.log({**row, "checkpoint_seconds": held}))
             stop = self.accelerator.reduce(torch.tensor(float(bool(self.stop)), device=self.accelerator.device),
                                            reduction="sum")
             if stop.item() > 0 and self.state.epoch <= self.cfg.train.epochs:
@@ -235,8 +240,9 @@ class Trainer:
                                   batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
                 row.update({f"{prefix}{split}_loss": scores.loss, f"{prefix}{split}_top1": scores.top1,
                             f"{prefix}{split}_top5": scores.top5})
-        row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds)
-        self.clock.evaluated(time.perf_counter() - began)
+        row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds,
+                   eval_seconds=time.perf_counter() - began)
+        self.clock.evaluated(row["eval_seconds"])
         self.state.schedule.epoch_end(row[f"{self.selected}_loss"])
         totals = self.state.totals
         totals.train_images += result.images
@@ -245,7 +251,7 @@ class Trainer:
         return row
 
     def log(self, row: dict) -> None:
-        """metrics.jsonl, the plots, W&B and one printed line (main process)."""
+        """metrics.jsonl, the plots, W&B and one printed line (main process); every rank keeps the row."""
         self.rows.append(row)
         acc = self.accelerator
         if not acc.is_main_process:
@@ -261,14 +267,20 @@ class Trainer:
                   f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}{ema} | {row['epoch_seconds']:.1f} s, "
                   f"{row['images_per_second']:.0f} img/s{left}", flush=True)
 
-    def checkpoint(self, score: float | None = None) -> None:
-        """Checkpoint this exact position (every rank calls it); the main process hands it to the
-        background writer, with the epoch's `score` when it may be the best so far."""
-        self.state.totals.wall_seconds = self.wall_before + time.perf_counter() - self.started
+    def checkpoint(self, score: float | None = None, before_write: Callable[[float], None] | None = None) -> None:
+        """Checkpoint this exact position (every rank calls it): the main process copies it to host
+        memory, with the epoch's `score` when it may be the best so far, runs `before_write(seconds
+        training was held up)`, then lets the background writer write it."""
+        began = time.perf_counter()
+        self.state.totals.wall_seconds = self.wall_before + began - self.started
         snap = self.state.state_dict()
         if self.accelerator.is_main_process:
             snap.meta["config"] = self.config_dict
-            self.writer.submit(self.state.tag, snap, score)
+            self.writer.copy(self.state.tag, snap, score)
+        if before_write is not None:
+            before_write(time.perf_counter() - began)
+        if self.accelerator.is_main_process:
+            self.writer.start()
         self.accelerator.wait_for_everyone()
 
     def flush(self) -> None:
@@ -280,7 +292,7 @@ class Trainer:
     def _halt(self, where: str) -> None:
         self.flush()
         raise Preempted(f"stopped by {self.stop.name or 'a signal on another rank'} {where}; "
-                        f"checkpoint {self.run_dir / 'checkpoints' / 'last'}")
+                        f"checkpoint {self.run_dir / 'checkpoints' / 'last'}", self.stop.signal)
 
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""

@@ -41,7 +41,7 @@ def build_report(columns: list[Column], table_markdown: str, entity: str):
         for run in column.runs:
             by_project.setdefault(run.config.log.wandb.project, []).extend(run_ids(run.path))
     runsets = [wr.Runset(entity=entity, project=project, name=project, filters=expr.And(expr.Metric("ID").isin(ids)),
-                         groupby=["group"])  # start_wandb makes the recipe each run's group
+                         groupby=["group"])  # start_wandb makes the sweep, else the recipe, each run's group
                for project, ids in by_project.items() if ids]
     band = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev", "title_x": "epoch"}  # W&B's step is the epoch
     panels = [

@@ -289,7 +289,10 @@ def test_dockerfile_structure():
         assert path in copied
     assert any(op == "RUN" and re.search(r"pip install [^&]*-e \.", args) for op, args in steps)
     entry = json.loads(next(args for op, args in steps if op == "ENTRYPOINT"))
-    assert entry[:3] == ["accelerate", "launch", "train.py"] and "data.root=/data" in entry and "log.dir=/runs" in entry
+    # PID 1 is the script that hands signals to the launch (tests/test_signals.py runs it as PID 1).
+    assert entry[0] == "/app/docker/entrypoint.sh" and "docker/entrypoint.sh" in copied
+    assert entry[1:5] == ["accelerate", "launch", "--quiet", "train.py"]
+    assert "data.root=/data" in entry and "log.dir=/runs" in entry
     assert any(op == "HEALTHCHECK" for op, _ in steps)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", "data", "runs", "wandb"} <= set(ignored)
@@ -303,3 +306,34 @@ def test_compose_runs_one_node_with_all_gpus():
     assert {v.split(":")[1] for v in train["volumes"]} == {"/data", "/runs"}
     gpus = train["deploy"]["resources"]["reservations"]["devices"]
     assert gpus == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+@pytest.mark.slow
+def test_scancel_stops_with_a_checkpoint_before_killwait_and_the_run_resumes_exactly(one_node, uninterrupted):
+    """`scancel ID`: Slurm sends SIGCONT and SIGTERM to every process of the job's steps, the loader
+    workers included, and SIGKILL after KillWait (30 s). The training checkpoints and stops first."""
+    options, env = ("--cpus-per-task=2",), {"CPU_PROCS": "2"}
+    workers = ("data.workers=2", "data.pipeline=reference")
+    job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE4, *workers), options=options, env=env)
+    run = one_node.out / f"cifar100-{job}"
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.monotonic() < deadline and one_node.job(job)["JobState"] not in DONE_STATES, one_node.log(job)[-3000:]
+        time.sleep(0.2)
+    cancelled = time.monotonic()
+    one_node.run("scancel", job)
+    info = one_node.wait(job, timeout=120)
+    log = one_node.log(job)
+    assert info["JobState"] == "CANCELLED" and time.monotonic() - cancelled < 30, log[-4000:]
+    assert log.count("preempted: stopped by SIGTERM") == 1, log[-4000:]  # rank 0's one line
+    assert "killed by signal" not in log and "exitcode: 143" in log  # no worker died of it; both ranks stopped
+    last = (run / "checkpoints" / "last").resolve()
+    assert (last / "COMPLETE").is_file() and last.name >= "step-00000008", log[-4000:]
+    assert subprocess.run(["pgrep", "-f", f"name=cifar100-{job}"], capture_output=True).returncode == 1  # none left
+
+    # Submitted again under the run's name, the run continues and ends as if never stopped.
+    again = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE4, *workers, f"name=cifar100-{job}"),
+                            options=options, env=env)
+    assert one_node.wait(again, timeout=240)["JobState"] == "COMPLETED", one_node.log(again)[-4000:]
+    _, _, reference = uninterrupted
+    assert [[r[k] for k in EXACT_KEYS] for r in rows(run)] == [[r[k] for k in EXACT_KEYS] for r in rows(reference)]

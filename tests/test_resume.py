@@ -315,9 +315,11 @@ def test_wandb_run_is_resumed_by_its_saved_id(tmp_path, real_data, baselines):
     while subprocess.run(["pgrep", "-f", f"wandb-core .*--pid {proc.pid}$"], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "wandb-core outlived its killed client by a minute"
         time.sleep(0.5)
-    finish(ONE, args(real_data, tmp_path, "wb", "resume=auto", *wandb_args), {"WANDB_SILENT": "true"})
+    out = finish(ONE, args(real_data, tmp_path, "wb", "resume=auto", *wandb_args), {"WANDB_SILENT": "true"})
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    # One command uploads both starts; wandb syncs the folders of one run id in order of start.
+    assert f"to upload it: wandb sync {runs[0]} {runs[1]}\n" in out.stdout
     assert metrics(tmp_path / "wb") == baselines[1]
 
 

@@ -19,7 +19,7 @@ from conftest import run_cmd
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
-               "epoch_seconds", "images_per_second"}
+               "epoch_seconds", "images_per_second", "eval_seconds", "checkpoint_seconds"}
 SUMMARY_KEYS = {"recipe", "final_test_top1", "final_test_top5", "best_test_top1", "best_epoch", "epochs",
                 "wall_seconds", "images_per_second", "world_size", "precision", "device"}
 

@@ -10,6 +10,7 @@ from cifar100.augment.batched import DeviceLoader
 from cifar100.augment.reference import AugmentedDataset, train_transform
 from cifar100.config import AugmentConfig, DataConfig
 from cifar100.errors import UserError
+from cifar100.preemption import quiet_worker
 
 
 def build_train_loader(images: torch.Tensor, labels: torch.Tensor, batch: int, data: DataConfig,
@@ -31,7 +32,8 @@ def build_train_loader(images: torch.Tensor, labels: torch.Tensor, batch: int, d
     return DataLoader(AugmentedDataset(images, labels, train_transform(augment), seed=seed), batch_size=batch,
                       shuffle=True, drop_last=True, num_workers=data.workers,
                       pin_memory=accelerator.device.type == "cuda", persistent_workers=data.workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=quiet_worker)  # a signal to the process group is the main process's to handle
 
 
 def epoch_batches(loader: DataLoader | DeviceLoader, epoch: int, skip: int, accelerator: Accelerator):

@@ -13,7 +13,8 @@
 # (torchrun reports that as a failure, so srun ends non-zero). This shell then requeues the job:
 # it waits in the queue again (about 2 min at Slurm's default cred_expire) and restarts with
 # SLURM_RESTART_COUNT=1, 2, ... Logs: --output=logs/%x-%j.out with --open-mode=append, one file
-# per job id holding every restart.
+# per job id holding every restart. An array task (sweep.sbatch) is <array job id>_<task>: that is the
+# id it prints and requeues, so a preempted task is requeued alone.
 #
 # Inputs: $0 (the sbatch script, for the dry run), srun_opts and in_container (arrays, optional),
 # and the script's arguments. Outside Slurm, `--dry-run ARGS` prints what each node would run.
@@ -27,7 +28,9 @@ if [[ ${1:-} == --dry-run ]]; then
   exec launch/slurm/node.sh --dry-run "name=${SLURM_JOB_NAME:-cifar100}-JOBID" resume=auto "$@"
 fi
 
-echo "job $SLURM_JOB_ID (${SLURM_JOB_NAME}) start $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST at $(date -Is)"
+job_ref=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+job_ref=${job_ref:-$SLURM_JOB_ID}
+echo "job $job_ref (${SLURM_JOB_NAME}) start $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST at $(date -Is)"
 HEAD_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # per job: jobs sharing a node do not collide
 export HEAD_ADDR MAIN_PORT
@@ -35,7 +38,7 @@ export HEAD_ADDR MAIN_PORT
 preempted=0 step=""
 # shellcheck disable=SC2317,SC2329  # run by the trap below
 on_usr1() {
-  (( preempted )) && return  # pass it on once: a second signal makes the training exit without saving
+  (( preempted )) && return 0  # pass it on once: a second signal makes the training exit without saving
   preempted=1
   echo "USR1 at $(date -Is): asking the training to checkpoint and stop"
   kill -USR1 "$step" 2>/dev/null || true
@@ -53,9 +56,9 @@ status=0
 wait "$step" || status=$?
 
 if (( preempted && status != 0 )); then
-  echo "training stopped after USR1 (srun status $status); requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
+  echo "training stopped after USR1 (srun status $status); requeueing job $job_ref"
+  scontrol requeue "$job_ref"
   exit 0
 fi
-echo "job $SLURM_JOB_ID ended with status $status at $(date -Is)"
+echo "job $job_ref ended with status $status at $(date -Is)"
 exit "$status"
