@@ -13,6 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -180,8 +181,7 @@ class Trainer:
             self.state.end_epoch()
             # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
             # metrics, and the row can say how long the checkpoint held training up.
-            self.checkpoint(score=row[self.score_key],
-                            before_write=lambda held: self.log({**row, "checkpoint_seconds": held}))
+            self.checkpoint(score=row[self.score_key], before_write=partial(self._log_held, row))
             stop = self.accelerator.reduce(torch.tensor(float(bool(self.stop)), device=self.accelerator.device),
                                            reduction="sum")
             if stop.item() > 0 and self.state.epoch <= self.cfg.train.epochs:
@@ -249,6 +249,9 @@ class Trainer:
         totals.train_seconds += result.seconds
         totals.images_per_rank = [a + b for a, b in zip(totals.images_per_rank, result.images_per_rank)]
         return row
+
+    def _log_held(self, row: dict, held: float) -> None:
+        self.log({**row, "checkpoint_seconds": held})
 
     def log(self, row: dict) -> None:
         """metrics.jsonl, the plots, W&B and one printed line (main process); every rank keeps the row."""
