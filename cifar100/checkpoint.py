@@ -2,11 +2,13 @@
 
 A checkpoint is `checkpoints/step-<global step>/` holding `model.safetensors` (weights: no pickle
 at all), `train_state.pt` (optimizer, schedule, scaler, every rank's RNG and partial-epoch sums:
-tensors and plain data, loaded with `weights_only=True`), `meta.json` (position, counters,
-config, W&B id) and `COMPLETE`, written last. Each is built under a temporary name and renamed
-into place; older ones are pruned only after the new one is complete. `best` links to the weights
-of the best epoch, `last` to the newest checkpoint. Training copies its state to host memory and
-goes on while a `BackgroundWriter` writes it: a checkpoint costs the step a copy, not a disk write.
+tensors and plain data, loaded with `weights_only=True`), `ema.safetensors` (the averaged
+weights, when `train.ema` is on), `meta.json` (position, counters, config, W&B id) and
+`COMPLETE`, written last. Each is built under a temporary name and renamed into place; older
+ones are pruned only after the new one is complete. `best` links to the weights of the best epoch
+(the model's or the averaged ones, as `train.ema.select` says, in `model.safetensors`), `last` to
+the newest checkpoint. Training copies its state to host memory and goes on while a
+`BackgroundWriter` writes it: a checkpoint costs the step a copy, not a disk write.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from cifar100.errors import UserError
 from cifar100.records import meta_problem, train_state_problem
 
 MARKER = "COMPLETE"
+EMA_FILE = "ema.safetensors"
 PREFIX = "step-"
 
 
@@ -87,23 +90,26 @@ class BackgroundWriter:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A checkpoint's three parts: weights (safetensors), train state (tensors and plain data,
-    `train_state.pt`) and meta (JSON: position, counters, config)."""
+    """A checkpoint's parts: weights (safetensors), train state (tensors and plain data,
+    `train_state.pt`), meta (JSON: position, counters, config) and the averaged weights, if any."""
 
     weights: dict[str, torch.Tensor]
     state: dict[str, Any]
     meta: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
 
 
 class CheckpointWriter:
     """Writes snapshots into `checkpoints/` on a background thread, and knows what is on disk: the
-    newest complete checkpoint (`last_good`) and the score of the weights under `best/`.
+    newest complete checkpoint (`last_good`) and the score of the weights under `best/`, which are
+    the snapshot's `select`ed ones: "model" or "ema" (its averaged weights).
 
     A failed write is a warning, never a stop: training goes on and the previous checkpoint stays.
     """
 
-    def __init__(self, ckpt_dir: Path, keep_last: int, last_good: Path | None = None, best_score: float = -1.0):
-        self.ckpt_dir, self.keep_last = ckpt_dir, keep_last
+    def __init__(self, ckpt_dir: Path, keep_last: int, last_good: Path | None = None, best_score: float = -1.0,
+                 select: str = "model"):
+        self.ckpt_dir, self.keep_last, self.select = ckpt_dir, keep_last, select
         self.last_good, self.best_score = last_good, best_score
         self._thread = BackgroundWriter()
         self._submitted: str | None = None
@@ -122,7 +128,7 @@ class CheckpointWriter:
         if tag == self._submitted:
             return
         best = score if score is not None and score > self.best_score else None
-        copied = Snapshot(host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta)
+        copied = Snapshot(host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta, host_copy(snapshot.ema))
         self._staged = partial(self._write, tag, copied, best)
         self._submitted = tag
 
@@ -139,7 +145,8 @@ class CheckpointWriter:
     def _write(self, tag: str, snap: Snapshot, best: float | None) -> None:
         if best is not None:
             try:
-                save_best(self.ckpt_dir, tag, snap.weights, snap.meta)
+                save_best(self.ckpt_dir, tag, snap.ema if self.select == "ema" else snap.weights,
+                          {**snap.meta, "weights": self.select})
                 self.best_score = best
             except OSError as err:
                 held = (self.ckpt_dir / "best").resolve().name if (self.ckpt_dir / "best").exists() else "nothing yet"
@@ -148,7 +155,7 @@ class CheckpointWriter:
         # The meta says which best is really on disk, so a resumed run compares against that one.
         meta = {**snap.meta, "best_score": self.best_score}
         try:
-            save_checkpoint(self.ckpt_dir, tag, snap.weights, snap.state, meta)
+            save_checkpoint(self.ckpt_dir, tag, snap.weights, snap.state, meta, ema=snap.ema)
             point_link(self.ckpt_dir, "last", tag)
             prune(self.ckpt_dir, self.keep_last)
             self.last_good = self.ckpt_dir / tag
@@ -159,7 +166,8 @@ class CheckpointWriter:
 
 
 def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor],
-                    train_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+                    train_state: dict[str, Any], meta: dict[str, Any],
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `ckpt_dir/<tag>/` atomically, replacing an older checkpoint of the same tag.
 
     On failure (a full disk, say) the partial folder is removed and the error re-raised;
@@ -171,7 +179,9 @@ def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tenso
     try:
         tmp.mkdir()
         # Serialised in memory, written by Python: a full disk is then a plain OSError (ENOSPC).
-        (tmp / "model.safetensors").write_bytes(save({k: v.detach().contiguous().cpu() for k, v in model_state.items()}))
+        for name, weights in (("model.safetensors", model_state), (EMA_FILE, ema)):
+            if weights is not None:
+                (tmp / name).write_bytes(save({k: v.detach().contiguous().cpu() for k, v in weights.items()}))
         buffer = io.BytesIO()
         torch.save(train_state, buffer)
         (tmp / "train_state.pt").write_bytes(buffer.getbuffer())
@@ -222,8 +232,9 @@ def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / "model.safetensors").is_file()
 
 
-def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest checkpoint that loads, with its weights and train state.
+def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any],
+                                         dict[str, torch.Tensor] | None] | None:
+    """The newest checkpoint that loads, with its weights, train state and averaged weights (or None).
 
     A truncated, corrupt or impossible newer one is skipped with a warning naming it; None when none loads.
     """
@@ -235,25 +246,34 @@ def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str
     return None
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A step checkpoint's weights and train state, each file checked as data (a meta.json or train
-    state of the wrong shape is as unusable as a truncated one)."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """A step checkpoint's weights, train state and averaged weights (or None), each file checked
+    as data (a meta.json or train state of the wrong shape is as unusable as a truncated one)."""
     meta = read_meta(path)
     weights, state = load_weights(path), load_train_state(path)
     problem = train_state_problem(state, meta)
     if problem:
         raise UserError(f"{path / 'train_state.pt'}: unreadable ({problem})")
-    return weights, state
+    return weights, state, load_ema(path)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint folder (safetensors: no code can run while loading)."""
     if not is_complete(path):
         raise UserError(f"{path}: not a complete checkpoint (no {MARKER} marker or no model.safetensors)")
+    return _read_safetensors(path / "model.safetensors")
+
+
+def load_ema(path: Path) -> dict[str, torch.Tensor] | None:
+    """The averaged weights of a complete checkpoint folder, None when it holds none."""
+    return _read_safetensors(path / EMA_FILE) if (path / EMA_FILE).exists() else None
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path / "model.safetensors"))
+        return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path / 'model.safetensors'}: unreadable ({err})") from None
+        raise UserError(f"{file}: unreadable ({err})") from None
 
 
 def load_train_state(path: Path) -> dict[str, Any]:

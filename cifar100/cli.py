@@ -26,8 +26,9 @@ commands:
   show      print the fully resolved config as YAML and exit
   recipes   list the recipes with a one-line description each
   data      data verify|stats|download [data.root=DIR]: check, describe or fetch CIFAR-100
-  eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [key=value ...]: per-class and
-            per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md
+  eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] [key=value ...]: per-class
+            and per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md;
+            weights=ema scores a checkpoint's averaged weights (train.ema)
   bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [compile=MODE,...] [json=PATH]:
             measured images/s of the training step (precision, channels_last, compile modes; MFU,
             graph breaks; profile=PATH for its top kernels), the input pipelines, a projection, and
@@ -120,12 +121,14 @@ def cmd_eval(args: list[str]) -> None:
     run, args = take(args, "run")
     checkpoint, args = take(args, "checkpoint")
     tta, args = take(args, "eval.tta")
+    which, args = take(args, "weights")
     recipe, overrides = split_args(args)
     if recipe is not None:
         raise UserError("eval takes the config the checkpoint was trained with: drop recipe= (key=value still overrides)")
     if run is None and checkpoint is None:
-        raise UserError("usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [key=value ...]")
-    run_eval(run, checkpoint or "best", overrides, tta or "none")
+        raise UserError("usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] "
+                        "[key=value ...]")
+    run_eval(run, checkpoint or "best", overrides, tta or "none", which or "model")
 
 
 def cmd_report(args: list[str]) -> None:

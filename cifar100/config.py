@@ -122,6 +122,20 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the weights (timm's ModelEmaV3), updated after optimizer steps."""
+
+    enabled: bool = False
+    decay: float = setting(0.999, low=0.0, high=0.999_999_9,
+                           doc="weight the average keeps at each update; its horizon is about 1 / (1 - decay) updates")
+    warmup: bool = setting(True, doc="decay after k updates = min(decay, 1 - k ** -warmup_power): early weights fade fast")
+    warmup_power: float = setting(0.75, above=0.0, high=10.0, doc="timm's warm-up power: 3/4 for short runs, 2/3 for long")
+    every: int = setting(1, low=1, high=_MANY, doc="update every N optimizer steps (the decay applies per update)")
+    select: str = setting("model", choices=("model", "ema"),
+                          doc="the weights whose score picks the best epoch, saved as checkpoints/best")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = setting(200, low=1, high=100_000)
     precision: str = setting("bf16", choices=("no", "fp16", "bf16"))
@@ -134,6 +148,7 @@ class TrainConfig:
     checkpoint_every_steps: int = setting(0, low=0, high=_MANY, launch=True,
                                           doc="also checkpoint every N optimizer steps; 0 = epoch ends only")
     max_bad_steps: int = setting(0, low=0, high=_MANY, launch=True, doc="non-finite losses skipped before a stop")
+    ema: EmaConfig = EmaConfig()
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,8 @@ class LogConfig:
     dir: str = "runs"
     wandb: WandbConfig = WandbConfig()
     progress: bool = setting(True, doc="progress bar on the main process")
+    warn_hours: float = setting(24.0, above=0.0, high=1e6,
+                                doc="warn once when the measured projection of the whole run exceeds this many hours")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.ema import WeightAverage
 from cifar100.optim import Schedule
 from cifar100.augment.reference import normalize_batch
 
@@ -108,6 +109,8 @@ def train_one_epoch(
     stop_requested: Callable[[], bool],
     max_bad_steps: int,
     after_step: Callable[[EpochProgress], None],
+    ema: WeightAverage | None = None,
+    run_left: Callable[[], str | None] = lambda: None,
 ) -> EpochResult | None:
     """Train over `loader` (which already skips the `state.step` batches done before a resume).
 
@@ -115,7 +118,8 @@ def train_one_epoch(
     requested: a signal during optimizer step k stops the epoch after step k + 1, and `state`
     says exactly where it stands. A non-finite loss skips its optimizer step on every rank
     (the schedule still advances) and its images are not counted; more than `max_bad_steps` in
-    an epoch raise NonFiniteLoss.
+    an epoch raise NonFiniteLoss. `ema` averages the weights after each step it does not skip;
+    `run_left` is the whole run's estimated time left, shown on the bar once it has one.
     """
     model.train()
     if state.sums is None:
@@ -123,7 +127,7 @@ def train_one_epoch(
     bar = tqdm(total=state.step + len(loader), initial=state.step, desc=f"epoch {epoch}", leave=False,
                dynamic_ncols=True, disable=not (progress and accelerator.is_main_process))
     steps = _Stepper(model, optimizer, schedule, accelerator, state, bar, epoch=epoch, clip_grad=clip_grad,
-                     max_bad_steps=max_bad_steps)
+                     max_bad_steps=max_bad_steps, ema=ema, run_left=run_left)
     start = time.perf_counter() - state.seconds
     for step, (images, labels) in enumerate(loader, start=state.step):
         rng = np.random.default_rng([seed, epoch, step, accelerator.process_index])
@@ -165,10 +169,12 @@ class _Stepper:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  accelerator: Accelerator, state: EpochProgress, bar: tqdm, *, epoch: int,
-                 clip_grad: float | None, max_bad_steps: int):
+                 clip_grad: float | None, max_bad_steps: int, ema: WeightAverage | None,
+                 run_left: Callable[[], str | None]):
         self.model, self.schedule, self.accelerator, self.state, self.bar = model, schedule, accelerator, state, bar
         self.optimizer, self.base = optimizer, getattr(optimizer, "optimizer", optimizer)
         self.epoch, self.clip_grad, self.max_bad_steps = epoch, clip_grad, max_bad_steps
+        self.ema, self.run_left = ema, run_left
         self.skips_on_device = getattr(self.base, "_step_supports_amp_scaling", False) and accelerator.scaler is None
         device = accelerator.device
         self.off_on = torch.tensor([0.0, 1.0], device=device, dtype=torch.float64)  # indexed by the stop flag: no copy
@@ -204,6 +210,8 @@ class _Stepper:
             self.optimizer.step()
         if self.skips_on_device:
             del self.base.found_inf
+        if self.ema is not None:
+            self.ema.after_step(self.schedule.step_count + 1, skip)
         # The wrapped optimizer's zero_grad waits for a sync step; this is one, so clear directly.
         self.base.zero_grad(set_to_none=True)
         # A step skipped anywhere counts nowhere, so every rank's image count stays the same.
@@ -232,9 +240,13 @@ class _Stepper:
             warnings.warn(f"non-finite loss at {where}: step skipped "
                           f"({self.bad_steps} of train.max_bad_steps={self.max_bad_steps})", stacklevel=4)
             reset_broken_norm_statistics(self.model)
+            if self.ema is not None:  # it averaged in the statistics of the step after the skipped one
+                reset_broken_norm_statistics(self.ema.module)
         if not self.bar.disable:  # shown at the bar's next refresh: no terminal write per step
             rate = self.images_seen * self.accelerator.num_processes / max(time.perf_counter() - self.began, 1e-9)
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{flags.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+            left = self.run_left()
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{flags.lr:.2e}", img_s=f"{rate:.0f}",
+                                 **({"run_left": left} if left else {}), refresh=False)
         return stop
 
 

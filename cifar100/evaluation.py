@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from cifar100 import data as cifar_data
-from cifar100.checkpoint import apply_weights, load_weights, read_meta
+from cifar100.checkpoint import EMA_FILE, apply_weights, load_ema, load_weights, read_meta
 from cifar100.config import apply_overrides
 from cifar100.engine import evaluate
 from cifar100.errors import UserError
@@ -32,6 +32,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
 TTA_CHOICES = ("none", "flip")
+WEIGHTS_CHOICES = ("model", "ema")
 TOP_PAIRS = 10
 
 
@@ -135,6 +136,7 @@ def plot_confusion(logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray
 def to_markdown(result: dict[str, Any]) -> str:
     """eval-<tag>.md: the JSON's numbers as tables a person reads."""
     tta = ", flip test-time augmentation" if result["tta"] == "flip" else ""
+    tta = (", averaged (EMA) weights" if result.get("weights") == "ema" else "") + tta
     lines = [f"# Evaluation: {result['run']}, checkpoint `{result['checkpoint_tag']}` (epoch {result['epoch']}){tta}",
              "", f"Checkpoint `{result['checkpoint']}`; predictions in `{result['predictions']}`.", "",
              "| split | images | top-1 | top-5 | loss |", "|---|---|---|---|---|"]
@@ -159,13 +161,23 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-def run_eval(run: str | None, checkpoint: str, overrides: list[str], tta: str) -> Path | None:
-    """Evaluate one checkpoint; returns the eval JSON's path (None on processes other than the main one)."""
+def run_eval(run: str | None, checkpoint: str, overrides: list[str], tta: str, which: str = "model") -> Path | None:
+    """Evaluate one checkpoint's weights (`which`: the model's, or the averaged ones of `train.ema`);
+    returns the eval JSON's path (None on processes other than the main one)."""
     if tta not in TTA_CHOICES:
         raise UserError(f"eval.tta={tta!r}: expected one of {', '.join(TTA_CHOICES)}")
+    if which not in WEIGHTS_CHOICES:
+        raise UserError(f"weights={which!r}: expected one of {', '.join(WEIGHTS_CHOICES)}")
     ckpt, out_dir, tag = locate(run, checkpoint)
     weights = load_weights(ckpt)  # checks COMPLETE first: a half-written checkpoint is refused
     meta = read_meta(ckpt)
+    if which == "ema":
+        weights = load_ema(ckpt)
+        if weights is None:
+            held = "the averaged weights already, as model.safetensors" if meta.get("weights") == "ema" else "none"
+            raise UserError(f"{ckpt}: no {EMA_FILE} (this checkpoint holds {held}); weights=ema needs a step "
+                            "checkpoint (checkpoint=last) of a run with train.ema.enabled=true")
+        tag += "-ema"
     if "config" not in meta:
         raise UserError(f"{ckpt / 'meta.json'}: no config recorded, cannot rebuild the model")
     cfg = apply_overrides(meta["config"], overrides)
@@ -205,7 +217,8 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], tta: str) -
     plot_confusion(arrays["test_logits"], arrays["test_labels"], coarse_of, dataset.superclasses,
                    out_dir / files["confusion_matrix"], f"{out_dir.name}, {tag}: test confusion matrix")
     result = {"run": out_dir.name, "checkpoint": str(ckpt.resolve()), "checkpoint_tag": tag, "epoch": meta.get("epoch"),
-              "tta": tta, "world_size": accelerator.num_processes, **files, "splits": metrics}
+              "weights": "ema" if which == "ema" else meta.get("weights", "model"), "tta": tta,
+              "world_size": accelerator.num_processes, **files, "splits": metrics}
     json_path = out_dir / f"eval-{tag}.json"
     write_json_atomic(json_path, result)
     (out_dir / f"eval-{tag}.md").write_text(to_markdown(result))

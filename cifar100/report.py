@@ -24,6 +24,7 @@ import yaml
 
 from cifar100.config import Config, flatten, from_dict, is_launch_key, to_dict
 from cifar100.errors import UserError
+from cifar100.eta import duration_text
 from cifar100.optim import OPTIMIZERS, SCHEDULES
 from cifar100.records import summary_problem
 from cifar100.tracking import plot_history, read_metrics
@@ -221,21 +222,16 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
-def duration_text(seconds: float) -> str:
-    """12 s, 3 m 05 s, 2 h 15 m."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} m {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} m"
-
-
 def best_text(column: Column) -> str:
     """Test top-1 at the best epoch, naming the split that chose the epoch."""
     s = [r.summary for r in column.runs]
     on = s[0].get("best_selected_on", "test")
-    if on == "val":
+    if s[0].get("best_weights") == "ema":
+        val = on == "val"
+        tops = [x["ema_test_top1_at_best_ema_val" if val else "best_ema_test_top1"] for x in s]
+        epochs = [x["best_ema_val_epoch" if val else "best_ema_epoch"] for x in s]
+        chosen = f"EMA weights, chosen on {on}"
+    elif on == "val":
         tops, epochs = [x["test_top1_at_best_val"] for x in s], [x["best_val_epoch"] for x in s]
         chosen = f"chosen on val (val top-1 {_pct([x['best_val_top1'] for x in s])})"
     else:
@@ -271,9 +267,26 @@ ROWS: tuple[tuple[str, Callable[[Column], str]], ...] = (
 )
 
 
+def ema_text(column: Column) -> str:
+    """Final test top-1 of the averaged weights, with their decay; "no EMA" for runs without."""
+    if "final_ema_test_top1" not in column.runs[0].summary:
+        return "no EMA"
+    ema = column.runs[0].config.train.ema
+    return f"{_pct([r.summary['final_ema_test_top1'] for r in column.runs])} (decay {_num(ema.decay)})"
+
+
+# Rows shown only when some run has the figure they show.
+OPTIONAL_ROWS = (("final top-1, EMA weights (test)", "final_ema_test_top1", ema_text),)
+
+
 def table(columns: list[Column]) -> list[tuple[str, list[str]]]:
     """The comparison: one (row title, cell per column) pair per row."""
-    return [(title, [cell(c) for c in columns]) for title, cell in ROWS]
+    rows = [(title, [cell(c) for c in columns]) for title, cell in ROWS]
+    for title, key, cell in OPTIONAL_ROWS:
+        if any(key in r.summary for c in columns for r in c.runs):
+            after = next(i for i, (t, _) in enumerate(rows) if t == "final top-1 (test)") + 1
+            rows.insert(after, (title, [cell(c) for c in columns]))
+    return rows
 
 
 def verdict(columns: list[Column]) -> str:

@@ -40,12 +40,13 @@ RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
 @dataclass(frozen=True)
 class Located:
     """Where a run continues: its folder (None for a fork, made once the checkpoint has loaded), the
-    checkpoint (or None) with its weights and train state when finding it meant reading them (so they
-    are not read twice), the owner's checkpoints newer than it, and for a fork the run it forks."""
+    checkpoint (or None) with its weights, train state and averaged weights when finding it meant
+    reading them (so they are not read twice), the owner's checkpoints newer than it, and for a fork
+    the run it forks."""
 
     run_dir: Path | None
     checkpoint: Path | None = None
-    read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None
     newer: tuple[Path, ...] = ()
     fork_of: Path | None = None
 
@@ -86,9 +87,9 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
 
 
 def load(path: Path, config: dict[str, Any],
-         read: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Snapshot:
-    """Load a step checkpoint (or take its already `read` weights and train state) and check that it
-    belongs to this config."""
+         read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None) -> Snapshot:
+    """Load a step checkpoint (or take its already `read` weights, train state and averaged weights)
+    and check that it belongs to this config."""
     meta = read_meta(path)
     mismatched = config_differences(meta.get("config", {}), config)
     recovery = [m for m in mismatched if m.split(":")[0] in RECOVERY_KEYS]
@@ -100,8 +101,8 @@ def load(path: Path, config: dict[str, Any],
         shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
         raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
                         "resume with the same recipe and overrides, or start a new run")
-    weights, state = read or read_checkpoint(path)
-    return Snapshot(weights, state, meta)
+    weights, state, ema = read or read_checkpoint(path)
+    return Snapshot(weights, state, meta, ema)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -3,10 +3,14 @@ whether the processes a launcher started form one job."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
+from cifar100.config import DataConfig
 from cifar100.errors import UserError
 
 
@@ -48,3 +52,19 @@ def require_one_job(launched: str | None, joined: int) -> None:
                         f"each would train alone ({joined} process(es) in its group), as Accelerate does where CUDA "
                         "is unavailable. For CPU processes set ACCELERATE_USE_CPU=1; on GPU nodes check the driver "
                         "(nvidia-smi)")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or Slurm's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def capped_workers(data: DataConfig, say: Callable[[str], None] | None) -> DataConfig:
+    """`data` with at most one loader worker per usable core: more only queue for the same cores.
+    `say` (the main process's print, or None) tells the user once when the count was lowered."""
+    cores = usable_cores()
+    if data.pipeline != "reference" or data.workers <= cores:
+        return data
+    if say is not None:
+        say(f"data.workers={data.workers} lowered to {cores}: this process may use {cores} CPU core(s)")
+    return dataclasses.replace(data, workers=cores)

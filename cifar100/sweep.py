@@ -134,7 +134,7 @@ def run_all(sweep: Sweep) -> list[Path]:
         if (folder / "summary.json").is_file():
             print(f"sweep {sweep.name}: run {run.index} {run.name} finished already, skipped", flush=True)
         else:
-            from cifar100.run import train  # heavy imports only when training
+            from cifar100.trainer import train  # heavy imports only when training
 
             print(f"sweep {sweep.name}: run {run.index} of {len(sweep.runs)}: {run.name}", flush=True)
             folder = train(load_config(run.args[0].partition("=")[2], [*run.args[1:], "resume=auto"]))

@@ -112,7 +112,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[Path]:
-    """loss.png and accuracy.png: train and test (and val) curves per epoch, as in the report."""
+    """loss.png and accuracy.png: train and test (and val) curves per epoch, as in the report; the
+    EMA weights' curves dashed, in their split's colour, when the run averages weights."""
     epochs = [r["epoch"] for r in rows]
     paths = []
     for metric, ylabel in (("loss", "loss"), ("top1", "top-1 accuracy")):
@@ -120,7 +121,10 @@ def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[
         for split in ("train", "val", "test"):
             key = f"{split}_{metric}"
             if rows and key in rows[0]:
-                ax.plot(epochs, [r[key] for r in rows], label=split, marker="." if len(rows) < 30 else None)
+                line, = ax.plot(epochs, [r[key] for r in rows], label=split, marker="." if len(rows) < 30 else None)
+            if rows and f"ema_{key}" in rows[0]:
+                ax.plot(epochs, [r[f"ema_{key}"] for r in rows], label=f"{split}, EMA weights", linestyle="--",
+                        color=line.get_color())
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: {ylabel}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -145,22 +149,26 @@ def plot_run(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[Path
 
 
 def summarize(rows: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    """summary.json's content: final and best test accuracy (and val when present) plus run facts."""
-    last = rows[-1]
-    best = max(rows, key=lambda r: r["test_top1"])
-    summary = {
-        "final_test_top1": last["test_top1"],
-        "final_test_top5": last["test_top5"],
-        "best_test_top1": best["test_top1"],
-        "best_epoch": best["epoch"],
-        "epochs": last["epoch"],
-    }
-    if "val_top1" in last:
-        best_val = max(rows, key=lambda r: r["val_top1"])
-        summary.update(final_val_top1=last["val_top1"], best_val_top1=best_val["val_top1"],
-                       best_val_epoch=best_val["epoch"], test_top1_at_best_val=best_val["test_top1"])
+    """summary.json's content: final and best test accuracy (and val when present), the same for
+    the EMA weights (`*_ema_*`) when the run averaged them, plus run facts."""
+    summary = {**_final_and_best(rows, ""), "epochs": rows[-1]["epoch"]}
+    if "ema_test_top1" in rows[-1]:
+        summary.update(_final_and_best(rows, "ema_"))
     summary.update(fields)
     return summary
+
+
+def _final_and_best(rows: list[dict[str, Any]], weights: str) -> dict[str, Any]:
+    """Final and best figures of one set of weights: "" (the model's) or "ema_" (`ema_test_top1`, ...)."""
+    last, test, val = rows[-1], f"{weights}test", f"{weights}val"
+    best = max(rows, key=lambda r: r[f"{test}_top1"])
+    out = {f"final_{test}_top1": last[f"{test}_top1"], f"final_{test}_top5": last[f"{test}_top5"],
+           f"best_{test}_top1": best[f"{test}_top1"], f"best_{weights}epoch": best["epoch"]}
+    if f"{val}_top1" in last:
+        best_val = max(rows, key=lambda r: r[f"{val}_top1"])
+        out.update({f"final_{val}_top1": last[f"{val}_top1"], f"best_{val}_top1": best_val[f"{val}_top1"],
+                    f"best_{val}_epoch": best_val["epoch"], f"{test}_top1_at_best_{val}": best_val[f"{test}_top1"]})
+    return out
 
 
 def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode: str, run_dir: Path,

@@ -1,7 +1,7 @@
 """The training state: everything a resumed run restores, saved and loaded by two mirror methods.
 
-`TrainState.state_dict()` turns model, optimizer, schedule, grad scaler, every rank's RNG and
-partial-epoch sums, and the run's totals into a `Snapshot`; `load_state_dict()` puts the same
+`TrainState.state_dict()` turns model, optimizer, schedule, grad scaler, the averaged weights
+(`train.ema`), every rank's RNG and partial-epoch sums, and the run's totals into a `Snapshot`; `load_state_dict()` puts the same
 fields back. The checkpoint module writes and reads snapshots without knowing what is in them.
 """
 
@@ -18,6 +18,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from cifar100.checkpoint import Snapshot, apply_weights, step_tag
+from cifar100.ema import WeightAverage
 from cifar100.engine import EpochProgress, reset_broken_norm_statistics
 from cifar100.errors import UserError
 from cifar100.optim import Schedule
@@ -42,11 +43,12 @@ class RunTotals:
 
 
 class TrainState:
-    """Model, optimizer, schedule, scaler, this rank's RNG and epoch progress, and the run's totals."""
+    """Model, optimizer, schedule, scaler, averaged weights, this rank's RNG and epoch progress, and
+    the run's totals."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 accelerator: Accelerator):
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+                 accelerator: Accelerator, ema: WeightAverage | None = None):
+        self.model, self.optimizer, self.schedule, self.ema = model, optimizer, schedule, ema
         self.accelerator = accelerator
         self.epoch = 1  # the epoch being trained (1-based)
         self.progress = EpochProgress()
@@ -67,6 +69,8 @@ class TrainState:
         # A step skipped just before may have broken norm statistics the engine resets only when it
         # reads that step's flags, one step later: a checkpoint must not keep them.
         reset_broken_norm_statistics(self.model)
+        if self.ema is not None:
+            reset_broken_norm_statistics(self.ema.module)
         mid_epoch = self.progress.step > 0
         mine = {"rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -78,7 +82,8 @@ class TrainState:
         meta = {"epoch": self.epoch if mid_epoch else self.totals.epochs_done,
                 "step_in_epoch": self.progress.step, "global_step": self.schedule.step_count,
                 "totals": dataclasses.asdict(self.totals)}
-        return Snapshot(self.accelerator.get_state_dict(self.model), state, meta)
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        return Snapshot(self.accelerator.get_state_dict(self.model), state, meta, ema)
 
     def load_state_dict(self, snap: Snapshot, source: Path) -> None:
         """Put back what `state_dict()` saved, on every rank."""
@@ -88,6 +93,11 @@ class TrainState:
             raise UserError(f"{source}: a mid-epoch checkpoint of {len(ranks)} process(es) cannot continue on {world}: "
                             f"resume it with {len(ranks)}, or from an epoch-end checkpoint")
         apply_weights(self.accelerator.unwrap_model(self.model), snap.weights, source)
+        if self.ema is not None:
+            if snap.ema is None:
+                raise UserError(f"{source}: holds no averaged weights for train.ema; resume it with "
+                                "train.ema.enabled=false, or start a new run")
+            apply_weights(self.ema.module, snap.ema, source)
         self.optimizer.load_state_dict(snap.state["optimizer"])
         self.schedule.load_state_dict(snap.state["schedule"])
         if self.accelerator.scaler is not None and snap.state.get("scaler"):

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,12 +29,14 @@ from cifar100.augment.loader import build_train_loader, epoch_batches
 from cifar100.augment.mixing import BatchMixer
 from cifar100.checkpoint import CheckpointWriter
 from cifar100.config import Config, to_dict, to_yaml
+from cifar100.ema import WeightAverage
 from cifar100.engine import EpochResult, NonFiniteLoss, evaluate, train_one_epoch
+from cifar100.eta import RunClock, too_long
 from cifar100.errors import UserError
 from cifar100.models import build_model, count_parameters, flops_per_image
 from cifar100.optim import Schedule, build_optimizer
 from cifar100.preemption import Preempted, StopFlag
-from cifar100.runtime import device_name, device_type, require_one_job, resolve_precision
+from cifar100.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
 from cifar100.tracking import (
     append_metrics,
     finish_tracking,
@@ -84,8 +88,9 @@ class Trainer:
             dataset = cifar_data.load(cfg.data.root, cfg.data.download)
         self.splits = splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
         self.batch = cifar_data.per_process_batch(cfg.data.batch_size, acc.num_processes, cfg.train.grad_accum)
+        data_cfg = capped_workers(cfg.data, acc.print if acc.is_main_process else None)
         self.loader = build_train_loader(dataset.train.images[splits.train], dataset.train.labels[splits.train],
-                                         self.batch, cfg.data, cfg.augment, seed=cfg.seed,
+                                         self.batch, data_cfg, cfg.augment, seed=cfg.seed,
                                          grad_accum=cfg.train.grad_accum, accelerator=acc)
         # Indexed once, not every epoch; on the device already when the training data lives there.
         where = acc.device if cfg.data.pipeline == "device" else torch.device("cpu")
@@ -94,6 +99,8 @@ class Trainer:
             self.eval_sets = {"val": (dataset.train.images[splits.val].to(where),
                                       dataset.train.labels[splits.val].to(where)), **self.eval_sets}
         self.selected = "val" if len(splits.val) else "test"  # the split that picks the best epoch
+        # ...scored by the weights `train.ema.select` names: the model's, or the averaged ones.
+        self.score_key = f"{'ema_' if cfg.train.ema.select == 'ema' else ''}{self.selected}_top1"
 
     def _build_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -102,6 +109,10 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(acc.device)
+        # Of the plain module, before any wrapper: DDP's and torch.compile's share its parameters.
+        if cfg.train.ema.select == "ema" and not cfg.train.ema.enabled:
+            raise UserError("train.ema.select=ema picks the best epoch by the averaged weights: set train.ema.enabled=true")
+        self.ema = WeightAverage(model, cfg.train.ema) if cfg.train.ema.enabled else None
         optimizer = build_optimizer(model, cfg.optim)
         if isinstance(self.loader, DeviceLoader):
             model, optimizer = acc.prepare(model, optimizer)
@@ -109,10 +120,10 @@ class Trainer:
             model, optimizer, self.loader = acc.prepare(model, optimizer, self.loader)
         # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
         self.model = torch.compile(model) if cfg.train.compile else model
-        steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
-        schedule = Schedule(optimizer, cfg.optim, cfg.sched, steps_per_epoch, cfg.train.epochs)
+        self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
+        schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
         self.mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
-        self.state = TrainState(model, optimizer, schedule, acc)
+        self.state = TrainState(model, optimizer, schedule, acc, self.ema)
 
     def restore(self) -> None:
         """Pick the run folder (a new one, or the one a resume continues or forks) and load its checkpoint.
@@ -139,8 +150,12 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         # No best weights on disk (a fork from before its source's best epoch): any score beats none.
         self.writer = CheckpointWriter(ckpt_dir, cfg.train.keep_last, ckpt_path and ckpt_dir / ckpt_path.name,
-                                       best_score if (ckpt_dir / "best").exists() else -1.0)
+                                       best_score if (ckpt_dir / "best").exists() else -1.0, select=cfg.train.ema.select)
         self.wall_before = self.state.totals.wall_seconds
+        done = self.state.totals.epochs_done
+        self.clock = RunClock(self.steps_per_epoch * cfg.train.epochs, cfg.train.epochs,
+                              done_steps=self.state.schedule.step_count, done_epochs=done)
+        self.warned = not acc.is_main_process  # the projection warning: once, by the main process
         if main:
             if adopted.forked:
                 self.state.totals.wandb_id = None  # a fork is a W&B run of its own
@@ -175,8 +190,7 @@ class Trainer:
             self.state.end_epoch()
             # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
             # metrics, and the row can say how long the checkpoint held training up.
-            self.checkpoint(score=row[f"{self.selected}_top1"],
-                            before_write=lambda held: self.log({**row, "checkpoint_seconds": held}))
+            self.checkpoint(score=row[self.score_key], before_write=partial(self._log_held, row))
             stop = self.accelerator.reduce(torch.tensor(float(bool(self.stop)), device=self.accelerator.device),
                                            reduction="sum")
             if stop.item() > 0 and self.state.epoch <= self.cfg.train.epochs:
@@ -190,8 +204,11 @@ class Trainer:
         self.lr = state.schedule.lr_at(state.schedule.step_count - state.progress.step // cfg.train.grad_accum)
         batches = epoch_batches(self.loader, state.epoch, state.progress.step, self.accelerator)
         every = cfg.train.checkpoint_every_steps
+        self.clock.start_epoch()
 
         def after_step(progress) -> None:
+            self.clock.step(state.schedule.step_count)
+            self._warn_if_too_long()
             if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
                 self.checkpoint()
 
@@ -200,30 +217,50 @@ class Trainer:
                 self.model, batches, state.optimizer, state.schedule, self.mixer, self.accelerator, epoch=state.epoch,
                 seed=cfg.seed, clip_grad=cfg.train.clip_grad, channels_last=cfg.train.channels_last,
                 progress=cfg.log.progress, state=state.progress, stop_requested=self.stop.__bool__,
-                max_bad_steps=cfg.train.max_bad_steps, after_step=after_step)
+                max_bad_steps=cfg.train.max_bad_steps, after_step=after_step, ema=self.ema,
+                run_left=self.clock.left_text)
         except NonFiniteLoss as err:
             self.flush()
             raise UserError(f"{err}: stopping. Last good checkpoint: {self.writer.last_good or 'none yet'}; resume "
                             "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
                             "with train.max_bad_steps=N") from None
 
+    def _warn_if_too_long(self) -> None:
+        if self.warned:
+            return
+        elapsed = self.wall_before + time.perf_counter() - self.started
+        message = too_long(self.clock, elapsed, self.cfg.log.warn_hours, self.device_type)
+        if message:
+            warnings.warn(message, stacklevel=1)
+            self.warned = True
+
     def evaluate(self, result: EpochResult) -> dict:
-        """The epoch's metrics row: training figures, then every held-out split scored exactly."""
-        cfg, acc = self.cfg, self.accelerator
+        """The epoch's metrics row: training figures, then every held-out split scored exactly, by
+        the model and (as `ema_<split>_*`) by the averaged weights."""
+        cfg, acc, began = self.cfg, self.accelerator, time.perf_counter()
         row = {"epoch": self.state.epoch, "lr": self.lr, "train_loss": result.loss, "train_top1": result.top1}
-        began = time.perf_counter()
-        for split, (images, labels) in self.eval_sets.items():
-            scores = evaluate(self.model, images, labels, acc, mean=cfg.augment.mean, std=cfg.augment.std,
-                              batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
-            row.update({f"{split}_loss": scores.loss, f"{split}_top1": scores.top1, f"{split}_top5": scores.top5})
+        scored = {"": self.model}
+        if self.ema is not None:
+            self.ema.sync(acc)
+            scored["ema_"] = self.ema.module
+        for prefix, model in scored.items():
+            for split, (images, labels) in self.eval_sets.items():
+                scores = evaluate(model, images, labels, acc, mean=cfg.augment.mean, std=cfg.augment.std,
+                                  batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
+                row.update({f"{prefix}{split}_loss": scores.loss, f"{prefix}{split}_top1": scores.top1,
+                            f"{prefix}{split}_top5": scores.top5})
         row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds,
                    eval_seconds=time.perf_counter() - began)
+        self.clock.evaluated(row["eval_seconds"])
         self.state.schedule.epoch_end(row[f"{self.selected}_loss"])
         totals = self.state.totals
         totals.train_images += result.images
         totals.train_seconds += result.seconds
         totals.images_per_rank = [a + b for a, b in zip(totals.images_per_rank, result.images_per_rank)]
         return row
+
+    def _log_held(self, row: dict, held: float) -> None:
+        self.log({**row, "checkpoint_seconds": held})
 
     def log(self, row: dict) -> None:
         """metrics.jsonl, the plots, W&B and one printed line (main process); every rank keeps the row."""
@@ -234,10 +271,13 @@ class Trainer:
         append_metrics(self.run_dir / "metrics.jsonl", row)
         log_wandb(acc, row, plot_run(self.rows, self.run_dir, self.run_dir.name))
         val = f"val top1 {row['val_top1']:.2%} | " if "val_top1" in row else ""
+        ema = f" | EMA test top1 {row['ema_test_top1']:.2%}" if "ema_test_top1" in row else ""
+        left = self.clock.left_text()
+        left = f" | run left ~{left}" if left and row["epoch"] < self.cfg.train.epochs else ""
         acc.print(f"epoch {row['epoch']}/{self.cfg.train.epochs} | lr {row['lr']:.3g} | train loss "
                   f"{row['train_loss']:.4f} top1 {row['train_top1']:.2%} | {val}test loss {row['test_loss']:.4f} "
-                  f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%} | {row['epoch_seconds']:.1f} s, "
-                  f"{row['images_per_second']:.0f} img/s", flush=True)
+                  f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}{ema} | {row['epoch_seconds']:.1f} s, "
+                  f"{row['images_per_second']:.0f} img/s{left}", flush=True)
 
     def checkpoint(self, score: float | None = None, before_write: Callable[[float], None] | None = None) -> None:
         """Checkpoint this exact position (every rank calls it): the main process copies it to host
@@ -274,7 +314,7 @@ class Trainer:
             best_selected_on=self.selected, wall_seconds=self.wall_before + time.perf_counter() - self.started,
             images_per_second=totals.train_images / max(totals.train_seconds, 1e-9), world_size=acc.num_processes,
             images_per_rank=totals.images_per_rank, precision=self.precision, device=device_name(self.device_type),
-            parameters=self.parameters, flops_per_image=self.flops)
+            parameters=self.parameters, flops_per_image=self.flops, best_weights=self.cfg.train.ema.select)
         if acc.is_main_process:
             write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             best = summary[f"best_{self.selected}_top1"]

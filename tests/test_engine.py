@@ -14,7 +14,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
-from cifar100.config import OptimConfig, SchedConfig
+from cifar100.config import EmaConfig, OptimConfig, SchedConfig
+from cifar100.ema import WeightAverage
 from cifar100.engine import EpochProgress, NonFiniteLoss, train_one_epoch
 from cifar100.augment.mixing import BatchMixer
 from cifar100.optim import Schedule, build_optimizer
@@ -33,13 +34,18 @@ def _batches(n: int, nan_at: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, t
     return out
 
 
-def _train(optimizer_name: str, batches, *, accum: int = 1, max_bad_steps: int = 0, stop_from: int | None = None):
-    """One epoch over `batches`; returns (result, progress, final weights)."""
+def _train(optimizer_name: str, batches, *, accum: int = 1, max_bad_steps: int = 0, stop_from: int | None = None,
+           ema: EmaConfig | None = None, record: list | None = None):
+    """One epoch over `batches`; returns (result, progress, final weights). With `ema`, the weight
+    average goes into `record` first, followed by the weights after each optimizer step."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    average = WeightAverage(model, ema) if ema else None
+    if average is not None:
+        record.append(average)
     optimizer = build_optimizer(model, OptimConfig(name=optimizer_name, lr=0.05, weight_decay=1e-4))
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = Schedule(optimizer, OptimConfig(lr=0.05), SchedConfig(name="none", warmup_epochs=0), len(batches), 1)
@@ -52,7 +58,9 @@ def _train(optimizer_name: str, batches, *, accum: int = 1, max_bad_steps: int =
     state = EpochProgress()
     result = train_one_epoch(model, batches, optimizer, schedule, BatchMixer(10, 0, 0, 0, 0, 0), accelerator,
                              epoch=1, seed=0, clip_grad=1.0, channels_last=False, progress=False, state=state,
-                             stop_requested=stop_requested, max_bad_steps=max_bad_steps, after_step=lambda s: None)
+                             stop_requested=stop_requested, max_bad_steps=max_bad_steps, ema=average,
+                             after_step=lambda s: record is not None and record.append(
+                                 [p.detach().clone() for p in model.parameters()]))
     return result, state, [p.detach().clone() for p in model.parameters()]
 
 
@@ -68,6 +76,24 @@ def test_a_non_finite_step_changes_nothing_but_the_count(name, bad):
     assert result.images == 5 * BATCH and state.sums[3].item() == 1
     messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
     assert messages == [f"non-finite loss at epoch 1, step {bad}, lr 0.05: step skipped (1 of train.max_bad_steps=1)"]
+
+
+@pytest.mark.parametrize("name", ["sgd", "nadam"])  # skipped on the device, and on the host
+def test_a_skipped_step_does_not_move_the_weight_average(name):
+    """The average after an epoch with a skipped step 3 equals a hand computation over the weights
+    after each other step (the decay still counts every optimizer step, as the schedule does)."""
+    cfg = EmaConfig(enabled=True, decay=0.6, warmup=False)
+    record: list = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(name, _batches(6, nan_at=(3,)), max_bad_steps=1, ema=cfg, record=record)
+    average, after_steps = record[0], record[1:]
+    expected = [w.clone() for w in after_steps[0]]  # the first update copies
+    for step, weights in enumerate(after_steps[1:], start=2):
+        if step != 4:  # batch 3 is optimizer step 4
+            expected = [0.6 * e + 0.4 * w for e, w in zip(expected, weights)]
+    assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(average.module.parameters(), expected))
+    assert not all(torch.allclose(a, w) for a, w in zip(average.module.parameters(), after_steps[-1]))
 
 
 def test_a_non_finite_micro_step_skips_its_whole_accumulated_step():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from cifar100.checkpoint import (
     apply_weights,
     find_latest,
     load_train_state,
+    read_meta,
     load_weights,
     save_checkpoint,
 )
@@ -28,7 +30,8 @@ from cifar100.models import build_model
 
 pytestmark = pytest.mark.slow
 
-COMPARED = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5")
+COMPARED = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+            "ema_test_loss", "ema_test_top1", "ema_test_top5")
 ONE = (sys.executable, "train.py")
 TWO = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py")
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -40,7 +43,7 @@ def args(real_data, log_dir, name, *extra):
 
 
 def metrics(run: Path) -> list[dict]:
-    return [{k: r[k] for k in COMPARED} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return [{k: r[k] for k in COMPARED if k in r} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
 
 def start(launcher, argv, env=None) -> subprocess.Popen:
@@ -54,6 +57,24 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group and every worker's: torchrun starts each worker in a
+    session of its own, so killing the launcher's group alone would leave the workers training."""
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, workers):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # not a group leader (a one-process launch's loader worker), or gone: the launcher's group has it
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid in map(int, workers):  # orphans are reaped by init; wait until they are gone
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text(errors="ignore"):
+            assert time.monotonic() < deadline, f"worker {pid} outlived SIGKILL"
+            time.sleep(0.05)
 
 
 def finish(launcher, argv, env=None):
@@ -83,8 +104,7 @@ def test_kill_9_anywhere_then_resume_auto_is_exact(tmp_path, real_data, baseline
     extra = DEVICE if pipeline == "device" else ()
     proc = start(launcher, args(real_data, tmp_path, "r1", *extra), env)
     wait_for(tmp_path / "r1" / "checkpoints" / f"step-{step:08d}" / "COMPLETE", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9(proc)
     out = finish(launcher, args(real_data, tmp_path, "r1", "resume=auto", *extra), env)
     assert "resuming" in out.stdout
     baseline = baselines["device" if pipeline == "device" else world]
@@ -94,18 +114,44 @@ def test_kill_9_anywhere_then_resume_auto_is_exact(tmp_path, real_data, baseline
     assert summary["images_per_rank"] == [1200 // world] * world
 
 
-@pytest.mark.parametrize("option, batch", [("train.grad_accum=2", 8), ("train.compile=true", 4)])
-def test_kill_9_then_resume_is_exact_with_accumulation_or_compile(tmp_path, real_data, option, batch):
+EMA = ("train.ema.enabled=true", "train.ema.decay=0.9", "train.ema.select=ema")
+
+
+@pytest.mark.parametrize("options, batch", [(("train.grad_accum=2",), 8), (("train.compile=true", *EMA), 4)])
+def test_kill_9_then_resume_is_exact_with_accumulation_or_compile(tmp_path, real_data, options, batch):
     """Accumulation: step 12 counts optimizer steps, so it is micro-batch 8 of epoch 2. Compile:
-    checkpoints hold the uncompiled module's weights; the resumed run compiles the same graph again."""
-    finish(ONE, args(real_data, tmp_path, "whole", option))
-    proc = start(ONE, args(real_data, tmp_path, "r", option))
+    checkpoints hold the uncompiled module's weights (and its average); the resumed run compiles
+    the same graph again."""
+    finish(ONE, args(real_data, tmp_path, "whole", *options))
+    proc = start(ONE, args(real_data, tmp_path, "r", *options))
     wait_for(tmp_path / "r" / "checkpoints" / "step-00000012" / "COMPLETE", proc, timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    out = finish(ONE, args(real_data, tmp_path, "r", "resume=auto", option))
+    out = finish(ONE, args(real_data, tmp_path, "r", "resume=auto", *options))
     assert f"at epoch 2, batch {batch})" in out.stdout
     assert metrics(tmp_path / "r") == metrics(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_kill_9_mid_epoch_with_weight_averaging_then_resume_is_exact(tmp_path, real_data, world):
+    """The averaged weights travel in every checkpoint: killed in epoch 2 (step 12) and resumed, the
+    run's EMA metrics, and the best weights they pick, are those of the uninterrupted run. Under
+    DDP every rank averages the same synced weights and rank 0's norm statistics."""
+    launcher, env = (ONE, None) if world == 1 else (TWO, DDP_ENV)
+    finish(launcher, args(real_data, tmp_path, "whole", *EMA), env)
+    proc = start(launcher, args(real_data, tmp_path, "r", *EMA), env)
+    wait_for(tmp_path / "r" / "checkpoints" / "step-00000012" / "COMPLETE", proc)
+    kill_9(proc)
+    out = finish(launcher, args(real_data, tmp_path, "r", "resume=auto", *EMA), env)
+    assert re.search(r"at epoch [23], batch [1-7]\)", out.stdout), out.stdout[out.stdout.index("run folder"):][:400]
+    resumed, whole = metrics(tmp_path / "r"), metrics(tmp_path / "whole")
+    assert resumed == whole and all("ema_test_top1" in row for row in resumed)
+    assert [r["ema_test_top1"] for r in resumed] != [r["test_top1"] for r in resumed]  # another set of weights
+    best = tmp_path / "r" / "checkpoints" / "best"
+    assert read_meta(best)["weights"] == "ema" and read_meta(best)["epoch"] == read_meta(best.parent / "last")["epoch"] - (
+        len(whole) - max(whole, key=lambda r: r["ema_test_top1"])["epoch"])
+    mine, theirs = load_weights(best), load_weights(tmp_path / "whole" / "checkpoints" / "best")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 
 import pytest
 import yaml
-from conftest import REAL_DATA, run_cmd
-from test_cluster import DONE_STATES, one_node, rows  # noqa: F401  (one_node: the cluster fixture)
+from conftest import REAL_DATA, clean_environ, run_cmd
+from test_cluster import DONE_STATES, SLURM_SH, one_node, rows  # noqa: F401  (one_node: the cluster fixture)
 
 SWEEP = {"name": "arr", "recipe": "smoke", "overrides": {"train.epochs": 3},
          "grid": {"augment.hflip": [0.0, 0.5]}, "seeds": [0, 1]}
@@ -34,10 +35,19 @@ def test_sweep_array_task_preempted_is_requeued_alone_and_the_report_groups_the_
         assert time.monotonic() < deadline and one_node.job(tasks[0])["JobState"] not in DONE_STATES, \
             one_node.log(tasks[0], "cifar100-sweep")[-3000:]
         time.sleep(0.2)
-    # Epoch 1 of task 0 is done: what --signal=B:USR1@N sends, to this task's batch shell only. Sent to the
-    # task's own job id: for <array>_<task> this Slurm answered "Job can not be altered now" after
-    # delivering it, and scancel sent it again 5 and 10 s later.
-    one_node.run("scancel", "--signal=USR1", "--batch", one_node.job(tasks[0])["JobId"])
+    # Epoch 1 of task 0 is done: what --signal=B:USR1@N sends, to this task's batch shell only. For an array
+    # task this Slurm delivers it, then answers "Job can not be altered now" and scancel sends it again
+    # every 5 s, which would hit the requeued task before its trap is set: one delivery is what the
+    # scheduler sends, so scancel is stopped once the batch shell has said it got the signal.
+    sender = subprocess.Popen(["bash", str(SLURM_SH), "run", str(one_node.state), "scancel", "--signal=USR1",
+                               "--batch", one_node.job(tasks[0])["JobId"]], env=clean_environ(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while "USR1 at" not in one_node.log(tasks[0], "cifar100-sweep"):
+        assert time.monotonic() < deadline, one_node.log(tasks[0], "cifar100-sweep")[-3000:]
+        time.sleep(0.1)
+    sender.kill()
+    sender.wait()
     infos = [one_node.wait(task, timeout=300) for task in tasks]
     logs = [one_node.log(task, "cifar100-sweep") for task in tasks]  # one log per task: %x-%A_%a.out
     assert [i["JobState"] for i in infos] == ["COMPLETED"] * 4, [log[-2000:] for log in logs]

@@ -178,3 +178,32 @@ def test_limits_at_or_above_a_split_keep_it_whole(real_data):
     assert (len(whole.train), len(whole.test)) == (50000, 10000)
     some = select_splits(data, load_config("smoke", ["data.test_limit=1000", "data.val_size=5000"]).data, 0)
     assert (len(some.train), len(some.val), len(some.test)) == (400, 5000, 1000)
+
+
+def test_weight_averaging_is_scored_plotted_kept_and_chosen(tmp_path, real_data):
+    """train.ema with a validation split: EMA rows and summary figures, the averaged weights in the
+    last checkpoint and, selected by their val score, in best; `cifar100 eval` scores both; the report
+    gets a row for them."""
+    from cifar100.report import make_report, table
+
+    train(tmp_path, real_data, "name=ema", "data.val_size=200", "train.ema.enabled=true", "train.ema.decay=0.9",
+          "train.ema.select=ema")
+    run = tmp_path / "ema"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for split in ("val", "test"):
+        assert all({f"ema_{split}_loss", f"ema_{split}_top1", f"ema_{split}_top5"} <= set(r) for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    best = max(rows, key=lambda r: r["ema_val_top1"])
+    assert summary["final_ema_test_top1"] == rows[-1]["ema_test_top1"] and summary["best_weights"] == "ema"
+    assert (summary["best_ema_val_epoch"], summary["ema_test_top1_at_best_ema_val"]) == (best["epoch"], best["ema_test_top1"])
+    assert read_meta(run / "checkpoints" / "best")["weights"] == "ema"
+    for args, tag, expected in ((("checkpoint=best",), "best", best), (("checkpoint=last", "weights=ema"), "last-ema", rows[-1])):
+        out = run_cmd([sys.executable, "-m", "cifar100", "eval", f"run={run}", *args, f"data.root={real_data}"])
+        assert out.returncode == 0, out.stderr[-2000:]
+        scored = json.loads((run / f"eval-{tag}.json").read_text())
+        assert scored["weights"] == "ema" and scored["splits"]["test"]["top1"] == expected["ema_test_top1"]
+        assert scored["splits"]["val"]["top1"] == expected["ema_val_top1"]
+    _, columns, _ = make_report([str(run)], tmp_path / "report")
+    cells = dict(table(columns))
+    assert cells["final top-1, EMA weights (test)"] == [f"{100 * rows[-1]['ema_test_top1']:.2f} % (decay 0.9)"]
+    assert cells["best top-1 (test)"][0].endswith(f"at epoch {best['epoch']}, EMA weights, chosen on val")
