@@ -83,7 +83,9 @@ def test_an_error_in_a_write_is_raised_in_the_caller():
 
 
 def _snapshot(value: float) -> Snapshot:
-    return Snapshot({"w": torch.full((4,), value)}, {"optimizer": {}}, {"epoch": int(value)})
+    step = int(value)
+    meta = {"epoch": step, "step_in_epoch": 0, "global_step": step, "totals": {"epochs_done": step}}
+    return Snapshot({"w": torch.full((4,), value)}, {"optimizer": {}}, meta)
 
 
 def test_the_writer_knows_what_is_on_disk_when_the_best_weights_cannot_be_written(tmp_path):

@@ -8,12 +8,16 @@ checkpoint, no process left behind, and a resume equal to the uninterrupted run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shlex
+import pty
 import shutil
 import signal
+import struct
 import subprocess
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -117,45 +121,59 @@ def test_gnu_timeout_stops_the_run_with_a_checkpoint(tmp_path, real_data, refere
 
 
 class Terminal:
-    """A tmux server of its own: one pane, a real pseudo-terminal, running one command."""
+    """One command on a real pseudo-terminal that is its controlling terminal, as a shell in a terminal
+    window starts it: Ctrl-C is the byte the keyboard sends, and the terminal's line discipline turns it
+    into SIGINT for the foreground process group (the command and its loader workers)."""
 
     def __init__(self, tmp_path: Path, command: list[str]):
-        if not shutil.which("tmux"):
-            pytest.skip("tmux is not installed (apt-get install tmux)")
-        self.socket = str(tmp_path / "tmux.sock")
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
         env = {**clean_environ(), "PYTHONUNBUFFERED": "1", "TERM": "xterm-256color", **ENV}
-        subprocess.run(["tmux", "-S", self.socket, "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "250",
-                        "-y", "50", f"cd {shlex.quote(str(ROOT))} && exec {shlex.join(command)}", ";",
-                        "set-option", "-t", "t", "remain-on-exit", "on"], env=env, check=True)
-        self.pid = int(self.tmux("display-message", "-p", "-t", "t", "#{pane_pid}"))
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
+                                     start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
+        os.close(slave)
+        self.master, self.pid, self.chunks = master, self.proc.pid, []
+        # Read all the time: a terminal whose output nobody reads blocks the program writing to it.
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
-    def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, check=True).stdout
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO once every writer has gone, or the terminal was closed
+                return
+            if not data:
+                return
+            self.chunks.append(data)
 
     def ctrl_c(self) -> None:
-        self.tmux("send-keys", "-t", "t", "C-c")
+        os.write(self.master, b"\x03")
 
     def exit_status(self, timeout: float = 120) -> int:
-        deadline = time.monotonic() + timeout
-        while (status := self.poll()) is None:
-            assert time.monotonic() < deadline, self.screen()[-3000:]
-            time.sleep(0.1)
-        return status
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(self.screen()[-3000:]) from None
 
     def screen(self) -> str:
-        text = self.tmux("capture-pane", "-p", "-J", "-t", "t", "-S", "-5000")
-        return "\n".join(line for line in text.splitlines() if not line.startswith("Pane is dead"))
+        text = b"".join(self.chunks).decode(errors="replace")
+        # Everything written, each progress-bar redraw (a carriage return) on a line of its own.
+        return text.replace("\r\n", "\n").replace("\r", "\n")
 
     def poll(self) -> int | None:
         """As Popen.poll: None while the command runs."""
-        state = self.tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").split()
-        return int(state[1]) if state[0] == "1" else None
+        return self.proc.poll()
 
     def communicate(self) -> str:
         return self.screen()
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True)
+        """Close the terminal, as closing its window does: the kernel hangs up its foreground group."""
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
 
 
 @pytest.fixture
