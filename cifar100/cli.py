@@ -120,7 +120,6 @@ def cmd_eval(args: list[str]) -> None:
 
     run, args = take(args, "run")
     checkpoint, args = take(args, "checkpoint")
-    tta, args = take(args, "eval.tta")
     which, args = take(args, "weights")
     recipe, overrides = split_args(args)
     if recipe is not None:
@@ -128,7 +127,7 @@ def cmd_eval(args: list[str]) -> None:
     if run is None and checkpoint is None:
         raise UserError("usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] "
                         "[key=value ...]")
-    run_eval(run, checkpoint or "best", overrides, tta or "none", which or "model")
+    run_eval(run, checkpoint or "best", overrides, which or "model")
 
 
 def cmd_report(args: list[str]) -> None:

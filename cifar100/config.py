@@ -97,6 +97,7 @@ class ModelConfig:
     act: str | None = setting(None, doc="None keeps the model's own activations")
     cifar_stem: bool = True
     drop_rate: float = setting(0.0, low=0.0, high=1.0)
+    whiten: bool = setting(False, doc="cifarnet: start the 2x2 stem as a whitening of the training patches, kept fixed")
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,12 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    tta: str = setting("none", choices=("none", "flip"),
+                       doc="test-time augmentation of every evaluation: flip averages each image's logits with its mirror's")
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     mode: str = setting("offline", choices=("online", "offline", "disabled"))
     project: str = "cifar100"
@@ -187,6 +194,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     log: LogConfig = setting(LogConfig(), launch=True)
     sweep: SweepConfig = setting(SweepConfig(), launch=True)
 

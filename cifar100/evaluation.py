@@ -31,7 +31,6 @@ from cifar100.tracking import write_json_atomic
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
-TTA_CHOICES = ("none", "flip")
 WEIGHTS_CHOICES = ("model", "ema")
 TOP_PAIRS = 10
 
@@ -161,11 +160,10 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-def run_eval(run: str | None, checkpoint: str, overrides: list[str], tta: str, which: str = "model") -> Path | None:
-    """Evaluate one checkpoint's weights (`which`: the model's, or the averaged ones of `train.ema`);
+def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str = "model") -> Path | None:
+    """Evaluate one checkpoint's weights (`which`: the model's, or the averaged ones of `train.ema`)
+    with the test-time augmentation of its config's `eval.tta` (an override may change it);
     returns the eval JSON's path (None on processes other than the main one)."""
-    if tta not in TTA_CHOICES:
-        raise UserError(f"eval.tta={tta!r}: expected one of {', '.join(TTA_CHOICES)}")
     if which not in WEIGHTS_CHOICES:
         raise UserError(f"weights={which!r}: expected one of {', '.join(WEIGHTS_CHOICES)}")
     ckpt, out_dir, tag = locate(run, checkpoint)
@@ -181,6 +179,7 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], tta: str, w
     if "config" not in meta:
         raise UserError(f"{ckpt / 'meta.json'}: no config recorded, cannot rebuild the model")
     cfg = apply_overrides(meta["config"], overrides)
+    tta = cfg.eval.tta
     if tta == "flip":
         tag += "-flip"
 

@@ -9,6 +9,7 @@ The `cifarnet_*` family is registered in timm's registry so recipes name it like
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import timm
 from timm.layers import get_act_layer
 from timm.models import register_model
@@ -33,11 +34,38 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         hint = f"; similar: {', '.join(close)}" if close else "; `timm.list_models()` lists them"
         raise UserError(f"unknown model {name!r}{hint}")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate)
+    if cfg.whiten and not name.startswith("cifarnet"):
+        raise UserError(f"model.whiten=true needs a cifarnet model (a 2x2 patch stem), not {name!r}")
     if cfg.cifar_stem and not name.startswith("cifarnet"):
         _cifar_stem(model, name)
     if cfg.act:
         replace_activations(model, cfg.act)
     return model
+
+
+def whiten_stem(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Make a cifarnet's patch stem whiten the patches of `images` (normalised, N x C x H x W) and freeze it.
+
+    Each of the C*k*k eigenvectors of the patches' second-moment matrix, scaled by 1/sqrt(eigenvalue),
+    becomes a filter, once as is and once negated (as airbench starts its first layer): the stem's
+    outputs then start uncorrelated with unit variance, and a short schedule need not learn that.
+    The filters stay fixed; the bias trains.
+    """
+    conv = model.stem[0]
+    dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    if conv.out_channels != 2 * dim:
+        raise UserError(f"model.whiten: the stem has {conv.out_channels} filters; whitening {dim}-value patches needs {2 * dim}")
+    moments = torch.zeros(dim, dim, dtype=torch.float64)
+    count = 0
+    for chunk in images.split(256):
+        patches = F.unfold(chunk.float(), conv.kernel_size).transpose(1, 2).reshape(-1, dim).double()
+        moments += patches.T @ patches
+        count += patches.shape[0]
+    values, vectors = torch.linalg.eigh(moments / count)
+    filters = (vectors / (values + eps).sqrt()).T.reshape(dim, *conv.weight.shape[1:])
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+    conv.weight.requires_grad_(False)
 
 
 def replace_activations(model: nn.Module, act: str) -> int:

@@ -27,13 +27,14 @@ from cifar100 import rundir
 from cifar100.augment.batched import DeviceLoader
 from cifar100.augment.loader import build_train_loader, epoch_batches
 from cifar100.augment.mixing import BatchMixer
+from cifar100.augment.reference import normalize_batch
 from cifar100.checkpoint import CheckpointWriter
 from cifar100.config import Config, to_dict, to_yaml
 from cifar100.ema import WeightAverage
 from cifar100.engine import EpochResult, NonFiniteLoss, evaluate, train_one_epoch
 from cifar100.eta import RunClock, too_long
 from cifar100.errors import UserError
-from cifar100.models import build_model, count_parameters, flops_per_image
+from cifar100.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.optim import Schedule, build_optimizer
 from cifar100.preemption import Preempted, StopFlag
 from cifar100.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
@@ -47,6 +48,8 @@ from cifar100.tracking import (
     write_run_file,
 )
 from cifar100.train_state import TrainState
+
+WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
 
 
 def train(cfg: Config) -> Path:
@@ -89,7 +92,8 @@ class Trainer:
         self.splits = splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
         self.batch = cifar_data.per_process_batch(cfg.data.batch_size, acc.num_processes, cfg.train.grad_accum)
         data_cfg = capped_workers(cfg.data, acc.print if acc.is_main_process else None)
-        self.loader = build_train_loader(dataset.train.images[splits.train], dataset.train.labels[splits.train],
+        self.train_images = dataset.train.images[splits.train]
+        self.loader = build_train_loader(self.train_images, dataset.train.labels[splits.train],
                                          self.batch, data_cfg, cfg.augment, seed=cfg.seed,
                                          grad_accum=cfg.train.grad_accum, accelerator=acc)
         # Indexed once, not every epoch; on the device already when the training data lives there.
@@ -105,6 +109,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         model = build_model(cfg.model, cifar_data.NUM_CLASSES)
+        if cfg.model.whiten:  # from the same images on every process; a resume then loads the trained weights
+            whiten_stem(model, normalize_batch(self.train_images[:WHITEN_IMAGES], cfg.augment.mean, cfg.augment.std))
         self.parameters, self.flops = count_parameters(model), flops_per_image(model)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -246,7 +252,8 @@ class Trainer:
         for prefix, model in scored.items():
             for split, (images, labels) in self.eval_sets.items():
                 scores = evaluate(model, images, labels, acc, mean=cfg.augment.mean, std=cfg.augment.std,
-                                  batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last)
+                                  batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last,
+                                  tta_flip=cfg.eval.tta == "flip")
                 row.update({f"{prefix}{split}_loss": scores.loss, f"{prefix}{split}_top1": scores.top1,
                             f"{prefix}{split}_top5": scores.top5})
         row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds,

@@ -160,7 +160,8 @@ def test_show_prints_yaml_and_errors_exit_2_with_one_line(cli):
     shown = cli("show", "recipe=best", "optim.lr=0.1")
     assert shown.returncode == 0, shown.stderr
     data = yaml.safe_load(shown.stdout)
-    assert data["model"] == {"name": "seresnet50", "act": "mish", "cifar_stem": True, "drop_rate": 0.0}
+    assert data["model"] == {"name": "seresnet50", "act": "mish", "cifar_stem": True, "drop_rate": 0.0,
+                             "whiten": False}
     assert data["optim"]["lr"] == 0.1
     for args, text in [(("show", "recipe=nope"), "unknown recipe 'nope'"),
                        (("show", "recipe=best", "optim.lrr=1"), "did you mean optim.lr?"),

@@ -201,3 +201,23 @@ def test_overrides_apply_on_top_of_the_checkpoint_config():
     assert raw["data"]["root"] == "data"  # the checkpoint's own config is left as it was
     with pytest.raises(UserError, match="did you mean data.root"):
         apply_overrides(raw, ["data.rot=1"])
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_flip_tta_scores_every_epoch_with_it_and_eval_follows_its_config(tmp_path, real_data):
+    out = run_cmd([sys.executable, "train.py", "recipe=smoke", "name=tta", "train.epochs=1", "eval.tta=flip",
+                   f"data.root={real_data}", f"log.dir={tmp_path}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "tta"
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    out = run_cmd([sys.executable, "-m", "cifar100", "eval", f"run={run}", "checkpoint=last", f"data.root={real_data}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    flipped = json.loads((run / "eval-last-flip.json").read_text())  # the config's eval.tta, with no override
+    assert flipped["tta"] == "flip"
+    assert flipped["splits"]["test"]["top1"] == pytest.approx(row["test_top1"])
+    assert flipped["splits"]["test"]["loss"] == pytest.approx(row["test_loss"], rel=1e-5)
+    out = run_cmd([sys.executable, "-m", "cifar100", "eval", f"run={run}", "checkpoint=last", "eval.tta=none",
+                   f"data.root={real_data}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    plain = json.loads((run / "eval-last.json").read_text())
+    assert plain["tta"] == "none" and plain["splits"]["test"]["loss"] != pytest.approx(row["test_loss"], rel=1e-5)

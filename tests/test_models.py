@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from cifar100.config import ModelConfig
+from cifar100.augment.reference import normalize_batch
+from cifar100.config import AugmentConfig, ModelConfig
+from cifar100.data import load
 from cifar100.errors import UserError
-from cifar100.models import ACTIVATIONS, build_model, count_parameters, flops_per_image
+from cifar100.models import ACTIVATIONS, build_model, count_parameters, flops_per_image, whiten_stem
 
 
 def test_cifar_stem_replaces_the_imagenet_stem():
@@ -62,3 +65,28 @@ def test_act_override_on_cifarnet_and_unknown_names():
 def test_weights_are_never_downloaded():
     with pytest.raises(UserError, match="no pretrained weights"):
         timm.create_model("cifarnet_s", pretrained=True)
+
+
+def test_whitened_stem_decorrelates_real_patches_and_stays_fixed(real_data):
+    aug = AugmentConfig()
+    images = load(real_data, False).train.images
+    fit, held = (normalize_batch(images[s], aug.mean, aug.std) for s in (slice(0, 5000), slice(5000, 7000)))
+    model = build_model(ModelConfig(name="cifarnet_s", whiten=True), 100)
+    whiten_stem(model, fit)
+    weight = model.stem[0].weight
+    assert weight.shape == (24, 3, 2, 2) and not weight.requires_grad and model.stem[0].bias.requires_grad
+    assert torch.equal(weight[12:], -weight[:12])  # each filter twice, once negated
+    # On images it was not fitted on, the 12 filters' outputs are uncorrelated; the patches' strong
+    # directions come out with unit variance, the weakest are damped by eps.
+    out = F.conv2d(held, weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    moments = out.T @ out / len(out)
+    assert (moments - torch.diag(moments.diagonal())).abs().max() < 0.05
+    assert moments.diagonal()[6:].sub(1).abs().max() < 0.1 and (moments.diagonal() > 0.5).all()
+    assert count_parameters(model) == count_parameters(build_model(ModelConfig(name="cifarnet_s"), 100)) - 24 * 3 * 2 * 2  # trainable ones
+
+
+def test_whitening_needs_a_patch_stem():
+    with pytest.raises(UserError, match="needs a cifarnet model"):
+        build_model(ModelConfig(name="resnet18", whiten=True), 100)
+    with pytest.raises(UserError, match="whitening 12-value patches needs 24"):
+        whiten_stem(build_model(ModelConfig(name="cifarnet_tiny"), 100), torch.zeros(4, 3, 32, 32))
