@@ -1,16 +1,64 @@
-"""Shared fixtures: the repository root, the real dataset, a subprocess runner and a small real disk."""
+"""Shared fixtures: the repository root, the real dataset, a subprocess runner, a small real disk, folders
+made once per session, and how the tests share two xdist workers."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data"
+
+# One intra-op thread in this process and in every process a test starts (set before torch is
+# imported): two xdist workers share two cores, and a resumed run and its reference still train
+# on the same number of threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# In an xdist worker (`pytest -n N`, which sets PYTEST_XDIST_WORKER=gw<i>), two-process launches get
+# a rendezvous port of the worker's own: torchrun's --master-port, which it reads from PET_MASTER_PORT,
+# defaults to 29500 in every worker. Like 29500, these lie below the kernel's ephemeral ports.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ["PET_MASTER_PORT"] = str(29510 + int(os.environ["PYTEST_XDIST_WORKER"][2:]))
+
+# Files whose tests run in one xdist worker, one after another (`--dist loadgroup`): the Slurm tests
+# share this machine's CPUs and daemons and must not compete with each other for them; the others
+# write into the folder their module fixture made once (an evaluation's files, a report's notes).
+SERIAL_GROUPS = {"test_cluster.py": "slurm", "test_sweep_cluster.py": "slurm", "test_evaluate.py": "evaluate",
+                 "test_report.py": "report", "test_stage_data.py": "stage_data"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = SERIAL_GROUPS.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """A folder that `make(folder)` fills once per test session, for all xdist workers: the first to ask
+    makes it while the others wait for it. Tests read it (or copy it), never change it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder; each worker's own is inside it
+    shared = root / "shared"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import typing
 import pytest
 import yaml
 
+from cifar100.cli import main
 from cifar100.config import Config, apply_overrides, available_recipes, load_config, rules, to_yaml
 from cifar100.errors import UserError
 from conftest import run_cmd
@@ -270,12 +271,18 @@ def test_every_numeric_key_has_bounds():
             assert rule["high"] is not None and (rule["low"] is not None or rule["above"] is not None), key
 
 
-def test_bad_values_on_the_command_line_make_no_folder(tmp_path, cli):
+def test_bad_values_on_the_command_line_make_no_folder(tmp_path, cli, capsys):
+    runs = tmp_path / "runs"
+    # Every value through the train command's own entry point here; two of them as real command lines too.
     for value in ("optim.momentum=-5", "augment.std=[0,0,0]", "augment.mean=[]", "sched.warmup_epochs=nan",
                   "sched.gamma=-1", "augment.hflip=1.5", "name=../../x"):
-        out = cli("train", "recipe=smoke", f"log.dir={tmp_path / 'runs'}", value)
+        assert main(["train", "recipe=smoke", f"log.dir={runs}", value]) == 2, value
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    for value in ("augment.std=[0,0,0]", "name=../../x"):
+        out = cli("train", "recipe=smoke", f"log.dir={runs}", value)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
-    assert not (tmp_path / "runs").exists()
+    assert not runs.exists()
 
 
 def test_choices_of_optimizer_and_schedule_are_their_registries():

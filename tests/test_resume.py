@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, clean_environ, run_cmd
+from conftest import ROOT, clean_environ, run_cmd, shared_folder
 from test_records import GOOD_META, GOOD_STATE
 
 from cifar100.checkpoint import (
@@ -83,17 +84,34 @@ def finish(launcher, argv, env=None):
     return out
 
 
-@pytest.fixture(scope="module")
-def baselines(real_data, tmp_path_factory):
-    """Uninterrupted runs, one process and two, to compare every resumed run against."""
-    log = tmp_path_factory.mktemp("baseline")
-    finish(ONE, args(real_data, log, "one"))
-    finish(TWO, args(real_data, log, "two"), DDP_ENV)
-    finish(ONE, args(real_data, log, "dev", *DEVICE))
-    return {1: metrics(log / "one"), 2: metrics(log / "two"), "device": metrics(log / "dev")}
-
-
 DEVICE = ("data.pipeline=device", "augment.autoaugment=cifar10")
+# launcher, arguments, env; the one-process run keeps every checkpoint, for a test to go back to one of them
+BASELINES = {1: (ONE, ("train.keep_last=10",), None), 2: (TWO, (), DDP_ENV), "device": (ONE, DEVICE, None)}
+
+
+class Baselines(dict):
+    """Metrics of the uninterrupted runs (one process, two, the device pipeline) to compare every resumed
+    run against: each trained the first time a test of the session asks for it."""
+
+    def __init__(self, real_data: Path, tmp_path_factory: pytest.TempPathFactory):
+        super().__init__()
+        self.real_data, self.tmp_path_factory = real_data, tmp_path_factory
+
+    def folder(self, key) -> Path:
+        """The run folder of baseline `key` (for reading or copying only)."""
+        launcher, extra, env = BASELINES[key]
+        log = shared_folder(self.tmp_path_factory, f"resume-baseline-{key}",
+                            lambda log: finish(launcher, args(self.real_data, log, "run", *extra), env))
+        return log / "run"
+
+    def __missing__(self, key):
+        self[key] = metrics(self.folder(key))
+        return self[key]
+
+
+@pytest.fixture(scope="session")
+def baselines(real_data, tmp_path_factory):
+    return Baselines(real_data, tmp_path_factory)
 
 
 @pytest.mark.parametrize("world, step, pipeline", [(1, 12, "reference"), (1, 16, "reference"), (2, 12, "reference"),
@@ -245,7 +263,7 @@ def test_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path, real_
 
 
 def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path, real_data, baselines):
-    finish(ONE, args(real_data, tmp_path, "old", "train.keep_last=10"))
+    shutil.copytree(baselines.folder(1), tmp_path / "old", symlinks=True)  # a finished run, every checkpoint kept
     ckpts = tmp_path / "old" / "checkpoints"
     out = finish(ONE, args(real_data, tmp_path, "old", f"resume={ckpts / 'step-00000009'}"))
     assert "resuming" in out.stdout and "moved to" in out.stderr

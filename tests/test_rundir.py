@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import fill, run_cmd
+from conftest import fill, run_cmd, shared_folder
 from test_resume import DDP_ENV, ONE, TWO, finish, metrics, start, wait_for
 
 from cifar100.checkpoint import save_checkpoint
@@ -33,12 +33,10 @@ def args(real_data, log_dir, name, *extra):
             "train.checkpoint_every_steps=3", "resume=auto", *extra]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished(real_data, tmp_path_factory) -> Path:
-    """A finished run `A`, never changed by a test (they copy it)."""
-    log = tmp_path_factory.mktemp("finished")
-    finish(ONE, args(real_data, log, "A"))
-    return log / "A"
+    """A finished run `A`, never changed by a test (they copy it); trained once per session."""
+    return shared_folder(tmp_path_factory, "rundir-finished", lambda log: finish(ONE, args(real_data, log, "A"))) / "A"
 
 
 def copy_run(finished: Path, log_dir: Path, name: str = "A") -> Path:
@@ -69,6 +67,9 @@ def test_lock_refuses_a_second_writer_in_one_line(tmp_path):
 def test_a_second_run_on_a_running_folder_is_refused_and_kill_9_frees_it(tmp_path, real_data, finished):
     first = start(ONE, args(real_data, tmp_path, "L"))
     wait_for(tmp_path / "L" / "checkpoints" / "step-00000003" / "COMPLETE", first)
+    # Held in epoch 1 (alive, the folder's lock still its own) while the second starts: on a loaded machine
+    # the second process's start-up alone can outlast the first run's remaining seconds.
+    os.killpg(first.pid, signal.SIGSTOP)
     second = run_cmd([*ONE, *args(real_data, tmp_path, "L")])
     assert second.returncode == 2, second.stderr[-3000:]
     line = one_error_line(second.stderr)
