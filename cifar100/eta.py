@@ -77,7 +77,7 @@ def too_long(clock: RunClock, elapsed: float, limit_hours: float, device: str) -
     left = clock.seconds_left()
     if left is None or elapsed + left <= limit_hours * 3600:
         return None
-    instead = ("recipe=cpu, made for a CPU, trains 11 epochs of a 0.31 M-parameter model (64.6 % top-1 on 2 cores)" if device == "cpu"
+    instead = ("recipe=cpu, made for a CPU, trains 11 epochs of a 0.31 M-parameter model (64.4 % top-1 on 2 cores)" if device == "cpu"
                else "more GPUs (accelerate launch --num_processes N) or a smaller model would shorten it")
     return (f"this run is projected to take {duration_text(elapsed + left)} on {device} ({clock.step_seconds:.3g} s "
             f"per step measured, {clock.total_steps - clock.done_steps} steps and {clock.epochs - clock.done_epochs} "
