@@ -5,7 +5,9 @@ folder complete, and `cifar100 report` grouping them as the sweep file says."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,15 +40,16 @@ def test_sweep_array_task_preempted_is_requeued_alone_and_the_report_groups_the_
     # Epoch 1 of task 0 is done: what --signal=B:USR1@N sends, to this task's batch shell only. For an array
     # task this Slurm delivers it, then answers "Job can not be altered now" and scancel sends it again
     # every 5 s, which would hit the requeued task before its trap is set: one delivery is what the
-    # scheduler sends, so scancel is stopped once the batch shell has said it got the signal.
+    # scheduler sends, so scancel is stopped once the batch shell has said it got the signal. scancel is a child of
+    # slurm.sh's shell: the whole session is killed, or an orphaned scancel goes on re-sending.
     sender = subprocess.Popen(["bash", str(SLURM_SH), "run", str(one_node.state), "scancel", "--signal=USR1",
                                "--batch", one_node.job(tasks[0])["JobId"]], env=clean_environ(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
     while "USR1 at" not in one_node.log(tasks[0], "cifar100-sweep"):
         assert time.monotonic() < deadline, one_node.log(tasks[0], "cifar100-sweep")[-3000:]
         time.sleep(0.1)
-    sender.kill()
+    os.killpg(sender.pid, signal.SIGKILL)
     sender.wait()
     infos = [one_node.wait(task, timeout=300) for task in tasks]
     logs = [one_node.log(task, "cifar100-sweep") for task in tasks]  # one log per task: %x-%A_%a.out
