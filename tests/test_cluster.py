@@ -9,15 +9,20 @@ missing they skip and say why; under CI_REQUIRE_SLURM=1 (set by .ci/run) that sk
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -120,6 +125,15 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_training(run: Path, reference: Path) -> None:
+    """The run's metrics and summary are the uninterrupted reference's, to the last digit."""
+    assert [[r[k] for k in EXACT_KEYS] for r in rows(run)] == [[r[k] for k in EXACT_KEYS] for r in rows(reference)]
+    summary, expected = (json.loads((path / "summary.json").read_text()) for path in (run, reference))
+    for key in ("final_test_top1", "final_test_top5", "best_test_top1", "best_epoch", "epochs", "world_size",
+                "images_per_rank"):
+        assert summary[key] == expected[key], key
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(one_node):
     """train.sbatch, smoke for 4 epochs on 2 CPU processes, never signalled: (job, info, run folder)."""
@@ -168,13 +182,8 @@ def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_r
     assert "epoch 1/4 |" in first and "epoch 4/4 |" in second
     assert f"job {job} ended with status 0" in second
 
-    # The same training as never interrupted, to the last digit.
     _, _, reference = uninterrupted
-    assert [[r[k] for k in EXACT_KEYS] for r in rows(run)] == [[r[k] for k in EXACT_KEYS] for r in rows(reference)]
-    summary, expected = (json.loads((path / "summary.json").read_text()) for path in (run, reference))
-    for key in ("final_test_top1", "final_test_top5", "best_test_top1", "best_epoch", "epochs", "world_size",
-                "images_per_rank"):
-        assert summary[key] == expected[key], key
+    assert_same_training(run, reference)
     print(f"preempted + requeued + resumed job: {time.monotonic() - started:.0f} s")
 
 
@@ -337,3 +346,171 @@ def test_scancel_stops_with_a_checkpoint_before_killwait_and_the_run_resumes_exa
     assert one_node.wait(again, timeout=240)["JobState"] == "COMPLETED", one_node.log(again)[-4000:]
     _, _, reference = uninterrupted
     assert [[r[k] for k in EXACT_KEYS] for r in rows(run)] == [[r[k] for k in EXACT_KEYS] for r in rows(reference)]
+
+
+# --- the time limit: Slurm's own warning ---------------------------------------------------------------
+
+SMOKE32 = ("recipe=smoke", "train.epochs=32", "data.workers=2", "data.pipeline=reference")  # 0.6 to 1 s an epoch here
+CHECK_PERIOD = 30.2  # s between slurmctld's time-limit tests: 30 (PERIODIC_TIMEOUT) and the lag of its 1 s loop
+CHECK_DRIFT = 1.0  # s a time-limit test may be off the time predicted from the last one logged
+START_LAG = 2  # s from sbatch to the job's StartTime on an idle node, at most
+AIM_WIDTH = START_LAG + 2 * CHECK_DRIFT  # s: the narrowest span of a job that plan_warning can aim at
+# A restart starts 14 to 20 s after the warning (the stop, cred_expire=10, the scheduler), so slurmctld tests its time
+# limit 10 to 16 s and 40 to 46 s in. A warning 22 s or more into the job (W <= 11) leaves the first of these before
+# the restart's own end - W - 30 s: the restart is warned at the second, when its training is usually done.
+SPARE_RESTART = 22.0
+
+
+def aim_warning(launch: float, train: float) -> tuple[float, float, float]:
+    """(lo, hi, slack): where in the job to aim the warning, s after its start, for a training that began `launch` s
+    after its start and lasted `train` s in the reference. The warning lands in the job's training even if it starts
+    a fraction `slack` (at most 35 %) slower, or runs that much faster; sparing the restart where the training is long
+    enough for a slack of 20 % or more."""
+    end = launch + train
+    for earliest in (SPARE_RESTART, 0.0):
+        slack = min(0.35, (train - AIM_WIDTH) / (2 * launch + train), 1 - (earliest + AIM_WIDTH) / end)
+        if slack >= 0.2 or not earliest:
+            return max((1 + slack) * launch, earliest), (1 - slack) * end, slack
+    raise AssertionError("unreachable")
+
+
+def slurmctld_logged(cluster: Cluster, line: str) -> list[float]:
+    """When slurmctld logged lines that match `line` (a regular expression), as Unix times."""
+    log = (cluster.state / "slurmctld.log").read_text()
+    return [datetime.fromisoformat(t).timestamp() for t in re.findall(rf"^\[(\S+)\] {line}", log, re.MULTILINE)]
+
+
+def plan_warning(cluster: Cluster, lo: float, hi: float) -> tuple[float, int]:
+    """(when to submit, W): submitted then, a job with --time=1 --signal=B:USR1@W is warned lo..hi s after its start.
+
+    slurmctld tests the time limits every 30 s and sends the warning at the first test that finds the job
+    within W + 30 s of its end (sbatch(1)'s "up to 60 seconds earlier", 30 in Slurm 22.05). W picks the
+    test that sends it; the time of submission puts that test lo..hi s into the job.
+    """
+    assert round(hi - lo, 6) >= AIM_WIDTH, (lo, hi)
+    deadline = time.monotonic() + 40  # a new slurmctld tests first 30 s after it started
+    while not (tests := slurmctld_logged(cluster, "debug2: Testing job time limits")):
+        assert time.monotonic() < deadline, "slurmctld logged no time-limit test: SlurmctldDebug=debug2 in slurm.sh?"
+        time.sleep(0.5)
+    now, at = time.time(), tests[-1]
+    while at - lo - START_LAG - CHECK_DRIFT < now + 1:  # the latest submission for which it comes >= lo s in
+        at += CHECK_PERIOD
+    submit = max(now + 1, at - hi + CHECK_DRIFT)
+    # The job's end - W - 30 s (its start + 30 - W) must fall at or before that test even for the latest start;
+    # the test before it is then 30 s too early for any start.
+    offset = math.floor(at - CHECK_DRIFT) - math.floor(submit + START_LAG)
+    return submit, max(1, 30 - offset)
+
+
+def start_reference(cluster: Cluster, name: str, *args: str) -> subprocess.Popen:
+    """The same training, never interrupted, outside Slurm: node.sh as srun runs it, in a session of its own (so
+    that lowering its session's priority leaves this one's alone)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CPU_PROCS": "2", "MAIN_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    with (cluster.out / f"{name}.out").open("w") as out:
+        return subprocess.Popen(["launch/slurm/node.sh", *train_args(cluster, *args), f"name={name}"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants. torchrun starts each rank in a session of its own, so the
+    process group of the launch does not hold them."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:  # ended (a zombie too)
+        return []
+
+
+def renice(pid: int, nice: int) -> None:
+    """Set the nice value of a process and its descendants (later children inherit it). Where the kernel shares the
+    CPU between sessions first (autogroup), nice alone changes nothing against other sessions: set theirs too."""
+    for proc in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+            proc.nice(nice)
+            autogroup = Path(f"/proc/{proc.pid}/autogroup")
+            if autogroup.exists():
+                autogroup.write_text(str(nice))
+
+
+def training_times(run: Path, launched: float, process: subprocess.Popen, epochs: int) -> tuple[float, float]:
+    """(s from launch to the training's first step, s it trains) of a run in progress, from its first epochs."""
+    deadline, ends = time.monotonic() + 180, {}  # epochs done: when metrics.jsonl said so
+    while len(ends) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, f"reference run: {process.returncode}"
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file():
+            ends.setdefault(len(metrics.read_text().splitlines()), metrics.stat().st_mtime)
+        time.sleep(0.1)
+    ends.pop(0, None)
+    (first, first_end), (last, last_end) = min(ends.items()), max(ends.items())
+    begun = (run / "config.yaml").stat().st_mtime  # written just before the stop handlers are installed
+    return begun - launched, first_end - begun + (epochs - first) * (last_end - first_end) / (last - first)
+
+
+def check_stops(log: str, job: str, restarts: int) -> None:
+    """Each stop of a requeued job: the one line, a complete checkpoint where it stopped, a start that resumes
+    there; no traceback but the launcher's report that its processes exited 143 (torchrun: a failure)."""
+    stops = re.findall(r"preempted: stopped by SIGUSR1 (?:at epoch (\d+), batch (\d+)|after epoch (\d+));", log)
+    resumes = re.findall(r"\(resuming \S+/checkpoints/step-\d+ at epoch (\d+), batch (\d+)\)", log)
+    assert len(stops) == restarts == log.count(f"requeueing job {job}"), log[-4000:]
+    assert resumes == [(epoch, batch) if epoch else (str(int(after) + 1), "0") for epoch, batch, after in stops], log
+    for start in range(1, restarts + 2):
+        assert f"job {job} (cifar100) start {start} " in log
+    assert log.count("Traceback") == log.count("errors.ChildFailedError:") == restarts, log[-4000:]
+    assert "killed by signal" not in log and log.count("exitcode: 143") >= restarts, log[-4000:]
+
+
+@pytest.mark.slow
+def test_time_limit_warning_checkpoints_requeues_and_the_run_resumes_exactly(one_node):
+    """--time=1 --signal=B:USR1@W: Slurm's own time-limit test sends USR1 to the batch shell mid-training; the run
+    checkpoints, the job requeues itself before its limit, and the restarted job ends the run exactly."""
+    started, launched = time.monotonic(), time.time()
+    reference = start_reference(one_node, "reference-32", *SMOKE32)
+    try:
+        # Aim the warning into the training by this machine's speed now, from the reference's first epochs.
+        launch, train = training_times(one_node.out / "reference-32", launched, reference, epochs=32)
+        *aim, slack = aim_warning(launch, train)
+        submit, lead = plan_warning(one_node, *aim)
+        time.sleep(max(0.0, submit - time.time()))
+        renice(reference.pid, 19)  # while the job runs, the reference takes only the CPU time it leaves
+        submitted = time.time()
+        job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE32),
+                              options=("--cpus-per-task=2", "--time=1", f"--signal=B:USR1@{lead}"),
+                              env={"CPU_PROCS": "2"})
+        info = one_node.wait(job, timeout=240)
+        renice(reference.pid, 0)
+        assert reference.wait(timeout=120) == 0, (one_node.out / "reference-32.out").read_text()[-3000:]
+    finally:
+        if reference.poll() is None:
+            for proc in process_tree(reference.pid):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+    log, run = one_node.log(job), one_node.out / f"cifar100-{job}"
+    allocated = slurmctld_logged(one_node, f"sched: Allocate JobId={job} ")
+    warned = slurmctld_logged(one_node, f"debug:  send_job_warn_signal: warning signal 10 to JobId={job}$")
+    warned_in = warned[0] - allocated[0] if warned else math.nan
+    print(f"time limit: aimed {aim[0]:.0f}..{aim[1]:.0f} s into the job (the reference trained {launch:.1f} s after "
+          f"its launch for {train:.1f} s; slack {slack:.0%}), W={lead}, submitted {allocated[0] - submitted:.1f} s "
+          f"before its start; warned {warned_in:.1f} s in, the training began "
+          f"{(run / 'config.yaml').stat().st_mtime - allocated[0]:.1f} s in; {info['Restarts']} restart(s); "
+          f"{time.monotonic() - started:.0f} s in all")
+    restarts = int(info["Restarts"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and restarts >= 1, log[-4000:]
+
+    # The USR1 was Slurm's time-limit warning: slurmctld sent it W to W + 30 s before the end (the job's start
+    # + 60 s; up to 2 s more for its 1 s loop), the batch shell got it then, and no start reached its limit.
+    end = math.floor(allocated[0]) + 60
+    usr1 = datetime.fromisoformat(re.search(r"USR1 at (\S+): asking the training to checkpoint", log)[1]).timestamp()
+    assert warned and end - lead - 30 <= warned[0] < end - lead + 2 and abs(usr1 - warned[0]) <= 2, (warned, lead)
+    assert not slurmctld_logged(one_node, f"Time limit exhausted for JobId={job}$")
+    check_stops(log, job, restarts)
+    for epoch in range(1, 33):
+        assert log.count(f"epoch {epoch}/32 |") == 1, log[-4000:]  # no epoch lost, none trained twice
+    assert (run / "checkpoints" / "last" / "COMPLETE").is_file()
+    for name in (f"cifar100-{job}", "reference-32"):  # none left: launcher, ranks, loader workers
+        assert subprocess.run(["pgrep", "-f", f"name={name}"], capture_output=True).returncode == 1, name
+
+    assert_same_training(run, one_node.out / "reference-32")

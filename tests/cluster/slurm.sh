@@ -15,6 +15,8 @@
 # No accounting, no cgroups: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none. Ports (and
 # for HOSTS=2 namespace names and subnet) are picked per start, so two clusters do not collide.
 # Requeued jobs wait AuthInfo's cred_expire before they may start again: 10 s here, 120 s by default.
+# slurmctld logs at debug2, so its log says when it tested the jobs' time limits (every 30 s) and
+# when it sent a job its --signal warning.
 set -euo pipefail
 
 cmd=${1:?usage: slurm.sh start|run|stop DIR ...}
@@ -93,6 +95,7 @@ SlurmdSpoolDir=$dir/spool-%n
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
+SlurmctldDebug=debug2
 SlurmdLogFile=$dir/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
