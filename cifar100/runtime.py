@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import warnings
 from collections.abc import Callable
 
@@ -12,6 +13,8 @@ import torch
 
 from cifar100.config import DataConfig
 from cifar100.errors import UserError
+
+REFUSAL_GRACE_SECONDS = 10.0  # a refused launch: how long ranks other than 0 wait before they exit
 
 
 def device_type() -> str:
@@ -38,16 +41,20 @@ def resolve_precision(requested: str, kind: str) -> str:
     return "no"
 
 
-def require_one_job(launched: str | None, joined: int) -> None:
+def require_one_job(launched: str | None, rank: str | None, joined: int, grace: float = REFUSAL_GRACE_SECONDS) -> None:
     """Refuse a run whose launcher started `launched` processes (its WORLD_SIZE) that did not join
     one process group (`joined`, the Accelerator's process count): each would train alone, into a
     folder of its own. Accelerate falls back to single processes where CUDA is unavailable, e.g.
-    `accelerate launch --multi_gpu` on a CPU machine or a GPU node whose driver failed."""
+    `accelerate launch --multi_gpu` on a CPU machine or a GPU node whose driver failed. A process
+    whose launcher `rank` is not 0 waits `grace` s before it raises, so that rank 0 says why first:
+    the launcher ends the others once one process has exited."""
     try:
         world = int(launched or 1)
     except ValueError:
         return  # not a launcher's value; Accelerate reports what it makes of it
     if world > 1 and joined != world:
+        if rank not in (None, "0"):
+            time.sleep(grace)
         raise UserError(f"the launcher started {world} processes (WORLD_SIZE={world}) but they did not join one job: "
                         f"each would train alone ({joined} process(es) in its group), as Accelerate does where CUDA "
                         "is unavailable. For CPU processes set ACCELERATE_USE_CPU=1; on GPU nodes check the driver "

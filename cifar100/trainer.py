@@ -49,7 +49,6 @@ from cifar100.tracking import (
 )
 from cifar100.train_state import TrainState
 
-REFUSAL_GRACE_SECONDS = 10.0  # a refused launch: how long ranks other than 0 wait before they exit
 WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
 
 
@@ -79,14 +78,7 @@ class Trainer:
             # non_blocking: copies from the pinned batches never make the host wait for the GPU.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         )
-        try:
-            require_one_job(os.environ.get("WORLD_SIZE"), acc.num_processes)
-        except UserError:
-            if os.environ.get("RANK", "0") != "0":
-                # Only rank 0 says why (cli's one line); the others let it get there first, as the
-                # launcher ends them once one process has exited.
-                time.sleep(REFUSAL_GRACE_SECONDS)
-            raise
+        require_one_job(os.environ.get("WORLD_SIZE"), os.environ.get("RANK"), acc.num_processes)
         set_seed(cfg.seed)
         if acc.is_main_process:
             print(to_yaml(cfg), flush=True)

@@ -345,7 +345,7 @@ def test_scancel_stops_with_a_checkpoint_before_killwait_and_the_run_resumes_exa
                             options=options, env=env)
     assert one_node.wait(again, timeout=240)["JobState"] == "COMPLETED", one_node.log(again)[-4000:]
     _, _, reference = uninterrupted
-    assert [[r[k] for k in EXACT_KEYS] for r in rows(run)] == [[r[k] for k in EXACT_KEYS] for r in rows(reference)]
+    assert_same_training(run, reference)
 
 
 # --- the time limit: Slurm's own warning ---------------------------------------------------------------
