@@ -350,7 +350,10 @@ def test_scancel_stops_with_a_checkpoint_before_killwait_and_the_run_resumes_exa
 
 # --- the time limit: Slurm's own warning ---------------------------------------------------------------
 
-SMOKE32 = ("recipe=smoke", "train.epochs=32", "data.workers=2", "data.pipeline=reference")  # 0.6 to 1 s an epoch here
+# 0.6 to 1 s an epoch here: 48 epochs are long enough for a warning that spares the restart (SPARE_RESTART below) on a
+# quiet machine too, so that no restart is warned while it is still launching.
+EPOCHS = 48
+SMOKE_LONG = ("recipe=smoke", f"train.epochs={EPOCHS}", "data.workers=2", "data.pipeline=reference")
 CHECK_PERIOD = 30.2  # s between slurmctld's time-limit tests: 30 (PERIODIC_TIMEOUT) and the lag of its 1 s loop
 CHECK_DRIFT = 1.0  # s a time-limit test may be off the time predicted from the last one logged
 START_LAG = 2  # s from sbatch to the job's StartTime on an idle node, at most
@@ -468,21 +471,21 @@ def test_time_limit_warning_checkpoints_requeues_and_the_run_resumes_exactly(one
     """--time=1 --signal=B:USR1@W: Slurm's own time-limit test sends USR1 to the batch shell mid-training; the run
     checkpoints, the job requeues itself before its limit, and the restarted job ends the run exactly."""
     started, launched = time.monotonic(), time.time()
-    reference = start_reference(one_node, "reference-32", *SMOKE32)
+    reference = start_reference(one_node, f"reference-{EPOCHS}", *SMOKE_LONG)
     try:
         # Aim the warning into the training by this machine's speed now, from the reference's first epochs.
-        launch, train = training_times(one_node.out / "reference-32", launched, reference, epochs=32)
+        launch, train = training_times(one_node.out / f"reference-{EPOCHS}", launched, reference, epochs=EPOCHS)
         *aim, slack = aim_warning(launch, train)
         submit, lead = plan_warning(one_node, *aim)
         time.sleep(max(0.0, submit - time.time()))
         renice(reference.pid, 19)  # while the job runs, the reference takes only the CPU time it leaves
         submitted = time.time()
-        job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE32),
+        job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE_LONG),
                               options=("--cpus-per-task=2", "--time=1", f"--signal=B:USR1@{lead}"),
                               env={"CPU_PROCS": "2"})
         info = one_node.wait(job, timeout=240)
         renice(reference.pid, 0)
-        assert reference.wait(timeout=120) == 0, (one_node.out / "reference-32.out").read_text()[-3000:]
+        assert reference.wait(timeout=120) == 0, (one_node.out / f"reference-{EPOCHS}.out").read_text()[-3000:]
     finally:
         if reference.poll() is None:
             for proc in process_tree(reference.pid):
@@ -507,10 +510,10 @@ def test_time_limit_warning_checkpoints_requeues_and_the_run_resumes_exactly(one
     assert warned and end - lead - 30 <= warned[0] < end - lead + 2 and abs(usr1 - warned[0]) <= 2, (warned, lead)
     assert not slurmctld_logged(one_node, f"Time limit exhausted for JobId={job}$")
     check_stops(log, job, restarts)
-    for epoch in range(1, 33):
-        assert log.count(f"epoch {epoch}/32 |") == 1, log[-4000:]  # no epoch lost, none trained twice
+    for epoch in range(1, EPOCHS + 1):
+        assert log.count(f"epoch {epoch}/{EPOCHS} |") == 1, log[-4000:]  # no epoch lost, none trained twice
     assert (run / "checkpoints" / "last" / "COMPLETE").is_file()
-    for name in (f"cifar100-{job}", "reference-32"):  # none left: launcher, ranks, loader workers
+    for name in (f"cifar100-{job}", f"reference-{EPOCHS}"):  # none left: launcher, ranks, loader workers
         assert subprocess.run(["pgrep", "-f", f"name={name}"], capture_output=True).returncode == 1, name
 
-    assert_same_training(run, one_node.out / "reference-32")
+    assert_same_training(run, one_node.out / f"reference-{EPOCHS}")
