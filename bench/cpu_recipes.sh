@@ -12,6 +12,7 @@ for recipe in bench/cpu-2026-11-27.yaml cpu; do
   tag=$(basename "$recipe" .yaml)
   /usr/bin/time -v -o "$out/$tag-time.txt" \
     python train.py "recipe=$recipe" "data.root=$data" "log.dir=$runs" "name=$tag" log.progress=false
+  uptime > "$out/$tag-uptime.txt"  # load averages over the run: the run's own ~2 when nothing else ran
   cp "$runs/$tag/metrics.jsonl" "$out/$tag-metrics.jsonl"
   cp "$runs/$tag/summary.json" "$out/$tag-summary.json"
 done

@@ -41,7 +41,7 @@ def test_sweep_array_task_preempted_is_requeued_alone_and_the_report_groups_the_
     # task this Slurm delivers it, then answers "Job can not be altered now" and scancel sends it again
     # every 5 s, which would hit the requeued task before its trap is set: one delivery is what the
     # scheduler sends, so scancel is stopped once the batch shell has said it got the signal. scancel is a child of
-    # slurm.sh's shell: the whole session is killed, or an orphaned scancel goes on re-sending.
+    # slurm.sh's shell: its whole process group is killed, or an orphaned scancel goes on re-sending.
     sender = subprocess.Popen(["bash", str(SLURM_SH), "run", str(one_node.state), "scancel", "--signal=USR1",
                                "--batch", one_node.job(tasks[0])["JobId"]], env=clean_environ(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
