@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from cifar100.augment.batched import _GEOMETRIC, BatchAutoAugment
+from cifar100.data.batched import _GEOMETRIC, BatchAutoAugment
 
 
 def groups(aa: BatchAutoAugment, batch: int, seed: int) -> tuple[int, int]:
@@ -27,7 +27,7 @@ def groups(aa: BatchAutoAugment, batch: int, seed: int) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    policy, batch, batches = (sys.argv[1:] + ["cifar10", "512", "20"][len(sys.argv) - 1:])[:3]
+    policy, batch, batches = (sys.argv[1:] + ["cifar10", "512", "20"][len(sys.argv) - 1 :])[:3]
     counts = [groups(BatchAutoAugment(policy), int(batch), seed) for seed in range(int(batches))]
     old, new = (sum(c[i] for c in counts) / len(counts) for i in (0, 1))
     print(f"{policy}, {batch} images: {old:.1f} groups by (sub-policy, sign), {new:.1f} by op type")

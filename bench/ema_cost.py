@@ -13,11 +13,11 @@ import time
 import torch
 from accelerate import Accelerator
 
-from cifar100 import data as cifar_data
 from cifar100.config import load_config
-from cifar100.ema import WeightAverage
-from cifar100.engine import evaluate
-from cifar100.models import build_model
+from cifar100.data import cifar as cifar_data
+from cifar100.training.ema import WeightAverage
+from cifar100.training.engine import EvalSettings, evaluate
+from cifar100.training.models import build_model
 
 
 def main(recipe: str, root: str, updates: int = 200) -> None:
@@ -37,9 +37,7 @@ def main(recipe: str, root: str, updates: int = 200) -> None:
     dataset = cifar_data.load(root, False)
     for name, net in (("model", model), ("averaged weights", average.module)):
         start = time.perf_counter()
-        scored = evaluate(net, dataset.test.images, dataset.test.labels, accelerator,
-                          mean=cfg.augment.mean, std=cfg.augment.std, batch_size=cfg.data.eval_batch_size,
-                          channels_last=cfg.train.channels_last)
+        scored = evaluate(net, dataset.test.images, dataset.test.labels, accelerator, EvalSettings.from_config(cfg))
         print(f"evaluation of the {name}: {time.perf_counter() - start:.2f} s for {scored.images} test images")
 
 

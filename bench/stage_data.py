@@ -66,14 +66,17 @@ def split(src_root: Path, parts_dir: Path, part_bytes: int) -> dict:
             take = block[: part_bytes - written]
             out.write(take)
             written += len(take)
-            block = block[len(take):]
+            block = block[len(take) :]
             if written == part_bytes:
                 out.close()
                 out = None
     if out is not None:
         out.close()
-    manifest = {"folder": FOLDER, "files": files,
-                "parts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in parts]}
+    manifest = {
+        "folder": FOLDER,
+        "files": files,
+        "parts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in parts],
+    }
     _rebuilt_hashes(parts_dir, manifest, check_only=True)  # the parts reproduce the source, or no manifest
     (parts_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -123,7 +126,9 @@ def join(parts_dir: Path, dst_root: Path) -> list[str]:
         if not path.is_file():
             raise StageError(f"part {part['name']} is missing from {parts_dir} (carry it in a call first)")
         if path.stat().st_size != part["bytes"] or sha256_file(path) != part["sha256"]:
-            raise StageError(f"part {part['name']} is corrupt (size or sha256 differs from the manifest): carry it again")
+            raise StageError(
+                f"part {part['name']} is corrupt (size or sha256 differs from the manifest): carry it again"
+            )
     dst.mkdir(parents=True, exist_ok=True)
     _rebuilt_hashes(parts_dir, manifest, check_only=False, dst=dst)
     return [f["name"] for f in manifest["files"]]
@@ -150,8 +155,11 @@ def main(argv: list[str]) -> int:
         else:
             written = join(args.parts_dir, args.dst_root)
             where = args.dst_root / FOLDER
-            print(f"rebuilt and verified {', '.join(written)} in {where}" if written
-                  else f"{where} already holds every file, verified")
+            print(
+                f"rebuilt and verified {', '.join(written)} in {where}"
+                if written
+                else f"{where} already holds every file, verified"
+            )
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

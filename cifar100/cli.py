@@ -80,8 +80,12 @@ def parse_seeds(text: str) -> list[int]:
         seeds = yaml.safe_load(text)
     except yaml.YAMLError:
         seeds = None
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise UserError(f"seeds={text}: expected a list of distinct integers, e.g. seeds=[0,1,2]")
     return seeds
 
@@ -95,7 +99,7 @@ def seed_configs(cfg: Config, seeds: list[int], text: str) -> list[Config]:
 
 
 def cmd_train(args: list[str]) -> None:
-    from cifar100.trainer import train  # heavy imports only when training
+    from cifar100.training.trainer import train  # heavy imports only when training
 
     seeds_text, args = take(args, "seeds")
     recipe, overrides = split_args(args)
@@ -108,36 +112,43 @@ def cmd_train(args: list[str]) -> None:
         raise UserError("give seed=N for one run or seeds=[...] for several, not both")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Each run ends its process group, so a second run cannot follow in the same launch.
-        raise UserError(f"seeds= runs one seed after another in one process; under a distributed launch start one "
-                        f"launch per seed: for s in {' '.join(map(str, seeds))}; do accelerate launch ... train.py "
-                        f"<the same arguments> seed=$s name={cfg.name}-s$s; done")
+        raise UserError(
+            f"seeds= runs one seed after another in one process; under a distributed launch start one "
+            f"launch per seed: for s in {' '.join(map(str, seeds))}; do accelerate launch ... train.py "
+            f"<the same arguments> seed=$s name={cfg.name}-s$s; done"
+        )
     run_dirs = [train(config) for config in seed_configs(cfg, seeds, seeds_text)]
     print(f"{len(seeds)} seeds done; compare them: cifar100 report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
 
 
 def cmd_eval(args: list[str]) -> None:
-    from cifar100.evaluation import run_eval  # heavy imports only when evaluating
+    from cifar100.commands.evaluation import run_eval  # heavy imports only when evaluating
 
     run, args = take(args, "run")
     checkpoint, args = take(args, "checkpoint")
     which, args = take(args, "weights")
     recipe, overrides = split_args(args)
     if recipe is not None:
-        raise UserError("eval takes the config the checkpoint was trained with: drop recipe= (key=value still overrides)")
+        raise UserError(
+            "eval takes the config the checkpoint was trained with: drop recipe= (key=value still overrides)"
+        )
     if run is None and checkpoint is None:
-        raise UserError("usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] "
-                        "[key=value ...]")
+        raise UserError(
+            "usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] [key=value ...]"
+        )
     run_eval(run, checkpoint or "best", overrides, which or "model")
 
 
 def cmd_report(args: list[str]) -> None:
-    from cifar100.report import make_report, markdown_table, table
+    from cifar100.commands.report import make_report, markdown_table, table
 
     out, paths = take(args, "out")
     publish, paths = take(paths, "wandb")
     unknown = [p for p in paths if "=" in p]
     if unknown:
-        raise UserError(f"unexpected argument {unknown[0]!r}: report takes run folders or globs, out=FOLDER and wandb=true")
+        raise UserError(
+            f"unexpected argument {unknown[0]!r}: report takes run folders or globs, out=FOLDER and wandb=true"
+        )
     if not paths:
         raise UserError("usage: cifar100 report FOLDER|GLOB ... [out=FOLDER] [wandb=true]")
     if publish not in (None, "true", "false"):
@@ -148,31 +159,40 @@ def cmd_report(args: list[str]) -> None:
     runs = sum(len(c.runs) for c in columns)
     print(f"{runs} run(s) in {len(columns)} column(s): {md} and {md.with_suffix('.html')}")
     if publish == "true":
-        from cifar100.wandb_report import publish as publish_report
+        from cifar100.commands.wandb_report import publish as publish_report
 
-        print(publish_report(columns, markdown_table(table(columns), columns),
-                             "cifar100 report " + " ".join(shlex.quote(a) for a in args)))
+        print(
+            publish_report(
+                columns,
+                markdown_table(table(columns), columns),
+                "cifar100 report " + " ".join(shlex.quote(a) for a in args),
+            )
+        )
 
 
 def cmd_sweep(args: list[str]) -> None:
-    from cifar100 import sweep
+    from cifar100.commands import sweep
 
     if not args or "=" in args[0]:
         raise UserError("usage: cifar100 sweep FILE [run|task=I] [key=value ...]")
     run = args[1:2] == ["run"]
-    task, overrides = take(args[1 + run:], "task")
+    task, overrides = take(args[1 + run :], "task")
     if run and task is not None:
         raise UserError("give run (train every run here) or task=I (one array task's arguments), not both")
     if run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("sweep FILE run trains one run after another in one process; under a distributed launch "
-                        "start one launch per run with the arguments `cifar100 sweep FILE task=I` prints")
+        raise UserError(
+            "sweep FILE run trains one run after another in one process; under a distributed launch "
+            "start one launch per run with the arguments `cifar100 sweep FILE task=I` prints"
+        )
     plan = sweep.load_sweep(args[0], overrides)
     if task is not None:
         print("\n".join(sweep.task_args(plan, task)))
     elif run:
         folders = sweep.run_all(plan)
-        print(f"sweep {plan.name}: {len(folders)} runs done; compare them: cifar100 report "
-              + " ".join(shlex.quote(str(f)) for f in folders))
+        print(
+            f"sweep {plan.name}: {len(folders)} runs done; compare them: cifar100 report "
+            + " ".join(shlex.quote(str(f)) for f in folders)
+        )
     else:
         print(sweep.listing(plan))
 
@@ -192,7 +212,7 @@ def cmd_recipes(args: list[str]) -> None:
 
 
 def cmd_data(args: list[str]) -> None:
-    from cifar100 import data
+    from cifar100.data import cifar as data
 
     if not args or args[0] not in ("verify", "stats", "download"):
         raise UserError("usage: cifar100 data verify|stats|download [recipe=NAME] [data.root=DIR]")
@@ -208,7 +228,10 @@ def cmd_data(args: list[str]) -> None:
         return
     dataset = data.load(cfg.data.root, download=cfg.data.download or action == "download")
     if action == "download":
-        print(f"CIFAR-100 ready under {cfg.data.root}: {len(dataset.train.labels)} train, {len(dataset.test.labels)} test images")
+        print(
+            f"CIFAR-100 ready under {cfg.data.root}: {len(dataset.train.labels)} train, "
+            f"{len(dataset.test.labels)} test images"
+        )
         return
     mean, std = data.channel_stats(dataset.train.images)
     print(f"train images: {len(dataset.train.labels)}, test images: {len(dataset.test.labels)}")
@@ -217,12 +240,14 @@ def cmd_data(args: list[str]) -> None:
 
 
 def cmd_bench(args: list[str]) -> None:
-    from cifar100 import bench
+    from cifar100.commands import bench
 
     if not args or args[0] not in ("step", "data", "recipe", "checkpoint"):
-        raise UserError("usage: cifar100 bench step|data|recipe|checkpoint [recipe=NAME] [key=value ...] "
-                        "[steps=N] [warmup=N] [batches=N] [compile=false|true|MODE,...] [eager=false] "
-                        "[profile=TRACE.json.gz] [json=PATH]")
+        raise UserError(
+            "usage: cifar100 bench step|data|recipe|checkpoint [recipe=NAME] [key=value ...] "
+            "[steps=N] [warmup=N] [batches=N] [compile=false|true|MODE,...] [eager=false] "
+            "[profile=TRACE.json.gz] [json=PATH]"
+        )
     numbers = {}
     rest = args[1:]
     for key, default in (("steps", 20), ("warmup", 5), ("batches", 30)):
@@ -240,12 +265,27 @@ def cmd_bench(args: list[str]) -> None:
     if eager not in (None, "true", "false"):
         raise UserError(f"eager={eager}: expected true or false")
     recipe, overrides = split_args(rest)
-    bench.main(args[0], load_config(recipe, overrides), json_path=json_path, compile_modes=bench.compile_modes(modes),
-               eager_grid=eager != "false", profile_path=profile_path, **numbers)
+    bench.main(
+        args[0],
+        load_config(recipe, overrides),
+        json_path=json_path,
+        compile_modes=bench.compile_modes(modes),
+        eager_grid=eager != "false",
+        profile_path=profile_path,
+        **numbers,
+    )
 
 
-COMMANDS = {"train": cmd_train, "show": cmd_show, "recipes": cmd_recipes, "data": cmd_data, "eval": cmd_eval,
-            "report": cmd_report, "bench": cmd_bench, "sweep": cmd_sweep}
+COMMANDS = {
+    "train": cmd_train,
+    "show": cmd_show,
+    "recipes": cmd_recipes,
+    "data": cmd_data,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "bench": cmd_bench,
+    "sweep": cmd_sweep,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

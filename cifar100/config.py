@@ -10,12 +10,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import math
 import re
-import functools
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,29 +26,40 @@ from cifar100.errors import UserError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def setting(default: Any, *, choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = (),
-            low: float | None = None, high: float | None = None, above: float | None = None,
-            length: int | None = None, launch: bool = False, component: bool = False, doc: str = "") -> Any:
-    """A config field with its rules beside it: a closed vocabulary (`choices`, or a function
-    returning the registry's names), inclusive bounds `low`/`high`, an exclusive lower bound `above`
+def setting(
+    default: Any,
+    *,
+    choices: tuple[str, ...] = (),
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    length: int | None = None,
+    launch: bool = False,
+    component: bool = False,
+    doc: str = "",
+) -> Any:
+    """A config field with its rules beside it: a closed vocabulary (`choices`), inclusive bounds
+    `low`/`high`, an exclusive lower bound `above`
     (for a list: for every item), a list's exact `length`, `component` for a text that names one
     folder, and `launch` for keys that say where and how a run is launched and logged, not what it
     trains (a resume may change them, and the report does not tell runs apart by them)."""
-    rules = {"choices": choices, "low": low, "high": high, "above": above, "length": length,
-             "launch": launch, "component": component, "doc": doc}
+    rules = {
+        "choices": choices,
+        "low": low,
+        "high": high,
+        "above": above,
+        "length": length,
+        "launch": launch,
+        "component": component,
+        "doc": doc,
+    }
     return field(default=default, metadata=rules)
 
 
-def _optimizers() -> tuple[str, ...]:
-    from cifar100.optim import OPTIMIZERS  # the registry lives beside the code it names
-
-    return tuple(OPTIMIZERS)
-
-
-def _schedules() -> tuple[str, ...]:
-    from cifar100.optim import SCHEDULES
-
-    return tuple(SCHEDULES)
+# The names of the optimizer and schedule registries (training/optim.py): the config checks a name,
+# the registry builds it, and a test holds the two to the same names.
+OPTIMIZER_NAMES = ("sgd", "adam", "nadam", "adamw")
+SCHEDULE_NAMES = ("cosine", "step", "plateau", "none")
 
 
 # Upper bounds that keep a typo from exhausting memory or overflowing before anything useful runs.
@@ -67,8 +77,11 @@ class DataConfig:
     train_limit: int = setting(0, low=0, high=_MANY, doc="a stratified, seeded choice of N training images; 0 = all")
     test_limit: int = setting(0, low=0, high=_MANY, doc="a stratified, seeded choice of N test images; 0 = all")
     eval_batch_size: int = setting(1024, low=1, high=65_536)
-    pipeline: str = setting("reference", choices=("reference", "device"),
-                            doc="reference: per-sample torchvision in workers; device: batched on the device")
+    pipeline: str = setting(
+        "reference",
+        choices=("reference", "device"),
+        doc="reference: per-sample torchvision in workers; device: batched on the device",
+    )
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = setting("sgd", choices=_optimizers)
+    name: str = setting("sgd", choices=OPTIMIZER_NAMES)
     lr: float = setting(0.1, low=0.0, high=1e10)  # a diverging rate is a test of the non-finite guard
     momentum: float = setting(0.9, low=0.0, high=1.0)
     nesterov: bool = False
@@ -113,7 +126,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SchedConfig:
-    name: str = setting("cosine", choices=_schedules)
+    name: str = setting("cosine", choices=SCHEDULE_NAMES)
     warmup_epochs: float = setting(0.0, low=0.0, high=_MANY)
     warmup_lr: float = setting(1.0e-4, low=0.0, high=1e3)
     min_lr: float = setting(0.0, low=0.0, high=1e3)
@@ -127,13 +140,22 @@ class EmaConfig:
     """An exponential moving average of the weights (timm's ModelEmaV3), updated after optimizer steps."""
 
     enabled: bool = False
-    decay: float = setting(0.999, low=0.0, high=0.999_999_9,
-                           doc="weight the average keeps at each update; its horizon is about 1 / (1 - decay) updates")
-    warmup: bool = setting(True, doc="decay after k updates = min(decay, 1 - k ** -warmup_power): early weights fade fast")
-    warmup_power: float = setting(0.75, above=0.0, high=10.0, doc="timm's warm-up power: 3/4 for short runs, 2/3 for long")
+    decay: float = setting(
+        0.999,
+        low=0.0,
+        high=0.999_999_9,
+        doc="weight the average keeps at each update; its horizon is about 1 / (1 - decay) updates",
+    )
+    warmup: bool = setting(
+        True, doc="decay after k updates = min(decay, 1 - k ** -warmup_power): early weights fade fast"
+    )
+    warmup_power: float = setting(
+        0.75, above=0.0, high=10.0, doc="timm's warm-up power: 3/4 for short runs, 2/3 for long"
+    )
     every: int = setting(1, low=1, high=_MANY, doc="update every N optimizer steps (the decay applies per update)")
-    select: str = setting("model", choices=("model", "ema"),
-                          doc="the weights whose score picks the best epoch, saved as checkpoints/best")
+    select: str = setting(
+        "model", choices=("model", "ema"), doc="the weights whose score picks the best epoch, saved as checkpoints/best"
+    )
 
 
 @dataclass(frozen=True)
@@ -146,16 +168,20 @@ class TrainConfig:
     compile: bool = setting(False, launch=True)
     threads: int = setting(0, low=0, high=1024, launch=True, doc="CPU intra-op threads; 0 = the library default")
     keep_last: int = setting(2, low=1, high=_MANY, launch=True, doc="step checkpoints kept")
-    checkpoint_every_steps: int = setting(0, low=0, high=_MANY, launch=True,
-                                          doc="also checkpoint every N optimizer steps; 0 = epoch ends only")
+    checkpoint_every_steps: int = setting(
+        0, low=0, high=_MANY, launch=True, doc="also checkpoint every N optimizer steps; 0 = epoch ends only"
+    )
     max_bad_steps: int = setting(0, low=0, high=_MANY, launch=True, doc="non-finite losses skipped before a stop")
     ema: EmaConfig = EmaConfig()
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    tta: str = setting("none", choices=("none", "flip"),
-                       doc="test-time augmentation of every evaluation: flip averages each image's logits with its mirror's")
+    tta: str = setting(
+        "none",
+        choices=("none", "flip"),
+        doc="test-time augmentation of every evaluation: flip averages each image's logits with its mirror's",
+    )
 
 
 @dataclass(frozen=True)
@@ -170,8 +196,9 @@ class LogConfig:
     dir: str = "runs"
     wandb: WandbConfig = WandbConfig()
     progress: bool = setting(True, doc="progress bar on the main process")
-    warn_hours: float = setting(24.0, above=0.0, high=1e6,
-                                doc="warn once when the measured projection of the whole run exceeds this many hours")
+    warn_hours: float = setting(
+        24.0, above=0.0, high=1e6, doc="warn once when the measured projection of the whole run exceeds this many hours"
+    )
 
 
 @dataclass(frozen=True)
@@ -182,12 +209,15 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = setting("run", launch=True, component=True, doc="the run folder's name under log.dir: one path component")
+    name: str = setting(
+        "run", launch=True, component=True, doc="the run folder's name under log.dir: one path component"
+    )
     recipe: str = setting("", launch=True)
     description: str = setting("", launch=True)
     seed: int = setting(0, low=0, high=_SEED_MAX)
-    resume: str = setting("none", launch=True,
-                          doc="none | auto (newest checkpoint of <log.dir>/<name>) | path to a checkpoint")
+    resume: str = setting(
+        "none", launch=True, doc="none | auto (newest checkpoint of <log.dir>/<name>) | path to a checkpoint"
+    )
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
@@ -211,8 +241,9 @@ def rules(key: str) -> dict[str, Any]:
 def is_launch_key(key: str) -> bool:
     """True for a dotted key (or one under a section) that only says where and how a run is launched."""
     parts = key.split(".")
-    return any(_known(".".join(parts[:i])) and rules(".".join(parts[:i])).get("launch")
-               for i in range(1, len(parts) + 1))
+    return any(
+        _known(".".join(parts[:i])) and rules(".".join(parts[:i])).get("launch") for i in range(1, len(parts) + 1)
+    )
 
 
 def _known(key: str) -> bool:
@@ -290,12 +321,14 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested data (lists, not tuples) for YAML and JSON."""
+
     def plain(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         return value
+
     return plain(dataclasses.asdict(cfg))
 
 
@@ -347,21 +380,26 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)
 
 
 def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
@@ -431,7 +469,10 @@ def _leaf_hint(key: str) -> Any:
 
 
 def _is_optional_str(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType) and set(typing.get_args(hint)) == {str, type(None)}
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and set(typing.get_args(hint)) == {
+        str,
+        type(None),
+    }
 
 
 def _unknown_key(key: str) -> UserError:
@@ -506,12 +547,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def _check_rules(key: str, value: Any, result: Any, rule: dict[str, Any]) -> None:
     """A value of the right type, held to the rules `setting` put on its field."""
     choices = rule.get("choices")
-    choices = choices() if callable(choices) else choices
     if choices and result not in choices:
         raise UserError(f"{key}={value!r}: expected one of {', '.join(choices)}")
     if rule.get("component") and (result in ("", ".", "..") or "/" in result or "\0" in result):
-        raise UserError(f"{key}={value!r}: must name one folder inside log.dir (not empty, '.', '..', "
-                        "nor containing '/')")
+        raise UserError(
+            f"{key}={value!r}: must name one folder inside log.dir (not empty, '.', '..', nor containing '/')"
+        )
     length = rule.get("length")
     if length is not None and len(result) != length:
         raise UserError(f"{key}={value!r}: expected a list of {length} numbers, got {len(result)}")

@@ -30,8 +30,13 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
 # Files whose tests run in one xdist worker, one after another (`--dist loadgroup`): the Slurm tests
 # share this machine's CPUs and daemons and must not compete with each other for them; the others
 # write into the folder their module fixture made once (an evaluation's files, a report's notes).
-SERIAL_GROUPS = {"test_cluster.py": "slurm", "test_sweep_cluster.py": "slurm", "test_evaluate.py": "evaluate",
-                 "test_report.py": "report", "test_stage_data.py": "stage_data"}
+SERIAL_GROUPS = {
+    "test_cluster.py": "slurm",
+    "test_sweep_cluster.py": "slurm",
+    "test_evaluate.py": "evaluate",
+    "test_report.py": "report",
+    "test_stage_data.py": "stage_data",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
@@ -75,7 +80,9 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
 
 
-def run_cmd(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cmd(
+    args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run a command of the project as a user would, capturing its output."""
     full_env = {**clean_environ(), "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -84,8 +91,10 @@ def run_cmd(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None
 @pytest.fixture
 def cli():
     """`cli("show", "recipe=best")` runs `python -m cifar100 ...` in a subprocess."""
+
     def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         return run_cmd([sys.executable, "-m", "cifar100", *args], cwd=cwd)
+
     return run
 
 

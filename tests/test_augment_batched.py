@@ -10,7 +10,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
-from cifar100.augment.batched import (
+from cifar100.config import AugmentConfig
+from cifar100.data.batched import (
     AutoAugmentDraws,
     BatchAutoAugment,
     DeviceLoader,
@@ -18,9 +19,8 @@ from cifar100.augment.batched import (
     flip,
     random_crop,
 )
-from cifar100.config import AugmentConfig
+from cifar100.data.reference import normalize_batch
 from cifar100.errors import UserError
-from cifar100.augment.reference import normalize_batch
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -50,8 +50,16 @@ def test_flips_match_torchvision_where_masked():
 def _loader(images, labels, *, world=1, rank=0, batch=16, **aug):
     kw = {"crop_padding": 4, "hflip": 0.5, "vflip": 0.0, "color_jitter": 0.0, "autoaugment": "none"}
     kw.update(aug)
-    return DeviceLoader(images, labels, batch, AugmentConfig(mean=MEAN, std=STD, **kw), seed=3, rank=rank, world=world,
-                        device=torch.device("cpu"))
+    return DeviceLoader(
+        images,
+        labels,
+        batch,
+        AugmentConfig(mean=MEAN, std=STD, **kw),
+        seed=3,
+        rank=rank,
+        world=world,
+        device=torch.device("cpu"),
+    )
 
 
 def test_loader_with_autoaugment_yields_normalized_batches():
@@ -71,7 +79,7 @@ def test_each_batch_is_a_crop_and_flip_of_its_source_images():
     for images, labels in loader:
         for img, label in zip(images, labels):
             src = TF.pad(x[label], [2])
-            candidates = [TF.crop(src, t, l, 32, 32) for t in range(5) for l in range(5)]
+            candidates = [TF.crop(src, top, left, 32, 32) for top in range(5) for left in range(5)]
             candidates += [TF.horizontal_flip(c) for c in candidates]
             norm = normalize_batch(torch.stack(candidates), MEAN, STD)
             assert any(torch.equal(img, c) for c in norm)
@@ -105,7 +113,7 @@ def test_flip_frequency_follows_its_probability():
 
 
 def test_operations_without_a_batched_version_are_refused():
-    with pytest.raises(UserError, match="no batched ColorJitter yet: use data.pipeline=reference"):
+    with pytest.raises(UserError, match=r"no batched ColorJitter yet: use data.pipeline=reference"):
         _loader(_images(), torch.arange(64), color_jitter=0.4)
 
 
@@ -124,8 +132,9 @@ def _torchvision_op(reference, transform_id, magnitude_idx, negative, image):
     magnitude = 0.0 if magnitudes is None else float(magnitudes[magnitude_idx])
     if signed and negative:
         magnitude = -magnitude
-    return reference._apply_image_or_video_transform(image, transform_id, magnitude,
-                                                     interpolation=reference.interpolation, fill=reference._fill)
+    return reference._apply_image_or_video_transform(
+        image, transform_id, magnitude, interpolation=reference.interpolation, fill=reference._fill
+    )
 
 
 def _assert_equals_torchvision(aa, images, draws):
@@ -159,8 +168,9 @@ def test_each_batched_op_equals_torchvision_at_every_magnitude_and_sign(op, monk
     images = torch.cat([_edge_images(), _images(19, seed=7)])
     x = images.repeat(20, 1, 1, 1)
     combo = torch.arange(20).repeat_interleave(len(images))  # every image under every (bin, sign)
-    draws = AutoAugmentDraws(combo // 2, torch.tensor([0.0, 0.5]).expand(len(x), 2),
-                             (combo % 2 == 1)[:, None].expand(len(x), 2))
+    draws = AutoAugmentDraws(
+        combo // 2, torch.tensor([0.0, 0.5]).expand(len(x), 2), (combo % 2 == 1)[:, None].expand(len(x), 2)
+    )
     _assert_equals_torchvision(aa, x, draws)
 
 
@@ -181,8 +191,12 @@ def _torchvision_matrix(name, m):
 def test_affine_matrices_equal_torchvision_float32_matrices():
     """The per-image matrices, as float32 (what the device gets), are torchvision's to the bit."""
     aa = BatchAutoAugment("cifar10")
-    cases = [(name, s * m) for name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-             for m in aa.space[name][0](10, 32, 32).tolist() for s in (1, -1)]
+    cases = [
+        (name, s * m)
+        for name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+        for m in aa.space[name][0](10, 32, 32).tolist()
+        for s in (1, -1)
+    ]
     ops = torch.tensor([aa.ops.index(name) for name, _ in cases])
     got = aa._geometric_matrices(ops, torch.tensor([m for _, m in cases], dtype=torch.float64), 32, 32)
     want = torch.tensor([_torchvision_matrix(name, m) for name, m in cases], dtype=torch.float32)
@@ -230,9 +244,9 @@ def test_torchvision_autoaugment_tables_are_checked_before_use():
     assert len(policies) == 25 and "Rotate" in space
     changed = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
     changed._policies = [(("Rotate", 0.7), ("Invert", 0.2, None))]  # a slot of another shape
-    with pytest.raises(UserError, match="AutoAugment's policy tables are not in the form .* data.pipeline=reference"):
+    with pytest.raises(UserError, match=r"AutoAugment's policy tables are not in the form .* data.pipeline=reference"):
         checked_tables(changed)
     renamed = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
     renamed._AUGMENTATION_SPACE = {k.lower(): v for k, v in renamed._AUGMENTATION_SPACE.items()}
-    with pytest.raises(UserError, match="torchvision .*: AutoAugment's policy tables"):
+    with pytest.raises(UserError, match=r"torchvision .*: AutoAugment's policy tables"):
         checked_tables(renamed)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cifar100.data.mixing import BatchMixer, soft_target_cross_entropy
 from cifar100.errors import UserError
-from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
 
 B, C = 8, 10
 
@@ -74,7 +74,9 @@ def test_mixup_pixels_are_convex_combination_with_target_lambda():
 
 def test_label_smoothing_applied_before_mixing():
     eps = 0.1
-    out, targets = mixer(mixup_prob=1.0, label_smoothing=eps)(constant_images(), torch.arange(B), np.random.default_rng(2))
+    out, targets = mixer(mixup_prob=1.0, label_smoothing=eps)(
+        constant_images(), torch.arange(B), np.random.default_rng(2)
+    )
     lam = out[1, 0, 0, 0].item()  # image 1 = lam * 1 + (1 - lam) * 0
     smooth = F.one_hot(torch.arange(B), C).float() * (1 - eps) + eps / C
     torch.testing.assert_close(targets, lam * smooth + (1 - lam) * smooth.roll(1, 0))

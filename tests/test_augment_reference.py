@@ -5,14 +5,14 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from cifar100.augment.reference import (
+from cifar100.config import AugmentConfig
+from cifar100.data.reference import (
     AUTOAUGMENT_POLICIES,
     AugmentedDataset,
     eval_transform,
     normalize_batch,
     train_transform,
 )
-from cifar100.config import AugmentConfig
 from cifar100.errors import UserError
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -21,8 +21,17 @@ ID_MEAN, ID_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
 def _transform(crop_padding, hflip, vflip, color_jitter, autoaugment, mean, std):
-    return train_transform(AugmentConfig(crop_padding=crop_padding, hflip=hflip, vflip=vflip, color_jitter=color_jitter,
-                                         autoaugment=autoaugment, mean=mean, std=std))
+    return train_transform(
+        AugmentConfig(
+            crop_padding=crop_padding,
+            hflip=hflip,
+            vflip=vflip,
+            color_jitter=color_jitter,
+            autoaugment=autoaugment,
+            mean=mean,
+            std=std,
+        )
+    )
 
 
 def random_images(n=16, seed=0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,19 +11,33 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_recipe_measures_step_data_and_projects(cli, tmp_path, real_data):
-    out = cli("bench", "recipe", "recipe=smoke", f"data.root={real_data}", "steps=3", "warmup=1", "batches=3",
-              "compile=false", "augment.autoaugment=none", f"json={tmp_path / 'b.json'}")
+    out = cli(
+        "bench",
+        "recipe",
+        "recipe=smoke",
+        f"data.root={real_data}",
+        "steps=3",
+        "warmup=1",
+        "batches=3",
+        "compile=false",
+        "augment.autoaugment=none",
+        f"json={tmp_path / 'b.json'}",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "b.json").read_text())
     step = result["step"]
     assert [(r["precision"], r["channels_last"], r["loop"]) for r in step] == [
-        ("no", True, "engine"), ("no", False, "engine"), ("no", True, "plain")]
+        ("no", True, "engine"),
+        ("no", False, "engine"),
+        ("no", True, "plain"),
+    ]
     assert all(r["images_per_second"] > 0 and 0 < r["mfu"] and r["host_waits_per_step"] is None for r in step)
     data = {r["pipeline"]: r["images_per_second"] for r in result["data"]}
     assert data["reference"] > 0 and data["device"] > 0
     projection = result["projection"]
-    assert projection["epoch_seconds"] == pytest.approx(400 / min(projection["step_images_per_second"],
-                                                                  projection["data_images_per_second"]))
+    assert projection["epoch_seconds"] == pytest.approx(
+        400 / min(projection["step_images_per_second"], projection["data_images_per_second"])
+    )
     assert projection["run_seconds"] == pytest.approx(projection["epoch_seconds"] * 2)
     assert "images_per_second" in out.stdout and "bound_by" in out.stdout
 
@@ -51,9 +66,20 @@ def test_bench_checkpoint_times_both_writes_and_leaves_nothing(cli, tmp_path):
 
 
 def test_recipe_train_compile_with_compile_false_projects_from_eager_with_a_note(cli, tmp_path, real_data):
-    out = cli("bench", "recipe", "recipe=smoke", f"data.root={real_data}", "steps=2", "warmup=0", "batches=2",
-              "augment.autoaugment=none", "train.compile=true", "train.channels_last=true", "compile=false",
-              f"json={tmp_path / 'b.json'}")
+    out = cli(
+        "bench",
+        "recipe",
+        "recipe=smoke",
+        f"data.root={real_data}",
+        "steps=2",
+        "warmup=0",
+        "batches=2",
+        "augment.autoaugment=none",
+        "train.compile=true",
+        "train.channels_last=true",
+        "compile=false",
+        f"json={tmp_path / 'b.json'}",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "b.json").read_text())
     own = next(r for r in result["step"] if r["loop"] == "engine" and r["channels_last"] and not r["compile"])
@@ -64,8 +90,17 @@ def test_recipe_train_compile_with_compile_false_projects_from_eager_with_a_note
 
 def test_the_recipes_own_layout_is_measured_when_the_grid_lacks_it(cli, tmp_path):
     # recipe=cpu trains channels_last; without the eager grid only the channels_last row would run.
-    out = cli("bench", "step", "recipe=smoke", "train.channels_last=false", "steps=1", "warmup=0",
-              "compile=false", "eager=false", f"json={tmp_path / 's.json'}")
+    out = cli(
+        "bench",
+        "step",
+        "recipe=smoke",
+        "train.channels_last=false",
+        "steps=1",
+        "warmup=0",
+        "compile=false",
+        "eager=false",
+        f"json={tmp_path / 's.json'}",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "s.json").read_text())["step"]
     assert [(r["channels_last"], r["compile_mode"]) for r in rows] == [(True, None), (False, None)]
@@ -74,15 +109,20 @@ def test_the_recipes_own_layout_is_measured_when_the_grid_lacks_it(cli, tmp_path
 def test_compile_modes_are_checked(cli):
     bad = cli("bench", "step", "compile=max-autotune,fastest")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == [("error: compile=max-autotune,fastest: 'fastest' is not a mode; expected "
-                                                "true, false or a comma list of default, reduce-overhead, "
-                                                "max-autotune-no-cudagraphs, max-autotune")]
+    assert bad.stderr.strip().splitlines() == [
+        (
+            "error: compile=max-autotune,fastest: 'fastest' is not a mode; expected "
+            "true, false or a comma list of default, reduce-overhead, "
+            "max-autotune-no-cudagraphs, max-autotune"
+        )
+    ]
     from cifar100.cli import main
 
     assert main(["bench", "step", "eager=no"]) == 2
 
 
 # Guarantees for graph capture (torch.compile as one graph, CUDA graphs), checked on the CPU.
+
 
 def _accelerator(precision: str = "no"):
     from accelerate import Accelerator
@@ -97,9 +137,9 @@ def _accelerator(precision: str = "no"):
 def test_the_best_recipes_model_traces_as_one_graph(name):
     import torch
 
-    from cifar100.bench import graph_breaks
+    from cifar100.commands.bench import graph_breaks
     from cifar100.config import load_config
-    from cifar100.models import build_model
+    from cifar100.training.models import build_model
 
     cfg = load_config("best", [f"model.name={name}"])
     model = build_model(cfg.model, 100).to(memory_format=torch.channels_last)
@@ -130,10 +170,10 @@ def test_a_compiled_epoch_and_evaluation_compile_one_graph_each_with_no_recompil
     from torch._dynamo.utils import counters
 
     from cifar100.config import load_config
-    from cifar100.engine import EpochProgress, evaluate, train_one_epoch
-    from cifar100.augment.mixing import BatchMixer
-    from cifar100.models import build_model
-    from cifar100.optim import Schedule, build_optimizer
+    from cifar100.data.mixing import BatchMixer
+    from cifar100.training.engine import Engine, EpochProgress, EvalSettings, StepRules, evaluate
+    from cifar100.training.models import build_model
+    from cifar100.training.optim import Schedule, build_optimizer
 
     cfg = load_config("best", ["model.name=seresnet50"])
     accelerator = _accelerator()
@@ -149,16 +189,15 @@ def test_a_compiled_epoch_and_evaluation_compile_one_graph_each_with_no_recompil
     batches = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 100, (4,), generator=gen)) for _ in range(3)]
     mixer = BatchMixer(100, cfg.augment.cutmix.prob, cfg.augment.cutmix.alpha, 0, 0, 0)
     schedule = Schedule(optimizer, cfg.optim, cfg.sched, len(batches), cfg.train.epochs)
-    result = train_one_epoch(compiled, batches, optimizer, schedule, mixer, accelerator, epoch=1, seed=0, clip_grad=None,
-                             channels_last=True, progress=False, state=EpochProgress(), stop_requested=lambda: False,
-                             max_bad_steps=0, after_step=lambda s: None)
+    engine = Engine(compiled, optimizer, schedule, mixer, accelerator, StepRules(seed=0, channels_last=True))
+    result = engine.train_epoch(1, batches, EpochProgress())
     assert result.images == 12 and counter.frame_count == 1
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 100, (10,))
-    kwargs = {"mean": cfg.augment.mean, "std": cfg.augment.std, "channels_last": True}
-    padded = evaluate(compiled, images, labels, accelerator, batch_size=4, **kwargs)  # 4 + 4 + 2 padded to 4
+    settings = EvalSettings(cfg.augment.mean, cfg.augment.std, batch_size=4, channels_last=True)
+    padded = evaluate(compiled, images, labels, accelerator, settings)  # 4 + 4 + 2 padded to 4
     assert counter.frame_count == 2 and not counters["graph_break"] and not counters["recompiles"]
-    whole = evaluate(model, images, labels, accelerator, batch_size=10, **kwargs)
+    whole = evaluate(model, images, labels, accelerator, dataclasses.replace(settings, batch_size=10))
     assert padded.images == whole.images == 10
     assert padded.loss == pytest.approx(whole.loss, rel=1e-5)
     assert (padded.top1, padded.top5) == (whole.top1, whole.top5)
@@ -168,13 +207,14 @@ def test_every_training_batch_has_one_shape_in_both_pipelines():
     import torch
 
     from cifar100.config import load_config
-    from cifar100.augment.loader import build_train_loader
+    from cifar100.data.loader import build_train_loader
 
     accelerator = _accelerator()
     images = torch.randint(0, 256, (130, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(130) % 100
     for pipeline in ("reference", "device"):
         cfg = load_config("smoke", [f"data.pipeline={pipeline}", "augment.autoaugment=none"])
-        loader = build_train_loader(images, labels, 50, cfg.data, cfg.augment, seed=cfg.seed, grad_accum=1,
-                                    accelerator=accelerator)
+        loader = build_train_loader(
+            images, labels, 50, cfg.data, cfg.augment, seed=cfg.seed, grad_accum=1, accelerator=accelerator
+        )
         assert [tuple(x.shape) for x, _ in loader] == [(50, 3, 32, 32)] * 2, pipeline

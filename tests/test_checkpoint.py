@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 
-from cifar100.checkpoint import (
+from cifar100.runfolder.checkpoint import (
     BackgroundWriter,
     CheckpointWriter,
     Snapshot,
@@ -48,6 +48,7 @@ def test_writer_runs_jobs_one_at_a_time_in_order():
             time.sleep(0.05)
             events.append(f"end {name}")
             running.release()
+
         return run
 
     writer = BackgroundWriter()
@@ -119,8 +120,11 @@ def test_a_step_checkpoint_that_cannot_be_written_names_the_intact_previous_one(
     writer.submit("step-00000001", _snapshot(1))
     writer.wait()
     (ckpt / ".tmp-step-00000002").write_text("in the way")
-    with pytest.warns(UserWarning, match=r"checkpoint step-00000002 not saved \(.*\); the previous checkpoint "
-                                         r"\(step-00000001\) is intact and loadable"):
+    with pytest.warns(
+        UserWarning,
+        match=r"checkpoint step-00000002 not saved \(.*\); the previous checkpoint "
+        r"\(step-00000001\) is intact and loadable",
+    ):
         writer.submit("step-00000002", _snapshot(2))
         writer.wait()
     assert writer.last_good == ckpt / "step-00000001" and (ckpt / "last").resolve().name == "step-00000001"

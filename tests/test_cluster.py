@@ -25,7 +25,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import REAL_DATA, ROOT, run_cmd
 
 SLURM_SH = ROOT / "tests" / "cluster" / "slurm.sh"
@@ -44,8 +43,16 @@ def unavailable(reason: str):
 
 
 def shell_scripts() -> list[Path]:
-    return sorted({*ROOT.glob("launch/**/*.sh"), *ROOT.glob("launch/**/*.sbatch"), *ROOT.glob("docker/*.sh"),
-                   *ROOT.glob("tests/cluster/*.sh"), *ROOT.glob("bench/*.sh"), ROOT / ".ci" / "run"})
+    return sorted(
+        {
+            *ROOT.glob("launch/**/*.sh"),
+            *ROOT.glob("launch/**/*.sbatch"),
+            *ROOT.glob("docker/*.sh"),
+            *ROOT.glob("tests/cluster/*.sh"),
+            *ROOT.glob("bench/*.sh"),
+            ROOT / ".ci" / "run",
+        }
+    )
 
 
 class Cluster:
@@ -62,8 +69,16 @@ class Cluster:
 
     def sbatch(self, script: str, *args: str, options: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
         """Submit from the checkout's root, as a user would; the log goes to out/<name>-<id>.out."""
-        result = self.run("sbatch", "--parsable", "--gpus-per-node=0", f"--output={self.out}/%x-%j.out",
-                          *options, script, *args, env=env)
+        result = self.run(
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            f"--output={self.out}/%x-%j.out",
+            *options,
+            script,
+            *args,
+            env=env,
+        )
         return result.stdout.strip().split(";")[0]
 
     def job(self, job: str) -> dict[str, str]:
@@ -88,8 +103,9 @@ class Cluster:
 def start_cluster(tmp_path_factory, hosts: int):
     if os.geteuid() != 0:
         unavailable("starting Slurm daemons needs root")
-    missing = [tool for tool in ("munged", "slurmctld", "slurmd", "sbatch", "nsenter", "unshare")
-               if not shutil.which(tool)]
+    missing = [
+        tool for tool in ("munged", "slurmctld", "slurmd", "sbatch", "nsenter", "unshare") if not shutil.which(tool)
+    ]
     if hosts == 2 and not shutil.which("ip"):
         missing.append("ip")
     if missing:
@@ -129,16 +145,27 @@ def assert_same_training(run: Path, reference: Path) -> None:
     """The run's metrics and summary are the uninterrupted reference's, to the last digit."""
     assert [[r[k] for k in EXACT_KEYS] for r in rows(run)] == [[r[k] for k in EXACT_KEYS] for r in rows(reference)]
     summary, expected = (json.loads((path / "summary.json").read_text()) for path in (run, reference))
-    for key in ("final_test_top1", "final_test_top5", "best_test_top1", "best_epoch", "epochs", "world_size",
-                "images_per_rank"):
+    for key in (
+        "final_test_top1",
+        "final_test_top5",
+        "best_test_top1",
+        "best_epoch",
+        "epochs",
+        "world_size",
+        "images_per_rank",
+    ):
         assert summary[key] == expected[key], key
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(one_node):
     """train.sbatch, smoke for 4 epochs on 2 CPU processes, never signalled: (job, info, run folder)."""
-    job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE4), options=("--cpus-per-task=2",),
-                          env={"CPU_PROCS": "2"})
+    job = one_node.sbatch(
+        "launch/slurm/train.sbatch",
+        *train_args(one_node, *SMOKE4),
+        options=("--cpus-per-task=2",),
+        env={"CPU_PROCS": "2"},
+    )
     return job, one_node.wait(job, timeout=240), one_node.out / f"cifar100-{job}"
 
 
@@ -158,12 +185,18 @@ def test_train_sbatch_trains_on_two_processes(one_node, uninterrupted):
 @pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(one_node, uninterrupted):
     started = time.monotonic()
-    job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE4), options=("--cpus-per-task=2",),
-                          env={"CPU_PROCS": "2"})
+    job = one_node.sbatch(
+        "launch/slurm/train.sbatch",
+        *train_args(one_node, *SMOKE4),
+        options=("--cpus-per-task=2",),
+        env={"CPU_PROCS": "2"},
+    )
     run = one_node.out / f"cifar100-{job}"
     deadline = time.monotonic() + 180
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
-        assert time.monotonic() < deadline and one_node.job(job)["JobState"] not in DONE_STATES, one_node.log(job)[-3000:]
+        assert time.monotonic() < deadline and one_node.job(job)["JobState"] not in DONE_STATES, one_node.log(job)[
+            -3000:
+        ]
         time.sleep(0.2)
     # Epoch 1 is done: the signal --signal=B:USR1@N would send, now, to the batch shell only.
     one_node.run("scancel", "--signal=USR1", "--batch", job)
@@ -190,9 +223,12 @@ def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_r
 @pytest.mark.slow
 def test_multinode_sbatch_on_two_hosts_trains_one_model(two_hosts):
     """multinode.sbatch on node1 + node2 (own network namespaces), one CPU process each, c10d rendezvous."""
-    job = two_hosts.sbatch("launch/slurm/multinode.sbatch", *train_args(two_hosts, "recipe=smoke"),
-                           options=("--nodes=2", "--cpus-per-task=1"),
-                           env={"CPU_PROCS": "1", "PYTHONPATH": str(HASH_HOOK)})
+    job = two_hosts.sbatch(
+        "launch/slurm/multinode.sbatch",
+        *train_args(two_hosts, "recipe=smoke"),
+        options=("--nodes=2", "--cpus-per-task=1"),
+        env={"CPU_PROCS": "1", "PYTHONPATH": str(HASH_HOOK)},
+    )
     info = two_hosts.wait(job, timeout=240)
     log = two_hosts.log(job)
     assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node[1-2]", log[-4000:]
@@ -215,6 +251,7 @@ def test_multinode_sbatch_on_two_hosts_trains_one_model(two_hosts):
 
 # --- what will run, without running it ---------------------------------------------------------------
 
+
 def dry_run(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     unset = dict.fromkeys(("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NAME", "GPUS_PER_NODE", "CPU_PROCS"), "")
     return run_cmd(["bash", script, "--dry-run", *args], env={**unset, **(env or {})}, timeout=120)
@@ -225,15 +262,19 @@ def test_dry_run_prints_the_command_world_size_and_per_process_batch():
     assert out.returncode == 0, out.stderr
     assert "world size 8: 1 node(s) x 8 process(es) on gpu" in out.stdout  # from #SBATCH --gpus-per-node=8
     assert "per-process batch 32 = data.batch_size 512 / 8 processes / train.grad_accum 2" in out.stdout
-    assert ("accelerate launch --num_machines 1 --num_processes 8 --config_file launch/accelerate/one-node.yaml"
-            in out.stdout) and "train.py name=cifar100-JOBID resume=auto recipe=best train.grad_accum=2" in out.stdout
+    assert (
+        "accelerate launch --num_machines 1 --num_processes 8 --config_file launch/accelerate/one-node.yaml"
+        in out.stdout
+    ) and "train.py name=cifar100-JOBID resume=auto recipe=best train.grad_accum=2" in out.stdout
 
     out = dry_run("launch/slurm/multinode.sbatch", "recipe=best", env={"SLURM_NNODES": "4"})
     assert out.returncode == 0, out.stderr
     assert "world size 32: 4 node(s) x 8 process(es) on gpu" in out.stdout and "per-process batch 16 " in out.stdout
-    assert re.search(r"--num_machines 4 --num_processes 32 --config_file launch/accelerate/multi-node.yaml "
-                     r"--machine_rank 0 --main_process_ip \S+ --main_process_port \S+ --rdzv_backend c10d train.py",
-                     out.stdout)
+    assert re.search(
+        r"--num_machines 4 --num_processes 32 --config_file launch/accelerate/multi-node.yaml "
+        r"--machine_rank 0 --main_process_ip \S+ --main_process_port \S+ --rdzv_backend c10d train.py",
+        out.stdout,
+    )
 
     out = dry_run("launch/slurm/train.sbatch", "recipe=smoke", env={"CPU_PROCS": "2"})
     assert "world size 2: 1 node(s) x 2 process(es) on cpu" in out.stdout and "per-process batch 25 " in out.stdout
@@ -243,7 +284,10 @@ def test_dry_run_rejects_what_would_fail_on_the_cluster():
     out = dry_run("launch/slurm/train.sbatch", "recipe=best", "optim.lrr=0.1")
     assert out.returncode == 2 and "unknown config key 'optim.lrr'" in out.stderr
     out = dry_run("launch/slurm/train.sbatch", "recipe=best", env={"GPUS_PER_NODE": "3"})
-    assert out.returncode == 2 and "data.batch_size=512 is not divisible by processes x train.grad_accum = 3 x 1" in out.stderr
+    assert (
+        out.returncode == 2
+        and "data.batch_size=512 is not divisible by processes x train.grad_accum = 3 x 1" in out.stderr
+    )
 
 
 def test_accelerate_configs_say_what_they_launch():
@@ -271,6 +315,7 @@ def test_scripts_pass_shellcheck():
 
 
 # --- containers ---------------------------------------------------------------------------------------
+
 
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of docker/Dockerfile, continuation lines joined, comments dropped."""
@@ -323,11 +368,15 @@ def test_scancel_stops_with_a_checkpoint_before_killwait_and_the_run_resumes_exa
     workers included, and SIGKILL after KillWait (30 s). The training checkpoints and stops first."""
     options, env = ("--cpus-per-task=2",), {"CPU_PROCS": "2"}
     workers = ("data.workers=2", "data.pipeline=reference")
-    job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE4, *workers), options=options, env=env)
+    job = one_node.sbatch(
+        "launch/slurm/train.sbatch", *train_args(one_node, *SMOKE4, *workers), options=options, env=env
+    )
     run = one_node.out / f"cifar100-{job}"
     deadline = time.monotonic() + 180
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
-        assert time.monotonic() < deadline and one_node.job(job)["JobState"] not in DONE_STATES, one_node.log(job)[-3000:]
+        assert time.monotonic() < deadline and one_node.job(job)["JobState"] not in DONE_STATES, one_node.log(job)[
+            -3000:
+        ]
         time.sleep(0.2)
     cancelled = time.monotonic()
     one_node.run("scancel", job)
@@ -341,8 +390,12 @@ def test_scancel_stops_with_a_checkpoint_before_killwait_and_the_run_resumes_exa
     assert subprocess.run(["pgrep", "-f", f"name=cifar100-{job}"], capture_output=True).returncode == 1  # none left
 
     # Submitted again under the run's name, the run continues and ends as if never stopped.
-    again = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE4, *workers, f"name=cifar100-{job}"),
-                            options=options, env=env)
+    again = one_node.sbatch(
+        "launch/slurm/train.sbatch",
+        *train_args(one_node, *SMOKE4, *workers, f"name=cifar100-{job}"),
+        options=options,
+        env=env,
+    )
     assert one_node.wait(again, timeout=240)["JobState"] == "COMPLETED", one_node.log(again)[-4000:]
     _, _, reference = uninterrupted
     assert_same_training(run, reference)
@@ -416,8 +469,14 @@ def start_reference(cluster: Cluster, name: str, *args: str) -> subprocess.Popen
         port = sock.getsockname()[1]
     env = {**os.environ, "CPU_PROCS": "2", "MAIN_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     with (cluster.out / f"{name}.out").open("w") as out:
-        return subprocess.Popen(["launch/slurm/node.sh", *train_args(cluster, *args), f"name={name}"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            ["launch/slurm/node.sh", *train_args(cluster, *args), f"name={name}"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -483,9 +542,12 @@ def test_time_limit_warning_checkpoints_requeues_and_the_run_resumes_exactly(one
         renice(reference.pid, 19)  # while the job runs, the reference takes only the CPU time it leaves
         time.sleep(max(0.0, submit - time.time()))
         submitted = time.time()
-        job = one_node.sbatch("launch/slurm/train.sbatch", *train_args(one_node, *SMOKE_LONG),
-                              options=("--cpus-per-task=2", "--time=1", f"--signal=B:USR1@{lead}"),
-                              env={"CPU_PROCS": "2"})
+        job = one_node.sbatch(
+            "launch/slurm/train.sbatch",
+            *train_args(one_node, *SMOKE_LONG),
+            options=("--cpus-per-task=2", "--time=1", f"--signal=B:USR1@{lead}"),
+            env={"CPU_PROCS": "2"},
+        )
         info = one_node.wait(job, timeout=240)
         renice(reference.pid, 0)
         assert reference.wait(timeout=120) == 0, (one_node.out / f"reference-{EPOCHS}.out").read_text()[-3000:]
@@ -498,11 +560,13 @@ def test_time_limit_warning_checkpoints_requeues_and_the_run_resumes_exactly(one
     allocated = slurmctld_logged(one_node, f"sched: Allocate JobId={job} ")
     warned = slurmctld_logged(one_node, f"debug:  send_job_warn_signal: warning signal 10 to JobId={job}$")
     warned_in = warned[0] - allocated[0] if warned else math.nan
-    print(f"time limit: aimed {aim[0]:.0f}..{aim[1]:.0f} s into the job (the reference trained {launch:.1f} s after "
-          f"its launch for {train:.1f} s; slack {slack:.0%}), W={lead}, submitted {allocated[0] - submitted:.1f} s "
-          f"before its start; warned {warned_in:.1f} s in, the training began "
-          f"{(run / 'config.yaml').stat().st_mtime - allocated[0]:.1f} s in; {info['Restarts']} restart(s); "
-          f"{time.monotonic() - started:.0f} s in all")
+    print(
+        f"time limit: aimed {aim[0]:.0f}..{aim[1]:.0f} s into the job (the reference trained {launch:.1f} s after "
+        f"its launch for {train:.1f} s; slack {slack:.0%}), W={lead}, submitted {allocated[0] - submitted:.1f} s "
+        f"before its start; warned {warned_in:.1f} s in, the training began "
+        f"{(run / 'config.yaml').stat().st_mtime - allocated[0]:.1f} s in; {info['Restarts']} restart(s); "
+        f"{time.monotonic() - started:.0f} s in all"
+    )
     restarts = int(info["Restarts"])
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and restarts >= 1, log[-4000:]
 

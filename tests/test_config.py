@@ -9,11 +9,11 @@ import typing
 
 import pytest
 import yaml
+from conftest import run_cmd
 
 from cifar100.cli import main
 from cifar100.config import Config, apply_overrides, available_recipes, load_config, rules, to_yaml
 from cifar100.errors import UserError
-from conftest import run_cmd
 
 
 def test_defaults_without_recipe():
@@ -23,8 +23,17 @@ def test_defaults_without_recipe():
 
 def test_overrides_parse_yaml_scalars_and_flow_lists():
     assert load_config("best", ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
-    cfg = load_config("best", ["optim.lr=0.05", "augment.mean=[0.5,0.5,0.5]", "augment.cutmix.prob=0.5",
-                               "train.clip_grad=1", "model.act=null", "name=2024"])
+    cfg = load_config(
+        "best",
+        [
+            "optim.lr=0.05",
+            "augment.mean=[0.5,0.5,0.5]",
+            "augment.cutmix.prob=0.5",
+            "train.clip_grad=1",
+            "model.act=null",
+            "name=2024",
+        ],
+    )
     assert cfg.optim.lr == 0.05
     assert cfg.augment.mean == (0.5, 0.5, 0.5)
     assert cfg.augment.cutmix.prob == 0.5 and cfg.augment.cutmix.alpha == 1.0  # sibling kept
@@ -66,24 +75,27 @@ def _flatten(d, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean optim.lr"),
-    ("lr=0.1", "did you mean optim.lr?"),
-    ("augment.cutmx.prob=1", "did you mean augment.cutmix"),
-    ("optim.lr=fast", "optim.lr='fast': expected float, got str"),
-    ("train.epochs=2.5", "train.epochs=2.5: expected int, got float"),
-    ("train.channels_last=maybe", "train.channels_last='maybe': expected bool, got str"),
-    ("augment.mean=[0.5,x,0.5]", "augment.mean=[0.5, 'x', 0.5]: expected list of float"),
-    ("optim.name=lamb", "optim.name='lamb': expected one of sgd, adam, nadam, adamw"),
-    ("train.precision=fp8", "expected one of no, fp16, bf16"),
-    ("augment.cutmix=1", "augment.cutmix must be a mapping"),
-    ("novalue", "expected key=value, got 'novalue'"),
-    ("optim.lr=[1", "cannot parse the value of optim.lr"),
-    ("train.grad_accum=0", "train.grad_accum=0: must be at least 1"),
-    ("data.eval_batch_size=0", "data.eval_batch_size=0: must be at least 1"),
-    ("train.epochs=0", "train.epochs=0: must be at least 1"),
-    ("seed=-1", "seed=-1: must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean optim.lr"),
+        ("lr=0.1", "did you mean optim.lr?"),
+        ("augment.cutmx.prob=1", "did you mean augment.cutmix"),
+        ("optim.lr=fast", "optim.lr='fast': expected float, got str"),
+        ("train.epochs=2.5", "train.epochs=2.5: expected int, got float"),
+        ("train.channels_last=maybe", "train.channels_last='maybe': expected bool, got str"),
+        ("augment.mean=[0.5,x,0.5]", "augment.mean=[0.5, 'x', 0.5]: expected list of float"),
+        ("optim.name=lamb", "optim.name='lamb': expected one of sgd, adam, nadam, adamw"),
+        ("train.precision=fp8", "expected one of no, fp16, bf16"),
+        ("augment.cutmix=1", "augment.cutmix must be a mapping"),
+        ("novalue", "expected key=value, got 'novalue'"),
+        ("optim.lr=[1", "cannot parse the value of optim.lr"),
+        ("train.grad_accum=0", "train.grad_accum=0: must be at least 1"),
+        ("data.eval_batch_size=0", "data.eval_batch_size=0: must be at least 1"),
+        ("train.epochs=0", "train.epochs=0: must be at least 1"),
+        ("seed=-1", "seed=-1: must be at least 0"),
+    ],
+)
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(UserError) as err:
         load_config("best", [override])
@@ -110,7 +122,7 @@ def test_base_loop_and_bad_yaml_are_caught(tmp_path):
     with pytest.raises(UserError, match="a recipe must be a mapping"):
         load_config(str(tmp_path / "list.yaml"), [])
     (tmp_path / "typo.yaml").write_text("optim: {moment: 0.9}\n")
-    with pytest.raises(UserError, match="did you mean optim.momentum"):
+    with pytest.raises(UserError, match=r"did you mean optim.momentum"):
         load_config(str(tmp_path / "typo.yaml"), [])
 
 
@@ -123,14 +135,58 @@ def test_every_recipe_loads_and_has_a_description():
 
 # The report's table (../shared/seed-report.md), column by column.
 REPORT = {
-    "exp1": dict(batch=128, hflip=0.5, aa="none", mean=(0.5,) * 3, std=(0.5,) * 3, cutmix=0.0,
-                 model="resnet50", act=None, optim="sgd", sched="cosine", warmup=0),
-    "exp2": dict(batch=512, hflip=0.5, aa="cifar10", mean=(0.5,) * 3, std=(0.5,) * 3, cutmix=0.0,
-                 model="resnet50", act=None, optim="adam", sched="cosine", warmup=0),
-    "exp3": dict(batch=512, hflip=0.8, aa="cifar10", mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                 cutmix=1.0, model="resnet50", act=None, optim="nadam", sched="cosine", warmup=0),
-    "best": dict(batch=512, hflip=0.5, aa="cifar10", mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                 cutmix=1.0, model="seresnet50", act="mish", optim="sgd", sched="cosine", warmup=5),
+    "exp1": dict(
+        batch=128,
+        hflip=0.5,
+        aa="none",
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        cutmix=0.0,
+        model="resnet50",
+        act=None,
+        optim="sgd",
+        sched="cosine",
+        warmup=0,
+    ),
+    "exp2": dict(
+        batch=512,
+        hflip=0.5,
+        aa="cifar10",
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        cutmix=0.0,
+        model="resnet50",
+        act=None,
+        optim="adam",
+        sched="cosine",
+        warmup=0,
+    ),
+    "exp3": dict(
+        batch=512,
+        hflip=0.8,
+        aa="cifar10",
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        cutmix=1.0,
+        model="resnet50",
+        act=None,
+        optim="nadam",
+        sched="cosine",
+        warmup=0,
+    ),
+    "best": dict(
+        batch=512,
+        hflip=0.5,
+        aa="cifar10",
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        cutmix=1.0,
+        model="seresnet50",
+        act="mish",
+        optim="sgd",
+        sched="cosine",
+        warmup=5,
+    ),
 }
 
 
@@ -161,13 +217,14 @@ def test_show_prints_yaml_and_errors_exit_2_with_one_line(cli):
     shown = cli("show", "recipe=best", "optim.lr=0.1")
     assert shown.returncode == 0, shown.stderr
     data = yaml.safe_load(shown.stdout)
-    assert data["model"] == {"name": "seresnet50", "act": "mish", "cifar_stem": True, "drop_rate": 0.0,
-                             "whiten": False}
+    assert data["model"] == {"name": "seresnet50", "act": "mish", "cifar_stem": True, "drop_rate": 0.0, "whiten": False}
     assert data["optim"]["lr"] == 0.1
-    for args, text in [(("show", "recipe=nope"), "unknown recipe 'nope'"),
-                       (("show", "recipe=best", "optim.lrr=1"), "did you mean optim.lr?"),
-                       (("show", "recipe=best", "optim.lr=x"), "expected float"),
-                       (("frobnicate",), "unknown command 'frobnicate'")]:
+    for args, text in [
+        (("show", "recipe=nope"), "unknown recipe 'nope'"),
+        (("show", "recipe=best", "optim.lrr=1"), "did you mean optim.lr?"),
+        (("show", "recipe=best", "optim.lr=x"), "expected float"),
+        (("frobnicate",), "unknown command 'frobnicate'"),
+    ]:
         bad = cli(*args)
         assert bad.returncode == 2
         assert bad.stderr.count("\n") == 1 and text in bad.stderr and "Traceback" not in bad.stderr
@@ -206,7 +263,7 @@ def test_recipes_read_no_as_text_and_refuse_duplicate_keys_and_non_utf8(tmp_path
 
 @pytest.mark.parametrize("name", ["../x", "/abs/path", "", ".", "..", "a/b"])
 def test_a_run_name_is_one_folder_inside_log_dir(name):
-    with pytest.raises(UserError, match="must name one folder inside log.dir"):
+    with pytest.raises(UserError, match=r"must name one folder inside log.dir"):
         load_config("smoke", [f"name={name}"])
 
 
@@ -274,8 +331,15 @@ def test_every_numeric_key_has_bounds():
 def test_bad_values_on_the_command_line_make_no_folder(tmp_path, cli, capsys):
     runs = tmp_path / "runs"
     # Every value through the train command's own entry point here; two of them as real command lines too.
-    for value in ("optim.momentum=-5", "augment.std=[0,0,0]", "augment.mean=[]", "sched.warmup_epochs=nan",
-                  "sched.gamma=-1", "augment.hflip=1.5", "name=../../x"):
+    for value in (
+        "optim.momentum=-5",
+        "augment.std=[0,0,0]",
+        "augment.mean=[]",
+        "sched.warmup_epochs=nan",
+        "sched.gamma=-1",
+        "augment.hflip=1.5",
+        "name=../../x",
+    ):
         assert main(["train", "recipe=smoke", f"log.dir={runs}", value]) == 2, value
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -286,8 +350,11 @@ def test_bad_values_on_the_command_line_make_no_folder(tmp_path, cli, capsys):
 
 
 def test_choices_of_optimizer_and_schedule_are_their_registries():
-    from cifar100.optim import OPTIMIZERS, SCHEDULES
+    from cifar100.config import OPTIMIZER_NAMES, SCHEDULE_NAMES
+    from cifar100.training.optim import OPTIMIZERS, SCHEDULES
 
+    # One name each way: the config accepts only what the registries build, and every entry is reachable.
+    assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES and tuple(SCHEDULES) == SCHEDULE_NAMES
     for name in OPTIMIZERS:
         assert load_config("smoke", [f"optim.name={name}"]).optim.name == name
     for name in SCHEDULES:

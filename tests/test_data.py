@@ -1,4 +1,4 @@
-"""Tests for cifar100.data on tiny synthetic files in the official format and on the real data."""
+"""Tests for cifar100.data.cifar on tiny synthetic files in the official format and on the real data."""
 
 import functools
 import hashlib
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar100 import data
+from cifar100.data import cifar as data
 from cifar100.errors import UserError
 
 REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -245,7 +245,7 @@ def test_download_with_wrong_md5(tmp_path, archive):
 
 
 def test_archive_put_by_hand_needs_no_network(tmp_path, archive):
-    url, md5 = archive
+    _url, md5 = archive
     (tmp_path / "dst").mkdir()
     shutil.copy(tmp_path / "served" / "cifar-100-python.tar.gz", tmp_path / "dst")
     ds = data.load(tmp_path / "dst", download=True, url="http://127.0.0.1:9/cifar-100-python.tar.gz", md5=md5)
@@ -265,7 +265,7 @@ def test_verify_reports_broken_files_without_raising(tmp_path):
     assert not train["official_md5"]
     assert not test["ok"] and "not a readable CIFAR-100 pickle" in test["problem"] and test["count"] is None
     assert not meta["ok"] and meta["problem"] == "missing" and meta["file"] == str(folder / "meta")
-    with pytest.raises(UserError, match="data.download=true"):
+    with pytest.raises(UserError, match=r"data.download=true"):
         data.verify(tmp_path / "nowhere")
 
 

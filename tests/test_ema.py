@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cifar100.config import EmaConfig
-from cifar100.ema import WeightAverage
+from cifar100.training.ema import WeightAverage
 
 
 def small_model() -> nn.Module:

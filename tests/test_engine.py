@@ -1,6 +1,6 @@
 """The training step's guards: a non-finite step skipped on every optimizer, too many stop, a signal stops.
 
-These drive `train_one_epoch` in-process with a small linear model (no BatchNorm, so a NaN batch
+These drive `Engine.train_epoch` in-process with a small linear model (no BatchNorm, so a NaN batch
 leaves no running statistics behind) and compare final weights bit for bit.
 """
 
@@ -15,10 +15,10 @@ from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from cifar100.config import EmaConfig, OptimConfig, SchedConfig
-from cifar100.ema import WeightAverage
-from cifar100.engine import EpochProgress, NonFiniteLoss, train_one_epoch
-from cifar100.augment.mixing import BatchMixer
-from cifar100.optim import Schedule, build_optimizer
+from cifar100.data.mixing import BatchMixer
+from cifar100.training.ema import WeightAverage
+from cifar100.training.engine import Engine, EpochProgress, NonFiniteLoss, StepRules
+from cifar100.training.optim import Schedule, build_optimizer
 
 BATCH = 8
 
@@ -34,8 +34,16 @@ def _batches(n: int, nan_at: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, t
     return out
 
 
-def _train(optimizer_name: str, batches, *, accum: int = 1, max_bad_steps: int = 0, stop_from: int | None = None,
-           ema: EmaConfig | None = None, record: list | None = None):
+def _train(
+    optimizer_name: str,
+    batches,
+    *,
+    accum: int = 1,
+    max_bad_steps: int = 0,
+    stop_from: int | None = None,
+    ema: EmaConfig | None = None,
+    record: list | None = None,
+):
     """One epoch over `batches`; returns (result, progress, final weights). With `ema`, the weight
     average goes into `record` first, followed by the weights after each optimizer step."""
     AcceleratorState._reset_state(True)
@@ -56,11 +64,22 @@ def _train(optimizer_name: str, batches, *, accum: int = 1, max_bad_steps: int =
         return stop_from is not None and len(calls) > stop_from
 
     state = EpochProgress()
-    result = train_one_epoch(model, batches, optimizer, schedule, BatchMixer(10, 0, 0, 0, 0, 0), accelerator,
-                             epoch=1, seed=0, clip_grad=1.0, channels_last=False, progress=False, state=state,
-                             stop_requested=stop_requested, max_bad_steps=max_bad_steps, ema=average,
-                             after_step=lambda s: record is not None and record.append(
-                                 [p.detach().clone() for p in model.parameters()]))
+    engine = Engine(
+        model,
+        optimizer,
+        schedule,
+        BatchMixer(10, 0, 0, 0, 0, 0),
+        accelerator,
+        StepRules(seed=0, clip_grad=1.0, max_bad_steps=max_bad_steps),
+        average,
+    )
+    result = engine.train_epoch(
+        1,
+        batches,
+        state,
+        stop_requested=stop_requested,
+        after_step=lambda s: record is not None and record.append([p.detach().clone() for p in model.parameters()]),
+    )
     return result, state, [p.detach().clone() for p in model.parameters()]
 
 
@@ -100,7 +119,9 @@ def test_a_non_finite_micro_step_skips_its_whole_accumulated_step():
     _, state, weights = _train("sgd", _batches(8, nan_at=(5,)), accum=2, max_bad_steps=1)
     _, _, clean = _train("sgd", [b for i, b in enumerate(_batches(8)) if i not in (4, 5)], accum=2)
     assert all(torch.equal(a, b) for a, b in zip(weights, clean))
-    assert state.sums[2].item() == 6 * BATCH and state.sums[3].item() == 1  # neither micro-step of the skipped step counts
+    assert (
+        state.sums[2].item() == 6 * BATCH and state.sums[3].item() == 1
+    )  # neither micro-step of the skipped step counts
 
 
 @pytest.mark.parametrize("name", ["sgd", "nadam"])
@@ -129,9 +150,9 @@ def test_norm_statistics_broken_by_a_skipped_step_start_afresh():
     schedule = Schedule(optimizer, OptimConfig(lr=0.05), SchedConfig(name="none", warmup_epochs=0), 6, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train_one_epoch(model, _batches(6, nan_at=(2,)), optimizer, schedule, BatchMixer(10, 0, 0, 0, 0, 0), accelerator,
-                        epoch=1, seed=0, clip_grad=None, channels_last=False, progress=False, state=EpochProgress(),
-                        stop_requested=lambda: False, max_bad_steps=1, after_step=lambda s: None)
+        Engine(
+            model, optimizer, schedule, BatchMixer(10, 0, 0, 0, 0, 0), accelerator, StepRules(seed=0, max_bad_steps=1)
+        ).train_epoch(1, _batches(6, nan_at=(2,)), EpochProgress())
     norm = model[1]
     assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
     assert int(norm.num_batches_tracked) == 2  # reset when step 2 is read, at the end of step 3; then steps 4, 5

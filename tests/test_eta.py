@@ -6,9 +6,9 @@ import sys
 import time
 
 import pytest
-
-from cifar100.eta import TIMED_STEPS, RunClock, duration_text, too_long
 from conftest import run_cmd
+
+from cifar100.training.eta import TIMED_STEPS, RunClock, duration_text, too_long
 
 
 def test_forecast_appears_after_the_timed_steps_and_counts_the_evaluations_left():
@@ -34,25 +34,45 @@ def test_forecast_appears_after_the_timed_steps_and_counts_the_evaluations_left(
 
 def test_durations_read_in_days_for_runs_of_weeks():
     assert [duration_text(s) for s in (12, 185, 8100, 18 * 86_400 + 4 * 3600 + 1800)] == [
-        "12 s", "3 m 05 s", "2 h 15 m", "18 d 04 h"]
+        "12 s",
+        "3 m 05 s",
+        "2 h 15 m",
+        "18 d 04 h",
+    ]
 
 
 def test_the_warning_names_the_cpu_recipe_on_a_cpu_only():
     clock = RunClock(total_steps=19_600, epochs=200, done_steps=2, done_epochs=0)
     clock.timed_steps, clock.timed_seconds = 1, 80.0  # one 80-second step: enough to project
     assert too_long(clock, elapsed=200.0, limit_hours=24, device="cpu").startswith(
-        "this run is projected to take 18 d 03 h on cpu (80 s per step measured, 19598 steps and 200 evaluations left)")
+        "this run is projected to take 18 d 03 h on cpu (80 s per step measured, 19598 steps and 200 evaluations left)"
+    )
     assert "recipe=cpu" in too_long(clock, 200.0, 24, "cpu")
-    assert "recipe=cpu" not in too_long(clock, 200.0, 24, "cuda") and "--num_processes" in too_long(clock, 200.0, 24, "cuda")
+    assert "recipe=cpu" not in too_long(clock, 200.0, 24, "cuda") and "--num_processes" in too_long(
+        clock, 200.0, 24, "cuda"
+    )
     assert too_long(clock, 200.0, limit_hours=24 * 30, device="cpu") is None
 
 
 @pytest.mark.slow
 def test_first_run_shows_its_forecast_warns_once_and_caps_the_workers(tmp_path, real_data):
     """A real run pinned to one core, asking for 3 workers, with a threshold any run exceeds."""
-    out = run_cmd(["taskset", "-c", "0", sys.executable, "train.py", "recipe=smoke", f"data.root={real_data}",
-                   f"log.dir={tmp_path}", "log.progress=true", "log.warn_hours=1e-6", "data.workers=3",
-                   "train.epochs=3"])
+    out = run_cmd(
+        [
+            "taskset",
+            "-c",
+            "0",
+            sys.executable,
+            "train.py",
+            "recipe=smoke",
+            f"data.root={real_data}",
+            f"log.dir={tmp_path}",
+            "log.progress=true",
+            "log.warn_hours=1e-6",
+            "data.workers=3",
+            "train.epochs=3",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("data.workers=3 lowered to 1: this process may use 1 CPU core(s)") == 1
     assert "DataLoader will create" not in out.stderr  # PyTorch's own warning never comes

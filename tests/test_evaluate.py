@@ -10,16 +10,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
-from cifar100.checkpoint import apply_weights, load_weights
-from cifar100.cli import main
-from cifar100.config import load_config
-from cifar100.data import load, select_splits
-from cifar100.config import apply_overrides
-from cifar100.evaluation import split_metrics
-from cifar100.errors import UserError
-from cifar100.models import build_model
 from conftest import run_cmd
+
+from cifar100.cli import main
+from cifar100.commands.evaluation import split_metrics
+from cifar100.config import apply_overrides, load_config
+from cifar100.data.cifar import load, select_splits
+from cifar100.errors import UserError
+from cifar100.runfolder.checkpoint import apply_weights, load_weights
+from cifar100.training.models import build_model
 
 VAL_SIZE = 200
 
@@ -28,8 +27,17 @@ VAL_SIZE = 200
 def val_run(tmp_path_factory, real_data):
     """A 2-epoch smoke run that holds out a validation split (so its best epoch is chosen on val)."""
     log_dir = tmp_path_factory.mktemp("eval")
-    out = run_cmd([sys.executable, "train.py", "recipe=smoke", "name=val", f"data.val_size={VAL_SIZE}",
-                   f"data.root={real_data}", f"log.dir={log_dir}"])
+    out = run_cmd(
+        [
+            sys.executable,
+            "train.py",
+            "recipe=smoke",
+            "name=val",
+            f"data.val_size={VAL_SIZE}",
+            f"data.root={real_data}",
+            f"log.dir={log_dir}",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return log_dir / "val"
 
@@ -61,13 +69,21 @@ def recompute(arrays: dict, split: str) -> dict:
     per_superclass = {}
     for s, name in enumerate(superclasses):
         mine = coarse_of[labels] == s
-        per_superclass[str(name)] = (int(mine.sum()), float((predicted[mine] == labels[mine]).mean()),
-                                     float((coarse_of[predicted[mine]] == s).mean()))
+        per_superclass[str(name)] = (
+            int(mine.sum()),
+            float((predicted[mine] == labels[mine]).mean()),
+            float((coarse_of[predicted[mine]] == s).mean()),
+        )
     wrong = Counter((int(t), int(p)) for t, p in zip(labels, predicted) if t != p)
     pairs = sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
-    return {"loss": loss, "top1": float((predicted == labels).mean()), "top5": float((top5 == labels[:, None]).any(1).mean()),
-            "per_class": per_class, "per_superclass": per_superclass,
-            "pairs": [(str(classes[t]), str(classes[p]), count) for (t, p), count in pairs]}
+    return {
+        "loss": loss,
+        "top1": float((predicted == labels).mean()),
+        "top5": float((top5 == labels[:, None]).any(1).mean()),
+        "per_class": per_class,
+        "per_superclass": per_superclass,
+        "pairs": [(str(classes[t]), str(classes[p]), count) for (t, p), count in pairs],
+    }
 
 
 @pytest.mark.slow
@@ -111,8 +127,18 @@ def test_eval_reproduces_training_numbers_on_the_training_splits(best_eval, val_
 
 @pytest.mark.slow
 def test_flip_tta_on_the_last_checkpoint_averages_both_views(val_run, real_data):
-    out = run_cmd([sys.executable, "-m", "cifar100", "eval", f"run={val_run}", "checkpoint=last", "eval.tta=flip",
-                   f"data.root={real_data}"])
+    out = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "eval",
+            f"run={val_run}",
+            "checkpoint=last",
+            "eval.tta=flip",
+            f"data.root={real_data}",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((val_run / "eval-last-flip.json").read_text())
     assert (result["checkpoint_tag"], result["tta"], result["epoch"]) == ("last-flip", "flip", 2)
@@ -123,8 +149,9 @@ def test_flip_tta_on_the_last_checkpoint_averages_both_views(val_run, real_data)
     model = build_model(cfg.model, 100).eval()
     apply_weights(model, load_weights(val_run / "checkpoints" / "last"), val_run)
     test = load(real_data).test
-    x = (test.images[torch.from_numpy(index)].float() / 255 - torch.tensor(cfg.augment.mean)[:, None, None]) \
-        / torch.tensor(cfg.augment.std)[:, None, None]
+    x = (
+        test.images[torch.from_numpy(index)].float() / 255 - torch.tensor(cfg.augment.mean)[:, None, None]
+    ) / torch.tensor(cfg.augment.std)[:, None, None]
     with torch.no_grad():
         plain, flipped = model(x), model(x.flip(3))
     np.testing.assert_allclose(logits, ((plain + flipped) / 2).numpy(), rtol=1e-4, atol=1e-4)
@@ -139,8 +166,21 @@ def test_two_process_eval_gives_the_single_process_numbers(best_eval, val_run, r
     result, arrays = best_eval
     copy = tmp_path / "val"
     shutil.copytree(val_run, copy, symlinks=True)
-    out = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cifar100", "eval",
-                   f"run={copy}", f"data.root={real_data}"], env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    out = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cifar100",
+            "eval",
+            f"run={copy}",
+            f"data.root={real_data}",
+        ],
+        env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("wrote") == 1  # only the main process writes
     ddp = json.loads((copy / "eval-best.json").read_text())
@@ -184,12 +224,20 @@ def test_split_metrics_by_hand():
     logits[np.arange(5), labels] = np.maximum(logits[np.arange(5), labels], 1.0)  # the truth always second or first
     m = split_metrics(logits, labels, coarse_of, classes, superclasses)
     assert m["top1"] == pytest.approx(1 / 5) and m["top5"] == 1.0  # top-5 of 4 classes holds everything
-    assert {k: (v["images"], v["top1"]) for k, v in m["per_class"].items()} == \
-        {"a": (2, 0.5), "b": (1, 0.0), "c": (1, 0.0), "d": (1, 0.0)}
+    assert {k: (v["images"], v["top1"]) for k, v in m["per_class"].items()} == {
+        "a": (2, 0.5),
+        "b": (1, 0.0),
+        "c": (1, 0.0),
+        "d": (1, 0.0),
+    }
     assert m["per_superclass"]["ab"] == {"index": 0, "images": 3, "top1": pytest.approx(1 / 3), "superclass_top1": 1.0}
     assert m["per_superclass"]["cd"] == {"index": 1, "images": 2, "top1": 0.0, "superclass_top1": 0.5}
-    assert [(p["true"], p["predicted"], p["count"], p["share_of_true"]) for p in m["confused_pairs"]] == \
-        [("a", "b", 1, 0.5), ("b", "a", 1, 1.0), ("c", "d", 1, 1.0), ("d", "b", 1, 1.0)]
+    assert [(p["true"], p["predicted"], p["count"], p["share_of_true"]) for p in m["confused_pairs"]] == [
+        ("a", "b", 1, 0.5),
+        ("b", "a", 1, 1.0),
+        ("c", "d", 1, 1.0),
+        ("d", "b", 1, 1.0),
+    ]
     expected_loss = np.mean([np.log(np.exp(row).sum()) - row[t] for row, t in zip(logits.astype(np.float64), labels)])
     assert m["loss"] == pytest.approx(expected_loss)
 
@@ -199,14 +247,24 @@ def test_overrides_apply_on_top_of_the_checkpoint_config():
     cfg = apply_overrides(raw, ["data.root=/elsewhere", "data.eval_batch_size=10"])
     assert (cfg.data.root, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.optim.lr) == ("/elsewhere", 64, 10, 0.3)
     assert raw["data"]["root"] == "data"  # the checkpoint's own config is left as it was
-    with pytest.raises(UserError, match="did you mean data.root"):
+    with pytest.raises(UserError, match=r"did you mean data.root"):
         apply_overrides(raw, ["data.rot=1"])
 
 
 @pytest.mark.slow
 def test_a_run_trained_with_flip_tta_scores_every_epoch_with_it_and_eval_follows_its_config(tmp_path, real_data):
-    out = run_cmd([sys.executable, "train.py", "recipe=smoke", "name=tta", "train.epochs=1", "eval.tta=flip",
-                   f"data.root={real_data}", f"log.dir={tmp_path}"])
+    out = run_cmd(
+        [
+            sys.executable,
+            "train.py",
+            "recipe=smoke",
+            "name=tta",
+            "train.epochs=1",
+            "eval.tta=flip",
+            f"data.root={real_data}",
+            f"log.dir={tmp_path}",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "tta"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -216,8 +274,18 @@ def test_a_run_trained_with_flip_tta_scores_every_epoch_with_it_and_eval_follows
     assert flipped["tta"] == "flip"
     assert flipped["splits"]["test"]["top1"] == pytest.approx(row["test_top1"])
     assert flipped["splits"]["test"]["loss"] == pytest.approx(row["test_loss"], rel=1e-5)
-    out = run_cmd([sys.executable, "-m", "cifar100", "eval", f"run={run}", "checkpoint=last", "eval.tta=none",
-                   f"data.root={real_data}"])
+    out = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "eval",
+            f"run={run}",
+            "checkpoint=last",
+            "eval.tta=none",
+            f"data.root={real_data}",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     plain = json.loads((run / "eval-last.json").read_text())
     assert plain["tta"] == "none" and plain["splits"]["test"]["loss"] != pytest.approx(row["test_loss"], rel=1e-5)

@@ -10,8 +10,13 @@ import pytest
 from conftest import ROOT, run_cmd
 
 pytestmark = pytest.mark.slow
-TINY = {"GPU_BENCH_RECIPE": "smoke", "GPU_BENCH_EPOCHS": "2", "GPU_BENCH_STEPS": "3", "GPU_BENCH_WARMUP": "1",
-        "GPU_BENCH_WORKERS": "0"}
+TINY = {
+    "GPU_BENCH_RECIPE": "smoke",
+    "GPU_BENCH_EPOCHS": "2",
+    "GPU_BENCH_STEPS": "3",
+    "GPU_BENCH_WARMUP": "1",
+    "GPU_BENCH_WORKERS": "0",
+}
 
 
 def gpu_sh(data, out, **env):
@@ -26,8 +31,11 @@ def test_every_section_runs_and_one_failing_section_loses_nothing_else(real_data
     assert result["sections"] == {"step": "0", "e2e-reference": "0", "e2e-device": "0", "step-autotune": "2"}
     table = result["table"]
     step = [r for r in table if r["section"] == "step"]
-    assert [r["variant"] for r in step] == ["no, channels_last, eager", "no, channels_last, compile default",
-                                            "no, NCHW, eager"]  # smoke trains NCHW: its own row is measured too
+    assert [r["variant"] for r in step] == [
+        "no, channels_last, eager",
+        "no, channels_last, compile default",
+        "no, NCHW, eager",
+    ]  # smoke trains NCHW: its own row is measured too
     assert step[0]["vs_step"] == 1.0 and "graph breaks 0" in step[1]["note"]
     eager_nchw = step[2]["images_per_second"]
     for pipeline in ("reference", "device"):
@@ -43,9 +51,17 @@ def test_every_section_runs_and_one_failing_section_loses_nothing_else(real_data
         assert total["vs_step"] == pytest.approx(total["images_per_second"] / eager_nchw)
         assert result["e2e"][f"e2e-{pipeline}"]["totals"]["projected_run_seconds"] == pytest.approx(200 * seconds)
     assert set(result["e2e"]["top1_device_minus_reference"]) == {"1", "2"}
-    assert table[-1] == {"section": "step-autotune", "variant": "", "epoch": "", "images_per_second": None,
-                         "vs_step": None, "eval_s": None, "checkpoint_s": None, "test_top1": None,
-                         "note": "failed: exit status 2; see the log"}
+    assert table[-1] == {
+        "section": "step-autotune",
+        "variant": "",
+        "epoch": "",
+        "images_per_second": None,
+        "vs_step": None,
+        "eval_s": None,
+        "checkpoint_s": None,
+        "test_top1": None,
+        "note": "failed: exit status 2; see the log",
+    }
     kernels = result["step"]["step"]["step"][1]["top_kernels"]
     assert len(kernels) == 15 and sum(k["share"] for k in kernels) <= 1
     with gzip.open(tmp_path / "trace.json.gz") as f:
@@ -53,7 +69,8 @@ def test_every_section_runs_and_one_failing_section_loses_nothing_else(real_data
     log = (tmp_path / "gpu.log").read_text()
     assert "top 15 CPU operators by self time" in log and "saved " in log.splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{datetime.date.today().isoformat()}-cpu-fulldata.json", "gpu.log", "trace.json.gz"])
+        [f"{datetime.date.today().isoformat()}-cpu-fulldata.json", "gpu.log", "trace.json.gz"]
+    )
 
 
 def test_sections_past_the_budget_are_skipped_and_still_reported(real_data, tmp_path):

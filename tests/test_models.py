@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar100.augment.reference import normalize_batch
 from cifar100.config import AugmentConfig, ModelConfig
-from cifar100.data import load
+from cifar100.data.cifar import load
+from cifar100.data.reference import normalize_batch
 from cifar100.errors import UserError
-from cifar100.models import ACTIVATIONS, build_model, count_parameters, flops_per_image, whiten_stem
+from cifar100.training.models import ACTIVATIONS, build_model, count_parameters, flops_per_image, whiten_stem
 
 
 def test_cifar_stem_replaces_the_imagenet_stem():
@@ -58,7 +58,7 @@ def test_act_override_on_cifarnet_and_unknown_names():
         build_model(ModelConfig(name="cifarnet_s", act="mush", cifar_stem=True), 100)
     with pytest.raises(UserError, match="unknown model 'resnet5O'"):
         build_model(ModelConfig(name="resnet5O", act=None, cifar_stem=True), 100)
-    with pytest.raises(UserError, match="model.cifar_stem=false"):
+    with pytest.raises(UserError, match=r"model.cifar_stem=false"):
         build_model(ModelConfig(name="vit_tiny_patch16_224", act=None, cifar_stem=True), 100)
 
 
@@ -82,7 +82,9 @@ def test_whitened_stem_decorrelates_real_patches_and_stays_fixed(real_data):
     moments = out.T @ out / len(out)
     assert (moments - torch.diag(moments.diagonal())).abs().max() < 0.05
     assert moments.diagonal()[6:].sub(1).abs().max() < 0.1 and (moments.diagonal() > 0.5).all()
-    assert count_parameters(model) == count_parameters(build_model(ModelConfig(name="cifarnet_s"), 100)) - 24 * 3 * 2 * 2  # trainable ones
+    assert (
+        count_parameters(model) == count_parameters(build_model(ModelConfig(name="cifarnet_s"), 100)) - 24 * 3 * 2 * 2
+    )  # trainable ones
 
 
 def test_whitening_needs_a_patch_stem():

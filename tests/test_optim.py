@@ -8,18 +8,20 @@ import pytest
 import torch
 from torch import nn
 
+from cifar100.commands.report import optimizer_text, scheduler_text
 from cifar100.config import Config, OptimConfig, SchedConfig
 from cifar100.errors import UserError
-from cifar100.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer
-from cifar100.report import optimizer_text, scheduler_text
+from cifar100.training.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer
 
 
 def _model():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
 
 
-@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
-                                       ("nadam", torch.optim.NAdam), ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("nadam", torch.optim.NAdam), ("adamw", torch.optim.AdamW)],
+)
 def test_optimizer_kinds(name, cls):
     opt = build_optimizer(_model(), OptimConfig(name=name, lr=0.01))
     assert isinstance(opt, cls)
@@ -75,7 +77,7 @@ def test_plateau_decays_after_patience_and_state_round_trips():
 
 
 def test_warmup_longer_than_training_is_refused():
-    with pytest.raises(UserError, match="longer than train.epochs"):
+    with pytest.raises(UserError, match=r"longer than train.epochs"):
         _schedule(SchedConfig(warmup_epochs=30), epochs=20)
 
 
@@ -100,5 +102,6 @@ def test_every_registered_optimizer_trains_and_the_report_names_it(name):
 def test_every_registered_schedule_starts_at_the_peak_after_warmup_and_the_report_names_it(name):
     _, s = _schedule(SchedConfig(name=name, warmup_epochs=0))
     assert s.lr == pytest.approx(0.2)
-    assert scheduler_text(Config(optim=OptimConfig(lr=0.2), sched=SchedConfig(name=name))) == \
-        SCHEDULES[name].describe(SchedConfig(name=name))
+    assert scheduler_text(Config(optim=OptimConfig(lr=0.2), sched=SchedConfig(name=name))) == SCHEDULES[name].describe(
+        SchedConfig(name=name)
+    )

@@ -17,39 +17,65 @@ import torch
 from conftest import ROOT, clean_environ, run_cmd, shared_folder
 from test_records import GOOD_META, GOOD_STATE
 
-from cifar100.checkpoint import (
+from cifar100.config import ModelConfig
+from cifar100.errors import UserError
+from cifar100.runfolder.checkpoint import (
     apply_weights,
     find_latest,
     load_train_state,
-    read_meta,
     load_weights,
+    read_meta,
     save_checkpoint,
 )
-from cifar100.config import ModelConfig
-from cifar100.errors import UserError
-from cifar100.models import build_model
+from cifar100.training.models import build_model
 
 pytestmark = pytest.mark.slow
 
-COMPARED = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
-            "ema_test_loss", "ema_test_top1", "ema_test_top5")
+COMPARED = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "test_loss",
+    "test_top1",
+    "test_top5",
+    "ema_test_loss",
+    "ema_test_top1",
+    "ema_test_top5",
+)
 ONE = (sys.executable, "train.py")
 TWO = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py")
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 def args(real_data, log_dir, name, *extra):
-    return ["recipe=smoke", f"data.root={real_data}", f"log.dir={log_dir}", f"name={name}", "train.epochs=3",
-            "train.checkpoint_every_steps=3", *extra]
+    return [
+        "recipe=smoke",
+        f"data.root={real_data}",
+        f"log.dir={log_dir}",
+        f"name={name}",
+        "train.epochs=3",
+        "train.checkpoint_every_steps=3",
+        *extra,
+    ]
 
 
 def metrics(run: Path) -> list[dict]:
-    return [{k: r[k] for k in COMPARED if k in r} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return [
+        {k: r[k] for k in COMPARED if k in r} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def start(launcher, argv, env=None) -> subprocess.Popen:
-    return subprocess.Popen([*launcher, *argv], cwd=ROOT, env={**clean_environ(), "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [*launcher, *argv],
+        cwd=ROOT,
+        env={**clean_environ(), "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -100,8 +126,11 @@ class Baselines(dict):
     def folder(self, key) -> Path:
         """The run folder of baseline `key` (for reading or copying only)."""
         launcher, extra, env = BASELINES[key]
-        log = shared_folder(self.tmp_path_factory, f"resume-baseline-{key}",
-                            lambda log: finish(launcher, args(self.real_data, log, "run", *extra), env))
+        log = shared_folder(
+            self.tmp_path_factory,
+            f"resume-baseline-{key}",
+            lambda log: finish(launcher, args(self.real_data, log, "run", *extra), env),
+        )
         return log / "run"
 
     def __missing__(self, key):
@@ -114,8 +143,9 @@ def baselines(real_data, tmp_path_factory):
     return Baselines(real_data, tmp_path_factory)
 
 
-@pytest.mark.parametrize("world, step, pipeline", [(1, 12, "reference"), (1, 16, "reference"), (2, 12, "reference"),
-                                                   (1, 12, "device")])
+@pytest.mark.parametrize(
+    "world, step, pipeline", [(1, 12, "reference"), (1, 16, "reference"), (2, 12, "reference"), (1, 12, "device")]
+)
 def test_kill_9_anywhere_then_resume_auto_is_exact(tmp_path, real_data, baselines, world, step, pipeline):
     """Step 12 is mid-epoch 2 (8 batches per epoch); step 16 is the end of epoch 2."""
     launcher, env = (ONE, None) if world == 1 else (TWO, DDP_ENV)
@@ -161,13 +191,14 @@ def test_kill_9_mid_epoch_with_weight_averaging_then_resume_is_exact(tmp_path, r
     wait_for(tmp_path / "r" / "checkpoints" / "step-00000012" / "COMPLETE", proc)
     kill_9(proc)
     out = finish(launcher, args(real_data, tmp_path, "r", "resume=auto", *EMA), env)
-    assert re.search(r"at epoch [23], batch [1-7]\)", out.stdout), out.stdout[out.stdout.index("run folder"):][:400]
+    assert re.search(r"at epoch [23], batch [1-7]\)", out.stdout), out.stdout[out.stdout.index("run folder") :][:400]
     resumed, whole = metrics(tmp_path / "r"), metrics(tmp_path / "whole")
     assert resumed == whole and all("ema_test_top1" in row for row in resumed)
     assert [r["ema_test_top1"] for r in resumed] != [r["test_top1"] for r in resumed]  # another set of weights
     best = tmp_path / "r" / "checkpoints" / "best"
-    assert read_meta(best)["weights"] == "ema" and read_meta(best)["epoch"] == read_meta(best.parent / "last")["epoch"] - (
-        len(whole) - max(whole, key=lambda r: r["ema_test_top1"])["epoch"])
+    assert read_meta(best)["weights"] == "ema" and read_meta(best)["epoch"] == read_meta(best.parent / "last")[
+        "epoch"
+    ] - (len(whole) - max(whole, key=lambda r: r["ema_test_top1"])["epoch"])
     mine, theirs = load_weights(best), load_weights(tmp_path / "whole" / "checkpoints" / "best")
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
@@ -201,8 +232,18 @@ def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint_and_resumes_exac
 
 def test_second_signal_exits_at_once(tmp_path, real_data):
     # One slow step (a wider model on a 400-image batch) so both signals land inside it.
-    proc = start(ONE, args(real_data, tmp_path, "s2", "train.epochs=20", "model.name=cifarnet_l", "data.batch_size=400",
-                           "train.checkpoint_every_steps=0"))
+    proc = start(
+        ONE,
+        args(
+            real_data,
+            tmp_path,
+            "s2",
+            "train.epochs=20",
+            "model.name=cifarnet_l",
+            "data.batch_size=400",
+            "train.checkpoint_every_steps=0",
+        ),
+    )
     wait_for(tmp_path / "s2" / "checkpoints" / "best" / "COMPLETE", proc)
     time.sleep(0.2)  # inside epoch 2's only step, which takes over a second
     proc.send_signal(signal.SIGTERM)
@@ -226,8 +267,21 @@ def test_non_finite_loss_stops_with_one_line_or_skips(tmp_path, real_data):
 
 def test_checkpoints_after_skipped_steps_hold_finite_norm_statistics(tmp_path, real_data):
     """A skipped step's forward pass can make BatchNorm's running statistics NaN; no checkpoint keeps them."""
-    out = run_cmd([*ONE, *args(real_data, tmp_path, "skips", "optim.lr=1e8", "train.max_bad_steps=50",
-                                "train.checkpoint_every_steps=1", "train.keep_last=100", "train.epochs=1")])
+    out = run_cmd(
+        [
+            *ONE,
+            *args(
+                real_data,
+                tmp_path,
+                "skips",
+                "optim.lr=1e8",
+                "train.max_bad_steps=50",
+                "train.checkpoint_every_steps=1",
+                "train.keep_last=100",
+                "train.epochs=1",
+            ),
+        ]
+    )
     assert out.returncode == 0 and out.stderr.count("step skipped") >= 3, out.stderr[-2000:]
     checkpoints = sorted((tmp_path / "skips" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 8
@@ -341,7 +395,7 @@ def test_unreadable_meta_skips_to_the_previous_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_that_resume_auto_finds_is_read_once(tmp_path, monkeypatch):
-    from cifar100 import checkpoint, resume
+    from cifar100.runfolder import checkpoint, resume
 
     model = build_model(ModelConfig(name="cifarnet_tiny", act=None, cifar_stem=True), 100)
     save_checkpoint(tmp_path / "r" / "checkpoints", "step-00000003", model.state_dict(), GOOD_STATE, GOOD_META)

@@ -19,18 +19,26 @@ import pytest
 from conftest import fill, run_cmd, shared_folder
 from test_resume import DDP_ENV, ONE, TWO, finish, metrics, start, wait_for
 
-from cifar100.checkpoint import save_checkpoint
 from cifar100.errors import UserError
-from cifar100.rundir import lock
-from cifar100.tracking import append_metrics, plot_run, write_run_file
+from cifar100.runfolder.checkpoint import save_checkpoint
+from cifar100.runfolder.rundir import lock
+from cifar100.runfolder.tracking import append_metrics, plot_run, write_run_file
 
 EPOCH_3_STEP_5 = "step-00000021"
 
 
 def args(real_data, log_dir, name, *extra):
     # resume=auto from the start: a later resume=auto of the same run then has the same config.yaml.
-    return ["recipe=smoke", f"data.root={real_data}", f"log.dir={log_dir}", f"name={name}", "train.epochs=3",
-            "train.checkpoint_every_steps=3", "resume=auto", *extra]
+    return [
+        "recipe=smoke",
+        f"data.root={real_data}",
+        f"log.dir={log_dir}",
+        f"name={name}",
+        "train.epochs=3",
+        "train.checkpoint_every_steps=3",
+        "resume=auto",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +55,11 @@ def copy_run(finished: Path, log_dir: Path, name: str = "A") -> Path:
 def contents(folder: Path) -> dict[str, object]:
     """Every file's bytes and every link's target under `folder`: what "untouched" compares (the lock
     file names its last holder, which a refused run may have been)."""
-    return {str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
-            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+        if p.name != ".lock"
+    }
 
 
 def one_error_line(err: str) -> str:
@@ -73,8 +84,10 @@ def test_a_second_run_on_a_running_folder_is_refused_and_kill_9_frees_it(tmp_pat
     second = run_cmd([*ONE, *args(real_data, tmp_path, "L")])
     assert second.returncode == 2, second.stderr[-3000:]
     line = one_error_line(second.stderr)
-    assert line == (f"error: {tmp_path / 'L'} is in use by process {first.pid} on {os.uname().nodename}: a run folder "
-                    "has one writer at a time; wait for that run to end, or give this one another name=")
+    assert line == (
+        f"error: {tmp_path / 'L'} is in use by process {first.pid} on {os.uname().nodename}: a run folder "
+        "has one writer at a time; wait for that run to end, or give this one another name="
+    )
     os.killpg(first.pid, signal.SIGKILL)  # the kernel drops the lock with the process
     first.wait()
     finish(ONE, args(real_data, tmp_path, "L"))
@@ -103,8 +116,12 @@ def test_a_refused_resume_changes_nothing(tmp_path, real_data, finished):
     """Going back to an older checkpoint of the same run, with a config it was not made with."""
     source = copy_run(finished, tmp_path)
     before = contents(source)
-    out = run_cmd([*ONE, *args(real_data, tmp_path, "A", f"resume={source / 'checkpoints' / EPOCH_3_STEP_5}",
-                               "optim.momentum=0.5")])
+    out = run_cmd(
+        [
+            *ONE,
+            *args(real_data, tmp_path, "A", f"resume={source / 'checkpoints' / EPOCH_3_STEP_5}", "optim.momentum=0.5"),
+        ]
+    )
     assert out.returncode == 2 and "checkpoint was made with another config" in one_error_line(out.stderr)
     assert contents(source) == before
 
@@ -143,7 +160,9 @@ def test_report_skips_a_run_whose_files_are_malformed_with_a_note(tmp_path, fini
     (broken / "summary.json").write_text("[]")
     rows = copy_run(finished, tmp_path, "rows")
     (rows / "metrics.jsonl").write_text("{}\n" + (rows / "metrics.jsonl").read_text())
-    out = run_cmd([sys.executable, "-m", "cifar100", "report", str(good), str(broken), str(rows), f"out={tmp_path / 'report'}"])
+    out = run_cmd(
+        [sys.executable, "-m", "cifar100", "report", str(good), str(broken), str(rows), f"out={tmp_path / 'report'}"]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"skipped {broken / 'summary.json'}: unreadable (expected an object, found list)" in out.stdout
     assert f"skipped {rows / 'metrics.jsonl'}: line 1 unreadable (epoch is None, not an epoch number)" in out.stdout
@@ -161,8 +180,10 @@ def test_a_mid_epoch_checkpoint_of_one_process_is_refused_on_two(tmp_path, real_
     out = run_cmd([*TWO, *args(real_data, tmp_path, "A")], env=DDP_ENV)
     assert out.returncode != 0 and "exitcode  : 2" in out.stderr  # torchrun's report of the failed process
     ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]  # torchrun adds its own report
-    assert ours == [f"error: {run / 'checkpoints' / EPOCH_3_STEP_5}: a mid-epoch checkpoint of 1 process(es) cannot "
-                    "continue on 2: resume it with 1, or from an epoch-end checkpoint"], out.stderr[-3000:]
+    assert ours == [
+        f"error: {run / 'checkpoints' / EPOCH_3_STEP_5}: a mid-epoch checkpoint of 1 process(es) cannot "
+        "continue on 2: resume it with 1, or from an epoch-end checkpoint"
+    ], out.stderr[-3000:]
     assert "cifar100/" not in out.stderr  # no traceback from our code
     assert metrics(run) == metrics(finished)
 
@@ -173,17 +194,29 @@ def assert_nothing_temporary(folder: Path) -> None:
 
 def test_every_write_on_a_full_disk_is_one_line_and_leaves_the_old_file(small_disk):
     metrics_file = small_disk / "metrics.jsonl"
-    row = {"epoch": 1, "lr": 0.1, "train_loss": 4.6, "train_top1": 0.01, "test_loss": 4.6, "test_top1": 0.01,
-           "test_top5": 0.05, "epoch_seconds": 1.0, "images_per_second": 400.0}
+    row = {
+        "epoch": 1,
+        "lr": 0.1,
+        "train_loss": 4.6,
+        "train_top1": 0.01,
+        "test_loss": 4.6,
+        "test_top1": 0.01,
+        "test_top5": 0.05,
+        "epoch_seconds": 1.0,
+        "images_per_second": 400.0,
+    }
     lines = [json.dumps(row | {"epoch": e}) + "\n" for e in range(1, 40)]
-    metrics_file.write_text("".join(lines[:4000 // len(lines[-1])]))  # ends within its first 4 KiB block
+    metrics_file.write_text("".join(lines[: 4000 // len(lines[-1])]))  # ends within its first 4 KiB block
     write_run_file(small_disk / "summary.json", "{}\n")
     plot_run([row], small_disk, "full")
     saved = contents(small_disk)
     fill(small_disk)
     # A row that starts in the file's last block and does not end there: written in part, then cut back.
-    with pytest.raises(UserError, match=r"metrics.jsonl: not written \(No space left on device\); the run stops here: "
-                                        r"free space, then continue with the same command plus resume=auto"):
+    with pytest.raises(
+        UserError,
+        match=r"metrics.jsonl: not written \(No space left on device\); the run stops here: "
+        r"free space, then continue with the same command plus resume=auto",
+    ):
         append_metrics(metrics_file, row | {"epoch": 99, "padding": "x" * 200})
     with pytest.raises(UserError, match=r"summary.json: not written \(No space left on device\)"):
         write_run_file(small_disk / "summary.json", json.dumps({"final_test_top1": 0.5}) + "\n" * 5000)
@@ -205,7 +238,8 @@ def test_a_run_on_a_disk_that_fills_stops_in_one_line_and_resume_auto_finishes(s
     assert "not saved (No space left on device); the previous checkpoint (step-00000003) is intact" in err, err[-3000:]
     assert proc.returncode == 2 and one_error_line(err) == (
         f"error: {small_disk / 'full' / 'metrics.jsonl'}: not written (No space left on device); the run stops here: "
-        "free space, then continue with the same command plus resume=auto")
+        "free space, then continue with the same command plus resume=auto"
+    )
     assert_nothing_temporary(small_disk)
     filler.unlink()
     out = finish(ONE, args(real_data, small_disk, "full"))
@@ -224,9 +258,11 @@ def test_a_summary_that_does_not_fit_is_written_by_resume_auto_later(small_disk,
     filler = fill(small_disk)
     out = run_cmd([*ONE, *args(real_data, small_disk, "A")])
     assert out.returncode == 2 and one_error_line(out.stderr).startswith(
-        f"error: {run / 'summary.json'}: not written (No space left on device); the run stops here")
+        f"error: {run / 'summary.json'}: not written (No space left on device); the run stops here"
+    )
     assert_nothing_temporary(small_disk)
     filler.unlink()
     finish(ONE, args(real_data, small_disk, "A"))
-    assert json.loads((run / "summary.json").read_text()) | {"wall_seconds": 0} == \
-        json.loads((finished / "summary.json").read_text()) | {"wall_seconds": 0}
+    assert json.loads((run / "summary.json").read_text()) | {"wall_seconds": 0} == json.loads(
+        (finished / "summary.json").read_text()
+    ) | {"wall_seconds": 0}

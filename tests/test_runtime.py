@@ -8,7 +8,7 @@ import time
 import pytest
 
 from cifar100.errors import UserError
-from cifar100.runtime import require_one_job
+from cifar100.training.runtime import require_one_job
 
 
 @pytest.mark.parametrize(("launched", "joined"), [(None, 1), ("1", 1), ("2", 2), ("8", 8), ("", 1), ("two", 1)])
@@ -18,8 +18,11 @@ def test_one_job_or_no_launcher_passes(launched, joined):
 
 def test_processes_that_did_not_join_are_refused_with_the_fix():
     began = time.monotonic()
-    with pytest.raises(UserError, match=r"started 2 processes \(WORLD_SIZE=2\) but they did not join one job.*"
-                                        r"ACCELERATE_USE_CPU=1"):
+    with pytest.raises(
+        UserError,
+        match=r"started 2 processes \(WORLD_SIZE=2\) but they did not join one job.*"
+        r"ACCELERATE_USE_CPU=1",
+    ):
         require_one_job("2", "0", 1, grace=5.0)
     assert time.monotonic() - began < 1.0  # rank 0 says it at once
 

@@ -39,14 +39,23 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def args(real_data, log_dir, name, *extra) -> list[str]:
-    return ["recipe=smoke", f"data.root={real_data}", f"log.dir={log_dir}", f"name={name}", "train.epochs=3",
-            *WORKERS, *extra]
+    return [
+        "recipe=smoke",
+        f"data.root={real_data}",
+        f"log.dir={log_dir}",
+        f"name={name}",
+        "train.epochs=3",
+        *WORKERS,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
 def reference(real_data, tmp_path_factory):
     """The uninterrupted run every stopped and resumed run must equal (trained once per session)."""
-    log = shared_folder(tmp_path_factory, "signals-reference", lambda log: finish(ONE, args(real_data, log, "whole"), ENV))
+    log = shared_folder(
+        tmp_path_factory, "signals-reference", lambda log: finish(ONE, args(real_data, log, "whole"), ENV)
+    )
     return metrics(log / "whole")
 
 
@@ -130,9 +139,16 @@ class Terminal:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
         env = {**clean_environ(), "PYTHONUNBUFFERED": "1", "TERM": "xterm-256color", **ENV}
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
-                                     start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
+        self.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
         os.close(slave)
         self.master, self.pid, self.chunks = master, self.proc.pid, []
         self.closing = threading.Event()
@@ -216,8 +232,20 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, real_data, te
     same), and Python runs a handler only between operations: a long backward pass holds every press
     made during it. So the key is pressed every 0.6 s, as an impatient user does, until the run ends."""
     # One slow step per epoch (a wider model on a 400-image batch): the clean stop would take seconds.
-    term = terminal([*ONE, *args(real_data, tmp_path, "cc2", "train.epochs=20", "model.name=cifarnet_l",
-                                 "data.batch_size=400", "log.progress=true")])
+    term = terminal(
+        [
+            *ONE,
+            *args(
+                real_data,
+                tmp_path,
+                "cc2",
+                "train.epochs=20",
+                "model.name=cifarnet_l",
+                "data.batch_size=400",
+                "log.progress=true",
+            ),
+        ]
+    )
     wait_for(tmp_path / "cc2" / "checkpoints" / "best" / "COMPLETE", term)
     for _ in range(40):
         term.ctrl_c()
@@ -266,7 +294,7 @@ def image_command() -> list[str]:
     workdir = [a for op, a in steps if op == "WORKDIR"][-1].rstrip("/") + "/"
     entry = json.loads(next(a for op, a in steps if op == "ENTRYPOINT"))
     assert [a for op, a in steps if op == "CMD"], "the image has a default CMD"
-    return [str(ROOT) + "/" + part[len(workdir):] if part.startswith(workdir) else part for part in entry]
+    return [str(ROOT) + "/" + part[len(workdir) :] if part.startswith(workdir) else part for part in entry]
 
 
 def pid_1_of(unshare: subprocess.Popen) -> int:
@@ -290,7 +318,8 @@ def test_docker_stop_reaches_the_training_through_the_entrypoint_as_pid_1(tmp_pa
     wait_for(tmp_path / "box" / EPOCH_1, proc)
     os.kill(init, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    # The training stopped with 143; `accelerate launch --quiet` reports a failed child as 1, the entrypoint passes it on.
+    # The training stopped with 143; `accelerate launch --quiet` reports a failed child as 1,
+    # the entrypoint passes it on.
     assert proc.returncode == 1, err[-3000:]
     assert_clean_stop(err, tmp_path / "box", "preempted: stopped by SIGTERM")
     assert not group(proc.pid) and not Path(f"/proc/{init}").exists()  # the namespace ended with its PID 1
@@ -302,12 +331,27 @@ def test_a_multi_process_launch_that_forms_no_job_is_refused(tmp_path, real_data
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: the processes would join one job")
     env = {k: v for k, v in clean_environ().items() if k != "ACCELERATE_USE_CPU"}
-    out = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                          "train.py", *args(real_data, tmp_path / "runs", "x")[:4]],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    line = ("error: the launcher started 2 processes (WORLD_SIZE=2) but they did not join one job: each would train "
-            "alone (1 process(es) in its group), as Accelerate does where CUDA is unavailable. For CPU processes "
-            "set ACCELERATE_USE_CPU=1")
+    out = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "train.py",
+            *args(real_data, tmp_path / "runs", "x")[:4],
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = (
+        "error: the launcher started 2 processes (WORLD_SIZE=2) but they did not join one job: each would train "
+        "alone (1 process(es) in its group), as Accelerate does where CUDA is unavailable. For CPU processes "
+        "set ACCELERATE_USE_CPU=1"
+    )
     # torchrun's report: each rank's exit status. Rank 0 refuses with 2 and says why; rank 1 waits for it
     # to, and torchrun's agent then stops it with SIGTERM (-15), or it refuses with 2 as well.
     exits = dict(re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+)", out.stderr))

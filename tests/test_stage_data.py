@@ -62,8 +62,9 @@ def test_a_corrupt_or_missing_part_is_refused_in_one_line_and_nothing_is_written
     (bad / "part-02").write_bytes(bytes(data))
     out = stage("join", bad, tmp_path / "dst")
     assert out.returncode == 2
-    assert out.stderr.strip() == ("error: part part-02 is corrupt (size or sha256 differs from the manifest): "
-                                  "carry it again")
+    assert out.stderr.strip() == (
+        "error: part part-02 is corrupt (size or sha256 differs from the manifest): carry it again"
+    )
     assert not (tmp_path / "dst").exists()
     (bad / "part-02").unlink()
     out = stage("join", bad, tmp_path / "dst")

@@ -17,8 +17,13 @@ import yaml
 from conftest import REAL_DATA, clean_environ, run_cmd
 from test_cluster import DONE_STATES, SLURM_SH, one_node, rows  # noqa: F401  (one_node: the cluster fixture)
 
-SWEEP = {"name": "arr", "recipe": "smoke", "overrides": {"train.epochs": 3},
-         "grid": {"augment.hflip": [0.0, 0.5]}, "seeds": [0, 1]}
+SWEEP = {
+    "name": "arr",
+    "recipe": "smoke",
+    "overrides": {"train.epochs": 3},
+    "grid": {"augment.hflip": [0.0, 0.5]},
+    "seeds": [0, 1],
+}
 NAMES = ["arr-augment.hflip=0.0-s0", "arr-augment.hflip=0.0-s1", "arr-augment.hflip=0.5-s0", "arr-augment.hflip=0.5-s1"]
 
 
@@ -27,24 +32,43 @@ def test_sweep_array_task_preempted_is_requeued_alone_and_the_report_groups_the_
     started = time.monotonic()
     path = one_node.out / "arr.yaml"
     path.write_text(yaml.safe_dump(SWEEP))
-    array = one_node.sbatch("launch/slurm/sweep.sbatch", str(path), f"data.root={REAL_DATA}", f"log.dir={one_node.out}",
-                            options=("--array=0-3", "--cpus-per-task=1", f"--output={one_node.out}/%x-%A_%a.out"),
-                            env={"CPU_PROCS": "1"})
+    array = one_node.sbatch(
+        "launch/slurm/sweep.sbatch",
+        str(path),
+        f"data.root={REAL_DATA}",
+        f"log.dir={one_node.out}",
+        options=("--array=0-3", "--cpus-per-task=1", f"--output={one_node.out}/%x-%A_%a.out"),
+        env={"CPU_PROCS": "1"},
+    )
     tasks = [f"{array}_{i}" for i in range(4)]
     runs = [one_node.out / name for name in NAMES]
     deadline = time.monotonic() + 180
     while not (runs[0] / "metrics.jsonl").is_file() or not (runs[0] / "metrics.jsonl").read_text().strip():
-        assert time.monotonic() < deadline and one_node.job(tasks[0])["JobState"] not in DONE_STATES, \
-            one_node.log(tasks[0], "cifar100-sweep")[-3000:]
+        assert time.monotonic() < deadline and one_node.job(tasks[0])["JobState"] not in DONE_STATES, one_node.log(
+            tasks[0], "cifar100-sweep"
+        )[-3000:]
         time.sleep(0.2)
     # Epoch 1 of task 0 is done: what --signal=B:USR1@N sends, to this task's batch shell only. For an array
     # task this Slurm delivers it, then answers "Job can not be altered now" and scancel sends it again
     # every 5 s, which would hit the requeued task before its trap is set: one delivery is what the
     # scheduler sends, so scancel is stopped once the batch shell has said it got the signal. scancel is a child of
     # slurm.sh's shell: its whole process group is killed, or an orphaned scancel goes on re-sending.
-    sender = subprocess.Popen(["bash", str(SLURM_SH), "run", str(one_node.state), "scancel", "--signal=USR1",
-                               "--batch", one_node.job(tasks[0])["JobId"]], env=clean_environ(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sender = subprocess.Popen(
+        [
+            "bash",
+            str(SLURM_SH),
+            "run",
+            str(one_node.state),
+            "scancel",
+            "--signal=USR1",
+            "--batch",
+            one_node.job(tasks[0])["JobId"],
+        ],
+        env=clean_environ(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while "USR1 at" not in one_node.log(tasks[0], "cifar100-sweep"):
         assert time.monotonic() < deadline, one_node.log(tasks[0], "cifar100-sweep")[-3000:]
@@ -74,8 +98,10 @@ def test_sweep_array_task_preempted_is_requeued_alone_and_the_report_groups_the_
         assert config["sweep"] == {"name": "arr", "overrides": [f"augment.hflip={[0.0, 0.5][i // 2]}"]}
         assert json.loads((run / "summary.json").read_text())["epochs"] == 3
 
-    report = run_cmd([sys.executable, "-m", "cifar100", "report", str(one_node.out / "arr-*"),
-                      f"out={one_node.out / 'report'}"], timeout=120)
+    report = run_cmd(
+        [sys.executable, "-m", "cifar100", "report", str(one_node.out / "arr-*"), f"out={one_node.out / 'report'}"],
+        timeout=120,
+    )
     assert report.returncode == 0 and "4 run(s) in 2 column(s)" in report.stdout, report.stderr[-2000:]
     table = (one_node.out / "report" / "report.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| | "))

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from cifar100.config import load_config, to_dict
-from cifar100.tracking import start_wandb
+from cifar100.runfolder.tracking import start_wandb
 
 
 def test_wandb_run_is_grouped_by_recipe_and_tagged(tmp_path, monkeypatch):

@@ -8,20 +8,42 @@ import sys
 
 import pytest
 import yaml
-
-from cifar100.checkpoint import apply_weights, is_complete, load_weights, read_meta
-from cifar100.config import load_config
-from cifar100.data import load, select_splits
-from cifar100.engine import evaluate
-from cifar100.models import build_model
 from conftest import run_cmd
+
+from cifar100.config import load_config
+from cifar100.data.cifar import load, select_splits
+from cifar100.runfolder.checkpoint import apply_weights, is_complete, load_weights, read_meta
+from cifar100.training.engine import EvalSettings, evaluate
+from cifar100.training.models import build_model
 
 pytestmark = pytest.mark.slow
 
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
-               "epoch_seconds", "images_per_second", "eval_seconds", "checkpoint_seconds"}
-SUMMARY_KEYS = {"recipe", "final_test_top1", "final_test_top5", "best_test_top1", "best_epoch", "epochs",
-                "wall_seconds", "images_per_second", "world_size", "precision", "device"}
+METRIC_KEYS = {
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "test_loss",
+    "test_top1",
+    "test_top5",
+    "epoch_seconds",
+    "images_per_second",
+    "eval_seconds",
+    "checkpoint_seconds",
+}
+SUMMARY_KEYS = {
+    "recipe",
+    "final_test_top1",
+    "final_test_top5",
+    "best_test_top1",
+    "best_epoch",
+    "epochs",
+    "wall_seconds",
+    "images_per_second",
+    "world_size",
+    "precision",
+    "device",
+}
 
 
 def train(tmp_path, real_data, *args, launcher=(sys.executable, "train.py"), env=None):
@@ -56,10 +78,16 @@ def test_smoke_run_leaves_a_complete_run_folder(tmp_path, real_data):
     apply_weights(model, load_weights(run / "checkpoints" / "last"), run)
     assert read_meta(run / "checkpoints" / "last")["epoch"] == 2
     from accelerate import Accelerator
+
     data = load(real_data)
     test_idx = select_splits(data, cfg.data, cfg.seed).test
-    result = evaluate(model, data.test.images[test_idx], data.test.labels[test_idx], Accelerator(cpu=True),
-                      mean=cfg.augment.mean, std=cfg.augment.std, batch_size=64, channels_last=False)
+    result = evaluate(
+        model,
+        data.test.images[test_idx],
+        data.test.labels[test_idx],
+        Accelerator(cpu=True),
+        EvalSettings(cfg.augment.mean, cfg.augment.std, batch_size=64),
+    )
     assert result.top1 == rows[-1]["test_top1"] and result.loss == pytest.approx(rows[-1]["test_loss"], rel=1e-6)
 
     # Same seed, same command: the same numbers, and a new folder beside the old one.
@@ -71,7 +99,9 @@ def test_smoke_run_leaves_a_complete_run_folder(tmp_path, real_data):
 
 def test_two_process_ddp_on_cpu(tmp_path, real_data):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py")
-    out = train(tmp_path, real_data, "name=ddp", launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    out = train(
+        tmp_path, real_data, "name=ddp", launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    )
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["images_per_rank"] == [400, 400]  # both ranks trained half of each global batch
@@ -100,8 +130,16 @@ def test_wandb_offline_run_is_written_into_the_run_folder(tmp_path, real_data):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path):
-    out = run_cmd([sys.executable, "train.py", "recipe=smoke", f"data.root={tmp_path}/nowhere", "data.download=false",
-                   f"log.dir={tmp_path}"])
+    out = run_cmd(
+        [
+            sys.executable,
+            "train.py",
+            "recipe=smoke",
+            f"data.root={tmp_path}/nowhere",
+            "data.download=false",
+            f"log.dir={tmp_path}",
+        ]
+    )
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "nowhere" in out.stderr
     assert not list(tmp_path.glob("smoke*"))  # nothing half-made
@@ -112,11 +150,18 @@ def test_a_log_dir_that_cannot_be_made_is_one_clear_line(tmp_path, real_data, co
     (tmp_path / "file").write_text("not a folder")
     out = run_cmd([sys.executable, *command, "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}/file/runs"])
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.splitlines()[-1] == f"error: {tmp_path}/file/runs: Not a directory" and "Traceback" not in out.stderr
+    assert (
+        out.stderr.splitlines()[-1] == f"error: {tmp_path}/file/runs: Not a directory" and "Traceback" not in out.stderr
+    )
     # Under a launcher such an error is often one rank's own, so each rank says it, with its number.
-    ranked = run_cmd([sys.executable, *command, "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}/file/runs"],
-                     env={"RANK": "1"})
-    assert ranked.returncode == 2 and ranked.stderr.splitlines()[-1] == f"error: [rank 1] {tmp_path}/file/runs: Not a directory"
+    ranked = run_cmd(
+        [sys.executable, *command, "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}/file/runs"],
+        env={"RANK": "1"},
+    )
+    assert (
+        ranked.returncode == 2
+        and ranked.stderr.splitlines()[-1] == f"error: [rank 1] {tmp_path}/file/runs: Not a directory"
+    )
 
 
 def test_wandb_online_without_a_login_logs_offline_and_never_prompts(tmp_path, real_data):
@@ -124,8 +169,10 @@ def test_wandb_online_without_a_login_logs_offline_and_never_prompts(tmp_path, r
     assert "WANDB_API_KEY" not in os.environ
     env = {"HOME": str(tmp_path)}
     out = train(tmp_path, real_data, "name=wbfail", "log.wandb.mode=online", env=env)
-    assert (f"warning: log.wandb.mode=online, but no W&B login here (`wandb login` or WANDB_API_KEY): logging "
-            f"offline into {tmp_path / 'wbfail' / 'wandb'} instead") in out.stderr
+    assert (
+        f"warning: log.wandb.mode=online, but no W&B login here (`wandb login` or WANDB_API_KEY): logging "
+        f"offline into {tmp_path / 'wbfail' / 'wandb'} instead"
+    ) in out.stderr
     assert "Traceback" not in out.stderr and len(list((tmp_path / "wbfail" / "wandb").glob("offline-run-*"))) == 1
     assert json.loads((tmp_path / "wbfail" / "summary.json").read_text())["epochs"] == 2
 
@@ -134,9 +181,23 @@ def test_wandb_online_without_a_login_does_not_wait_at_a_prompt_in_a_terminal(tm
     """In a terminal, wandb.init would ask how to log in and wait for an answer."""
     from test_signals import Terminal
 
-    term = Terminal(tmp_path, ["env", "-u", "WANDB_API_KEY", f"HOME={tmp_path}", sys.executable, "train.py",
-                               "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}", "name=tty",
-                               "train.epochs=1", "log.wandb.mode=online"])
+    term = Terminal(
+        tmp_path,
+        [
+            "env",
+            "-u",
+            "WANDB_API_KEY",
+            f"HOME={tmp_path}",
+            sys.executable,
+            "train.py",
+            "recipe=smoke",
+            f"data.root={real_data}",
+            f"log.dir={tmp_path}",
+            "name=tty",
+            "train.epochs=1",
+            "log.wandb.mode=online",
+        ],
+    )
     try:
         status = term.exit_status(timeout=300)  # waiting at a prompt ends here
         screen = term.screen()
@@ -150,8 +211,16 @@ def test_wandb_online_without_a_login_does_not_wait_at_a_prompt_in_a_terminal(tm
 def test_build_time_checks_make_no_folder(tmp_path, real_data):
     """Values each valid alone, refused together once the parts are built: before any folder exists."""
     for values in (["sched.warmup_epochs=5"], ["augment.cutmix.prob=0.8", "augment.mixup.prob=0.5"]):
-        out = run_cmd([sys.executable, "train.py", "recipe=smoke", f"data.root={real_data}",
-                       f"log.dir={tmp_path / 'runs'}", *values])
+        out = run_cmd(
+            [
+                sys.executable,
+                "train.py",
+                "recipe=smoke",
+                f"data.root={real_data}",
+                f"log.dir={tmp_path / 'runs'}",
+                *values,
+            ]
+        )
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
     assert not (tmp_path / "runs").exists()
@@ -180,10 +249,17 @@ def test_weight_averaging_is_scored_plotted_kept_and_chosen(tmp_path, real_data)
     """train.ema with a validation split: EMA rows and summary figures, the averaged weights in the
     last checkpoint and, selected by their val score, in best; `cifar100 eval` scores both; the report
     gets a row for them."""
-    from cifar100.report import make_report, table
+    from cifar100.commands.report import make_report, table
 
-    train(tmp_path, real_data, "name=ema", "data.val_size=200", "train.ema.enabled=true", "train.ema.decay=0.9",
-          "train.ema.select=ema")
+    train(
+        tmp_path,
+        real_data,
+        "name=ema",
+        "data.val_size=200",
+        "train.ema.enabled=true",
+        "train.ema.decay=0.9",
+        "train.ema.select=ema",
+    )
     run = tmp_path / "ema"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for split in ("val", "test"):
@@ -191,9 +267,15 @@ def test_weight_averaging_is_scored_plotted_kept_and_chosen(tmp_path, real_data)
     summary = json.loads((run / "summary.json").read_text())
     best = max(rows, key=lambda r: r["ema_val_top1"])
     assert summary["final_ema_test_top1"] == rows[-1]["ema_test_top1"] and summary["best_weights"] == "ema"
-    assert (summary["best_ema_val_epoch"], summary["ema_test_top1_at_best_ema_val"]) == (best["epoch"], best["ema_test_top1"])
+    assert (summary["best_ema_val_epoch"], summary["ema_test_top1_at_best_ema_val"]) == (
+        best["epoch"],
+        best["ema_test_top1"],
+    )
     assert read_meta(run / "checkpoints" / "best")["weights"] == "ema"
-    for args, tag, expected in ((("checkpoint=best",), "best", best), (("checkpoint=last", "weights=ema"), "last-ema", rows[-1])):
+    for args, tag, expected in (
+        (("checkpoint=best",), "best", best),
+        (("checkpoint=last", "weights=ema"), "last-ema", rows[-1]),
+    ):
         out = run_cmd([sys.executable, "-m", "cifar100", "eval", f"run={run}", *args, f"data.root={real_data}"])
         assert out.returncode == 0, out.stderr[-2000:]
         scored = json.loads((run / f"eval-{tag}.json").read_text())

@@ -11,11 +11,11 @@ import torch
 from accelerate import Accelerator
 
 from cifar100.config import ModelConfig, OptimConfig, SchedConfig
-from cifar100.engine import EpochProgress
 from cifar100.errors import UserError
-from cifar100.models import build_model
-from cifar100.optim import Schedule, build_optimizer
-from cifar100.train_state import RunTotals, TrainState
+from cifar100.training.engine import EpochProgress
+from cifar100.training.models import build_model
+from cifar100.training.optim import Schedule, build_optimizer
+from cifar100.training.train_state import RunTotals, TrainState
 
 
 def _state(seed: int = 0) -> TrainState:

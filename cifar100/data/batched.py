@@ -26,8 +26,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cifar100.config import AugmentConfig
+from cifar100.data.reference import AUTOAUGMENT_POLICIES, normalize_batch, sample_seed
 from cifar100.errors import UserError
-from cifar100.augment.reference import AUTOAUGMENT_POLICIES, normalize_batch, sample_seed
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -83,16 +83,23 @@ class BatchAutoAugment:
 
     def draw(self, batch: int, gen: torch.Generator) -> AutoAugmentDraws:
         """The batch's random choices, drawn on the CPU (so grouping never waits on the device)."""
-        return AutoAugmentDraws(torch.randint(len(self.policies), (batch,), generator=gen),
-                                torch.rand(batch, 2, generator=gen), torch.rand(batch, 2, generator=gen) <= 0.5)
+        return AutoAugmentDraws(
+            torch.randint(len(self.policies), (batch,), generator=gen),
+            torch.rand(batch, 2, generator=gen),
+            torch.rand(batch, 2, generator=gen) <= 0.5,
+        )
 
     def __call__(self, images: torch.Tensor, draws: AutoAugmentDraws) -> torch.Tensor:
         """Augment a uint8 (B, 3, H, W) batch on its device; the host never waits for the device."""
         out = images.clone()
         h, w = images.shape[-2:]
         # (op, bin) -> unsigned magnitude at this size; ops without one get 0.0, as in torchvision.
-        magnitudes = torch.stack([torch.zeros(10, dtype=torch.float64) if m is None else m.double()
-                                  for m in (fn(10, h, w) for fn, _ in self.space.values())])
+        magnitudes = torch.stack(
+            [
+                torch.zeros(10, dtype=torch.float64) if m is None else m.double()
+                for m in (fn(10, h, w) for fn, _ in self.space.values())
+            ]
+        )
         for slot in (0, 1):  # a sub-policy's first op, then its second, as per sample
             op = self.op_ids[draws.policy, slot]
             magnitude = magnitudes[op, self.bins[draws.policy, slot]]
@@ -113,6 +120,7 @@ class BatchAutoAugment:
 
     def _geometric_matrices(self, op: torch.Tensor, magnitude: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Each image's inverse matrix, from the arguments AutoAugment passes F.affine or F.rotate for its op."""
+
         def only(name: str, value: torch.Tensor) -> torch.Tensor:
             return torch.where(op == self.ops.index(name), value, 0.0)
 
@@ -123,7 +131,8 @@ class BatchAutoAugment:
             shear=(only("ShearX", shear), only("ShearY", shear)),
             translate=(only("TranslateX", magnitude.trunc()), only("TranslateY", magnitude.trunc())),
             # Shears turn about the top-left corner, the rest about the centre (the origin here).
-            center=(torch.where(sheared, -0.5 * w, 0.0).double(), torch.where(sheared, -0.5 * h, 0.0).double()))
+            center=(torch.where(sheared, -0.5 * w, 0.0).double(), torch.where(sheared, -0.5 * h, 0.0).double()),
+        )
 
 
 def checked_tables(reference: v2.AutoAugment) -> tuple[list, dict]:
@@ -133,17 +142,29 @@ def checked_tables(reference: v2.AutoAugment) -> tuple[list, dict]:
     policies = getattr(reference, "_policies", None)
     space = getattr(reference, "_AUGMENTATION_SPACE", None)
     ops = (*_GEOMETRIC, *_PIXEL_OPS)
-    ok = (isinstance(space, dict) and all(name in space for name in ops)
-          and all(isinstance(v, tuple) and len(v) == 2 and callable(v[0]) and isinstance(v[1], bool)
-                  for v in space.values())
-          and isinstance(policies, list) and len(policies) > 0
-          and all(len(sub) == 2 and all(len(slot) == 3 and slot[0] in space and 0.0 <= slot[1] <= 1.0
-                                        and (slot[2] is None or 0 <= slot[2] < 10) for slot in sub)
-                  for sub in policies))
+    ok = (
+        isinstance(space, dict)
+        and all(name in space for name in ops)
+        and all(
+            isinstance(v, tuple) and len(v) == 2 and callable(v[0]) and isinstance(v[1], bool) for v in space.values()
+        )
+        and isinstance(policies, list)
+        and len(policies) > 0
+        and all(
+            len(sub) == 2
+            and all(
+                len(slot) == 3 and slot[0] in space and 0.0 <= slot[1] <= 1.0 and (slot[2] is None or 0 <= slot[2] < 10)
+                for slot in sub
+            )
+            for sub in policies
+        )
+    )
     if not ok:
-        raise UserError(f"torchvision {torchvision.__version__}: AutoAugment's policy tables are not in the form "
-                        "data.pipeline=device reads (tested with torchvision 0.19 to 0.29); use "
-                        "data.pipeline=reference")
+        raise UserError(
+            f"torchvision {torchvision.__version__}: AutoAugment's policy tables are not in the form "
+            "data.pipeline=device reads (tested with torchvision 0.19 to 0.29); use "
+            "data.pipeline=reference"
+        )
     return policies, space
 
 
@@ -151,9 +172,12 @@ _GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 _RADIANS, _DEGREES = math.pi / 180.0, 180.0 / math.pi  # the factors math.radians and math.degrees use
 
 
-def _inverse_affine(angle: torch.Tensor, shear: tuple[torch.Tensor, torch.Tensor],
-                    translate: tuple[torch.Tensor, torch.Tensor],
-                    center: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _inverse_affine(
+    angle: torch.Tensor,
+    shear: tuple[torch.Tensor, torch.Tensor],
+    translate: tuple[torch.Tensor, torch.Tensor],
+    center: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
     """Per image, the (2, 3) matrix that maps output pixels back to input pixels, in float64.
 
     The affine map is translate . center . rotate . shear-y . shear-x . center^-1 (angles in
@@ -184,8 +208,9 @@ def _warp(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones_like(xs).expand(h, w)], dim=-1)
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta).view(n, h, w, 2)
     # Zeros outside: AutoAugment's default fill is None, which torchvision leaves to the zero padding.
-    warped = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
-                                             align_corners=False)
+    warped = torch.nn.functional.grid_sample(
+        images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
     return warped.to(torch.uint8)  # nearest only copies pixels or zeros: already whole numbers
 
 
@@ -263,11 +288,22 @@ _PIXEL_OPS = {
 class DeviceLoader:
     """Yields (normalized float images, labels) batches of one process's share of each epoch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, augment: AugmentConfig, *,
-                 seed: int, rank: int, world: int, device: torch.device):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        augment: AugmentConfig,
+        *,
+        seed: int,
+        rank: int,
+        world: int,
+        device: torch.device,
+    ):
         if augment.color_jitter > 0:
-            raise UserError("data.pipeline=device has no batched ColorJitter yet: use data.pipeline=reference "
-                            "for this recipe")
+            raise UserError(
+                "data.pipeline=device has no batched ColorJitter yet: use data.pipeline=reference for this recipe"
+            )
         self.autoaugment = BatchAutoAugment(augment.autoaugment) if augment.autoaugment != "none" else None
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -297,7 +333,7 @@ class DeviceLoader:
         step_size = self.batch_size * self.world
         for step in range(self.skip, self.skip + len(self)):
             start = step * step_size + self.rank * self.batch_size
-            idx = to_device(order[start:start + self.batch_size], self.device)
+            idx = to_device(order[start : start + self.batch_size], self.device)
             yield self._augment(self.images[idx], step), self.labels[idx]
 
     def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:

@@ -17,13 +17,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import matplotlib.pyplot as plt
+from accelerate import Accelerator
 
-from accelerate import Accelerator  # noqa: E402
-
-from cifar100.checkpoint import is_complete, read_meta  # noqa: E402
-from cifar100.errors import UserError  # noqa: E402
-from cifar100.records import metrics_row_problem  # noqa: E402
+from cifar100.errors import UserError
+from cifar100.runfolder.checkpoint import is_complete, read_meta
+from cifar100.runfolder.records import metrics_row_problem
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -45,8 +44,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def stopped(path: Path, err: OSError) -> UserError:
     """The one line a run ends with when a file it cannot go on without was not written."""
-    return UserError(f"{path}: not written ({err.strerror or err}); the run stops here: free space, then continue "
-                     "with the same command plus resume=auto")
+    return UserError(
+        f"{path}: not written ({err.strerror or err}); the run stops here: free space, then continue "
+        "with the same command plus resume=auto"
+    )
 
 
 def write_run_file(path: Path, text: str) -> None:
@@ -66,7 +67,7 @@ def append_metrics(path: Path, row: dict[str, Any]) -> None:
     try:
         data = (json.dumps(row) + "\n").encode()
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
     except OSError as err:
         os.ftruncate(fd, start)
@@ -121,10 +122,15 @@ def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[
         for split in ("train", "val", "test"):
             key = f"{split}_{metric}"
             if rows and key in rows[0]:
-                line, = ax.plot(epochs, [r[key] for r in rows], label=split, marker="." if len(rows) < 30 else None)
+                (line,) = ax.plot(epochs, [r[key] for r in rows], label=split, marker="." if len(rows) < 30 else None)
             if rows and f"ema_{key}" in rows[0]:
-                ax.plot(epochs, [r[f"ema_{key}"] for r in rows], label=f"{split}, EMA weights", linestyle="--",
-                        color=line.get_color())
+                ax.plot(
+                    epochs,
+                    [r[f"ema_{key}"] for r in rows],
+                    label=f"{split}, EMA weights",
+                    linestyle="--",
+                    color=line.get_color(),
+                )
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: {ylabel}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -162,31 +168,65 @@ def _final_and_best(rows: list[dict[str, Any]], weights: str) -> dict[str, Any]:
     """Final and best figures of one set of weights: "" (the model's) or "ema_" (`ema_test_top1`, ...)."""
     last, test, val = rows[-1], f"{weights}test", f"{weights}val"
     best = max(rows, key=lambda r: r[f"{test}_top1"])
-    out = {f"final_{test}_top1": last[f"{test}_top1"], f"final_{test}_top5": last[f"{test}_top5"],
-           f"best_{test}_top1": best[f"{test}_top1"], f"best_{weights}epoch": best["epoch"]}
+    out = {
+        f"final_{test}_top1": last[f"{test}_top1"],
+        f"final_{test}_top5": last[f"{test}_top5"],
+        f"best_{test}_top1": best[f"{test}_top1"],
+        f"best_{weights}epoch": best["epoch"],
+    }
     if f"{val}_top1" in last:
         best_val = max(rows, key=lambda r: r[f"{val}_top1"])
-        out.update({f"final_{val}_top1": last[f"{val}_top1"], f"best_{val}_top1": best_val[f"{val}_top1"],
-                    f"best_{val}_epoch": best_val["epoch"], f"{test}_top1_at_best_{val}": best_val[f"{test}_top1"]})
+        out.update(
+            {
+                f"final_{val}_top1": last[f"{val}_top1"],
+                f"best_{val}_top1": best_val[f"{val}_top1"],
+                f"best_{val}_epoch": best_val["epoch"],
+                f"{test}_top1_at_best_{val}": best_val[f"{test}_top1"],
+            }
+        )
     return out
 
 
-def start_wandb(accelerator: Accelerator, project: str, entity: str | None, mode: str, run_dir: Path,
-                name: str, config: dict[str, Any], run_id: str | None = None) -> str | None:
+def start_wandb(
+    accelerator: Accelerator,
+    project: str,
+    entity: str | None,
+    mode: str,
+    run_dir: Path,
+    name: str,
+    config: dict[str, Any],
+    run_id: str | None = None,
+) -> str | None:
     """Open the W&B run through Accelerate's tracker; returns its id, or None when off or failing."""
     if mode == "disabled":
         return None
     if mode == "online" and not _has_login():
         # Without credentials, wandb.init asks at an interactive prompt and waits there for an answer.
-        warnings.warn(f"log.wandb.mode=online, but no W&B login here (`wandb login` or WANDB_API_KEY): logging offline "
-                      f"into {run_dir / 'wandb'} instead, to upload later with wandb sync", stacklevel=2)
+        warnings.warn(
+            f"log.wandb.mode=online, but no W&B login here (`wandb login` or WANDB_API_KEY): logging offline "
+            f"into {run_dir / 'wandb'} instead, to upload later with wandb sync",
+            stacklevel=2,
+        )
         mode = "offline"
-    init = {"name": name, "dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow" if run_id else None,
-            "group": config.get("sweep", {}).get("name") or config.get("recipe") or None, "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t]}
+    init = {
+        "name": name,
+        "dir": str(run_dir),
+        "mode": mode,
+        "id": run_id,
+        "resume": "allow" if run_id else None,
+        "group": config.get("sweep", {}).get("name") or config.get("recipe") or None,
+        "tags": [t for t in (config.get("recipe"), config["model"]["name"]) if t],
+    }
     try:
-        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None} | ({"entity": entity} if entity else {})})
+        accelerator.init_trackers(
+            project,
+            config=config,
+            init_kwargs={
+                "wandb": {k: v for k, v in init.items() if v is not None} | ({"entity": entity} if entity else {})
+            },
+        )
         return accelerator.get_tracker("wandb", unwrap=True).id
-    except Exception as err:  # noqa: BLE001  (W&B must never stop training)
+    except Exception as err:
         warnings.warn(f"W&B could not start ({type(err).__name__}: {err}); training continues without it", stacklevel=2)
         accelerator.trackers = []  # a half-started tracker would fail again at every log and at the end
         return None
@@ -198,7 +238,7 @@ def _has_login() -> bool:
 
     try:
         return bool(wandb.login(prompt=False, verify=False))
-    except Exception:  # noqa: BLE001  (credentials of the wrong format: wandb.init reports them)
+    except Exception:
         return True
 
 
@@ -210,9 +250,10 @@ def log_wandb(accelerator: Accelerator, row: dict[str, Any], images: list[Path] 
         accelerator.log(row, step=row["epoch"])
         if images:
             import wandb
+
             run = accelerator.get_tracker("wandb", unwrap=True)
             run.log({p.stem: wandb.Image(str(p)) for p in images}, step=row["epoch"])
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); training continues", stacklevel=2)
 
 
@@ -231,12 +272,14 @@ def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, 
             run.summary.update(summary)
             log_checkpoints(run, run_dir / "checkpoints")
             sync_dirs = offline_runs(Path(run.settings.sync_dir).parent, run.id) if run.offline else []
-        except Exception as err:  # noqa: BLE001  (W&B must never fail a finished run)
+        except Exception as err:
             warnings.warn(f"W&B could not record the checkpoints ({type(err).__name__}: {err})", stacklevel=2)
     accelerator.end_training()
     if sync_dirs:
-        print(f"W&B run saved offline; to upload it: wandb sync {' '.join(shlex.quote(str(d)) for d in sync_dirs)}",
-              flush=True)
+        print(
+            f"W&B run saved offline; to upload it: wandb sync {' '.join(shlex.quote(str(d)) for d in sync_dirs)}",
+            flush=True,
+        )
 
 
 def offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:

@@ -24,14 +24,14 @@ import yaml
 
 from cifar100.config import Config, flatten, from_dict, is_launch_key, to_dict
 from cifar100.errors import UserError
-from cifar100.eta import duration_text
-from cifar100.optim import OPTIMIZERS, SCHEDULES
-from cifar100.records import summary_problem
-from cifar100.tracking import plot_history, read_metrics
+from cifar100.runfolder.records import summary_problem
+from cifar100.runfolder.tracking import plot_history, read_metrics
+from cifar100.training.eta import duration_text
+from cifar100.training.optim import OPTIMIZERS, SCHEDULES
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
-from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 TITLE = "CIFAR-100 runs compared"
 
@@ -86,7 +86,9 @@ def find_runs(patterns: list[str]) -> tuple[list[Run], list[str]]:
     runs = []
     for path in folders:
         try:
-            runs.append(_read_run(path, path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"))
+            runs.append(
+                _read_run(path, path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}")
+            )
         except UserError as err:
             skipped.append(str(err))
     return runs, skipped
@@ -112,8 +114,7 @@ def _read_run(path: Path, label: str) -> Run:
 def experiment_key(config: Config) -> tuple:
     """What a run trained, as a hashable value: its config without the launch-only keys."""
     flat = flatten(to_dict(config))
-    return tuple(sorted((k, v) for k, v in flat.items()
-                        if k != "seed" and not is_launch_key(k)))
+    return tuple(sorted((k, v) for k, v in flat.items() if k != "seed" and not is_launch_key(k)))
 
 
 def group_runs(runs: list[Run]) -> list[Column]:
@@ -124,7 +125,11 @@ def group_runs(runs: list[Run]) -> list[Column]:
     columns = []
     for members in groups.values():
         recipe = members[0].config.recipe or members[0].config.name
-        label = members[0].label if len(members) == 1 else f"{recipe} (seeds {', '.join(str(r.config.seed) for r in members)})"
+        label = (
+            members[0].label
+            if len(members) == 1
+            else f"{recipe} (seeds {', '.join(str(r.config.seed) for r in members)})"
+        )
         columns.append(Column(_sweep_label(members) or label, tuple(members)))
     return _distinguish(columns)
 
@@ -165,27 +170,35 @@ def _same(values: tuple[float, ...]) -> str:
 def transform_text(cfg: Config) -> str:
     """The training transforms in torchvision's words."""
     a = cfg.augment
-    parts = [f"RandomCrop(32, padding={a.crop_padding})" if a.crop_padding else "",
-             f"RandomHorizontalFlip(p={_num(a.hflip)})" if a.hflip else "",
-             f"RandomVerticalFlip(p={_num(a.vflip)})" if a.vflip else "",
-             f"ColorJitter({_num(a.color_jitter)})" if a.color_jitter else "",
-             f"AutoAugment ({a.autoaugment} policy)" if a.autoaugment != "none" else ""]
+    parts = [
+        f"RandomCrop(32, padding={a.crop_padding})" if a.crop_padding else "",
+        f"RandomHorizontalFlip(p={_num(a.hflip)})" if a.hflip else "",
+        f"RandomVerticalFlip(p={_num(a.vflip)})" if a.vflip else "",
+        f"ColorJitter({_num(a.color_jitter)})" if a.color_jitter else "",
+        f"AutoAugment ({a.autoaugment} policy)" if a.autoaugment != "none" else "",
+    ]
     return ", ".join(p for p in parts if p) or "none"
 
 
 def mixing_text(cfg: Config) -> str:
     """CutMix and Mixup as applied per batch: probability and Beta alpha."""
     a = cfg.augment
-    parts = [f"{name} (p = {_num(m.prob)}, α = {_num(m.alpha)})"
-             for name, m in (("CutMix", a.cutmix), ("Mixup", a.mixup)) if m.prob > 0]
+    parts = [
+        f"{name} (p = {_num(m.prob)}, α = {_num(m.alpha)})"
+        for name, m in (("CutMix", a.cutmix), ("Mixup", a.mixup))
+        if m.prob > 0
+    ]
     return ", ".join(parts) or "no"
 
 
 def model_text(cfg: Config) -> str:
     """The timm model, with the activation override and dropout when set."""
     m = cfg.model
-    return (m.name + (f", every activation → {m.act}" if m.act else "")
-            + (f", dropout {_num(m.drop_rate)}" if m.drop_rate else ""))
+    return (
+        m.name
+        + (f", every activation → {m.act}" if m.act else "")
+        + (f", dropout {_num(m.drop_rate)}" if m.drop_rate else "")
+    )
 
 
 def optimizer_text(cfg: Config) -> str:
@@ -204,7 +217,10 @@ def scheduler_text(cfg: Config) -> str:
     s = cfg.sched
     decay = SCHEDULES[s.name].describe(s)
     if s.warmup_epochs:
-        return f"linear warmup {_num(s.warmup_lr)} → {_num(cfg.optim.lr)} over {_num(s.warmup_epochs)} epochs, then {decay}"
+        return (
+            f"linear warmup {_num(s.warmup_lr)} → {_num(cfg.optim.lr)} over {_num(s.warmup_epochs)} epochs, "
+            f"then {decay}"
+        )
     return decay
 
 
@@ -252,7 +268,10 @@ ROWS: tuple[tuple[str, Callable[[Column], str]], ...] = (
     ("seed", lambda c: ", ".join(str(r.config.seed) for r in c.runs)),
     ("batch size", lambda c: str(c.runs[0].config.data.batch_size)),
     ("transform", lambda c: transform_text(c.runs[0].config)),
-    ("normalization", lambda c: f"mean {_same(c.runs[0].config.augment.mean)}, std {_same(c.runs[0].config.augment.std)}"),
+    (
+        "normalization",
+        lambda c: f"mean {_same(c.runs[0].config.augment.mean)}, std {_same(c.runs[0].config.augment.std)}",
+    ),
     ("CutMix / Mixup", lambda c: mixing_text(c.runs[0].config)),
     ("label smoothing", lambda c: _num(c.runs[0].config.augment.label_smoothing or "no")),
     ("model", lambda c: model_text(c.runs[0].config)),
@@ -291,8 +310,10 @@ def table(columns: list[Column]) -> list[tuple[str, list[str]]]:
 
 def verdict(columns: list[Column]) -> str:
     """One line naming the highest final test accuracy (final, so no epoch was picked on test)."""
+
     def final(c: Column) -> float:
         return statistics.mean(r.summary["final_test_top1"] for r in c.runs)
+
     top = max(columns, key=final)
     return f"Highest final test top-1: {top.label}, {_pct([r.summary['final_test_top1'] for r in top.runs])}."
 
@@ -305,8 +326,13 @@ def plot_overlay(columns: list[Column], out: Path) -> list[Path]:
         for i, column in enumerate(columns):
             for j, run in enumerate(column.runs):
                 epochs = [r["epoch"] for r in run.rows]
-                ax.plot(epochs, [r[f"test_{metric}"] for r in run.rows], color=f"C{i % 10}", marker=".",
-                        label=column.label if j == 0 else None)
+                ax.plot(
+                    epochs,
+                    [r[f"test_{metric}"] for r in run.rows],
+                    color=f"C{i % 10}",
+                    marker=".",
+                    label=column.label if j == 0 else None,
+                )
                 ax.plot(epochs, [r[f"train_{metric}"] for r in run.rows], color=f"C{i % 10}", ls="--", alpha=0.5)
         if metric == "loss":
             ax.set_yscale("log")  # an untrained first epoch's test loss would squash the rest
@@ -326,15 +352,22 @@ def plot_overlay(columns: list[Column], out: Path) -> list[Path]:
 
 def markdown_table(rows: list[tuple[str, list[str]]], columns: list[Column]) -> str:
     """The comparison as a markdown table (also the W&B Report's)."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
+
     lines = ["| | " + " | ".join(cell(c.label) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {title} | " + " | ".join(cell(v) for v in values) + " |" for title, values in rows]
     return "\n".join(lines)
 
 
-def render_markdown(rows: list[tuple[str, list[str]]], columns: list[Column], overlay: list[Path],
-                    per_run: dict[str, list[Path]], out: Path) -> str:
+def render_markdown(
+    rows: list[tuple[str, list[str]]],
+    columns: list[Column],
+    overlay: list[Path],
+    per_run: dict[str, list[Path]],
+    out: Path,
+) -> str:
     """report.md: the table, the verdict, the overlaid curves and each run's plots (relative links)."""
     lines = [f"# {TITLE}", "", EXPLANATION, "", markdown_table(rows, columns)]
     lines += ["", verdict(columns), "", "## All runs overlaid", ""]
@@ -359,16 +392,22 @@ def _inline_html(markdown: str) -> str:
     return text
 
 
-def render_html(rows: list[tuple[str, list[str]]], columns: list[Column], overlay: list[Path],
-                per_run: dict[str, list[Path]]) -> str:
+def render_html(
+    rows: list[tuple[str, list[str]]], columns: list[Column], overlay: list[Path], per_run: dict[str, list[Path]]
+) -> str:
     """report.html: the same page with every image embedded, so the one file is the whole report."""
     e = html.escape
     head = "".join(f"<th>{e(c.label)}</th>" for c in columns)
-    body = "".join(f"<tr><th>{e(title)}</th>" + "".join(f"<td>{e(v)}</td>" for v in values) + "</tr>"
-                   for title, values in rows)
-    runs = "".join(f'<section class="run"><h3>{e(r.label)}</h3><p><code>{e(str(r.path))}</code></p>'
-                   + "".join(_img(p, f"{r.label} {p.stem}") for p in per_run[r.label]) + "</section>"
-                   for c in columns for r in c.runs)
+    body = "".join(
+        f"<tr><th>{e(title)}</th>" + "".join(f"<td>{e(v)}</td>" for v in values) + "</tr>" for title, values in rows
+    )
+    runs = "".join(
+        f'<section class="run"><h3>{e(r.label)}</h3><p><code>{e(str(r.path))}</code></p>'
+        + "".join(_img(p, f"{r.label} {p.stem}") for p in per_run[r.label])
+        + "</section>"
+        for c in columns
+        for r in c.runs
+    )
     curves = "".join(_img(p, p.stem) for p in overlay)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{TITLE}</title>

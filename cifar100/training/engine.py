@@ -1,4 +1,4 @@
-"""One training epoch and one exact evaluation: functions of the model, the data and the state.
+"""One training epoch (`Engine.train_epoch`) and one exact evaluation (`evaluate`).
 
 The host never waits for the step it has just queued, so the GPU is never left idle between
 steps. Metrics are summed in device tensors and read once per epoch. Each optimizer step, all
@@ -24,10 +24,11 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
-from cifar100.ema import WeightAverage
-from cifar100.optim import Schedule
-from cifar100.augment.reference import normalize_batch
+from cifar100.config import Config
+from cifar100.data.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.data.reference import normalize_batch
+from cifar100.training.ema import WeightAverage
+from cifar100.training.optim import Schedule
 
 
 @dataclass(frozen=True)
@@ -92,89 +93,119 @@ class _StepFlags:
         return bad > 0, stop > 0, loss
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    mixer: BatchMixer,
-    accelerator: Accelerator,
-    *,
-    epoch: int,
-    seed: int,
-    clip_grad: float | None,
-    channels_last: bool,
-    progress: bool,
-    state: EpochProgress,
-    stop_requested: Callable[[], bool],
-    max_bad_steps: int,
-    after_step: Callable[[EpochProgress], None],
-    ema: WeightAverage | None = None,
-    run_left: Callable[[], str | None] = lambda: None,
-) -> EpochResult | None:
-    """Train over `loader` (which already skips the `state.step` batches done before a resume).
+@dataclass(frozen=True)
+class StepRules:
+    """How every optimizer step of a run is taken: read from the config once, the same in each epoch."""
 
-    Returns the epoch's loss and top-1 against the unmixed labels, or None when a stop was
-    requested: a signal during optimizer step k stops the epoch after step k + 1, and `state`
-    says exactly where it stands. A non-finite loss skips its optimizer step on every rank
-    (the schedule still advances) and its images are not counted; more than `max_bad_steps` in
-    an epoch raise NonFiniteLoss. `ema` averages the weights after each step it does not skip;
-    `run_left` is the whole run's estimated time left, shown on the bar once it has one.
-    """
-    model.train()
-    if state.sums is None:
-        state.sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
-    bar = tqdm(total=state.step + len(loader), initial=state.step, desc=f"epoch {epoch}", leave=False,
-               dynamic_ncols=True, disable=not (progress and accelerator.is_main_process))
-    steps = _Stepper(model, optimizer, schedule, accelerator, state, bar, epoch=epoch, clip_grad=clip_grad,
-                     max_bad_steps=max_bad_steps, ema=ema, run_left=run_left)
-    start = time.perf_counter() - state.seconds
-    for step, (images, labels) in enumerate(loader, start=state.step):
-        rng = np.random.default_rng([seed, epoch, step, accelerator.process_index])
-        images, targets = mixer(images, labels, rng)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        stop = False
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                logits = model(images)
-            loss = soft_target_cross_entropy(logits.float(), targets)
-            accelerator.backward(loss)
-            steps.count(loss.detach(), logits.detach(), labels)
+    seed: int
+    clip_grad: float | None = None
+    channels_last: bool = False
+    max_bad_steps: int = 0  # non-finite losses skipped in an epoch before NonFiniteLoss
+    progress: bool = False  # the progress bar, on the main process
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> StepRules:
+        """The rules `cfg` sets."""
+        return cls(cfg.seed, cfg.train.clip_grad, cfg.train.channels_last, cfg.train.max_bad_steps, cfg.log.progress)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What trains an epoch: the run's parts, built once by the trainer, and its step rules."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    mixer: BatchMixer
+    accelerator: Accelerator
+    rules: StepRules
+    ema: WeightAverage | None = None  # averaged after each optimizer step that is not skipped
+
+    def train_epoch(
+        self,
+        epoch: int,
+        batches: Iterable,
+        state: EpochProgress,
+        *,
+        stop_requested: Callable[[], bool] = lambda: False,
+        after_step: Callable[[EpochProgress], None] = lambda state: None,
+        run_left: Callable[[], str | None] = lambda: None,
+    ) -> EpochResult | None:
+        """Train epoch `epoch` over `batches` (which already skip the `state.step` batches done before a resume).
+
+        Returns the epoch's loss and top-1 against the unmixed labels, or None when a stop was
+        requested: a signal during optimizer step k stops the epoch after step k + 1, and `state`
+        says exactly where it stands. A non-finite loss skips its optimizer step on every rank
+        (the schedule still advances) and its images are not counted; more than
+        `rules.max_bad_steps` in an epoch raise NonFiniteLoss. `after_step` runs after each
+        optimizer step; `run_left` is the whole run's estimated time left, shown on the bar once
+        it has one.
+        """
+        model, accelerator, rules = self.model, self.accelerator, self.rules
+        model.train()
+        if state.sums is None:
+            state.sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
+        bar = tqdm(
+            total=state.step + len(batches),
+            initial=state.step,
+            desc=f"epoch {epoch}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (rules.progress and accelerator.is_main_process),
+        )
+        steps = _Stepper(self, state, bar, epoch=epoch, run_left=run_left)
+        start = time.perf_counter() - state.seconds
+        for step, (images, labels) in enumerate(batches, start=state.step):
+            rng = np.random.default_rng([rules.seed, epoch, step, accelerator.process_index])
+            images, targets = self.mixer(images, labels, rng)
+            if rules.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            stop = False
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    logits = model(images)
+                loss = soft_target_cross_entropy(logits.float(), targets)
+                accelerator.backward(loss)
+                steps.count(loss.detach(), logits.detach(), labels)
+                if accelerator.sync_gradients:
+                    stop = steps.optimizer_step(step, stop_requested())
+            state.step = step + 1
+            state.seconds = time.perf_counter() - start
+            bar.update(1)
             if accelerator.sync_gradients:
-                stop = steps.optimizer_step(step, stop_requested())
-        state.step = step + 1
-        state.seconds = time.perf_counter() - start
-        bar.update(1)
-        if accelerator.sync_gradients:
-            after_step(state)
-        if stop:
-            steps.settle_last()
-            bar.close()
-            return None
-    steps.settle_last()  # a stop flagged by the last step is seen by the caller's own check
-    bar.close()
-    # Gathered rather than summed: the per-rank counts prove every process trained.
-    per_rank = accelerator.gather(state.sums[None, :3]).view(-1, 3)
-    loss_total, correct_total, seen_total = per_rank.sum(0).tolist()
-    if not seen_total:
-        raise NonFiniteLoss(f"non-finite loss in every step of epoch {epoch}")
-    return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total),
-                       state.seconds, tuple(int(n) for n in per_rank[:, 2].tolist()))
+                after_step(state)
+            if stop:
+                steps.settle_last()
+                bar.close()
+                return None
+        steps.settle_last()  # a stop flagged by the last step is seen by the caller's own check
+        bar.close()
+        # Gathered rather than summed: the per-rank counts prove every process trained.
+        per_rank = accelerator.gather(state.sums[None, :3]).view(-1, 3)
+        loss_total, correct_total, seen_total = per_rank.sum(0).tolist()
+        if not seen_total:
+            raise NonFiniteLoss(f"non-finite loss in every step of epoch {epoch}")
+        return EpochResult(
+            loss_total / seen_total,
+            correct_total / seen_total,
+            int(seen_total),
+            state.seconds,
+            tuple(int(n) for n in per_rank[:, 2].tolist()),
+        )
 
 
 class _Stepper:
     """The optimizer steps of one epoch: sums kept on the device, the agreed flags of each step read
     by the host one step late (to warn, count, or stop), a non-finite step skipped on the device."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 accelerator: Accelerator, state: EpochProgress, bar: tqdm, *, epoch: int,
-                 clip_grad: float | None, max_bad_steps: int, ema: WeightAverage | None,
-                 run_left: Callable[[], str | None]):
-        self.model, self.schedule, self.accelerator, self.state, self.bar = model, schedule, accelerator, state, bar
-        self.optimizer, self.base = optimizer, getattr(optimizer, "optimizer", optimizer)
-        self.epoch, self.clip_grad, self.max_bad_steps = epoch, clip_grad, max_bad_steps
-        self.ema, self.run_left = ema, run_left
+    def __init__(
+        self, engine: Engine, state: EpochProgress, bar: tqdm, *, epoch: int, run_left: Callable[[], str | None]
+    ):
+        self.model, self.schedule, self.accelerator = engine.model, engine.schedule, engine.accelerator
+        self.optimizer, self.base = engine.optimizer, getattr(engine.optimizer, "optimizer", engine.optimizer)
+        self.clip_grad, self.max_bad_steps, self.ema = engine.rules.clip_grad, engine.rules.max_bad_steps, engine.ema
+        self.state, self.bar, self.epoch, self.run_left = state, bar, epoch, run_left
+        accelerator = engine.accelerator
         self.skips_on_device = getattr(self.base, "_step_supports_amp_scaling", False) and accelerator.scaler is None
         device = accelerator.device
         self.off_on = torch.tensor([0.0, 1.0], device=device, dtype=torch.float64)  # indexed by the stop flag: no copy
@@ -189,8 +220,13 @@ class _Stepper:
         """Add one micro-batch's loss, hits and size to the step's sums, on the device."""
         n = labels.shape[0]
         device = self.step_sums.device
-        self.step_sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
-                                       torch.full((), n, device=device, dtype=torch.float64)])
+        self.step_sums += torch.stack(
+            [
+                loss.double() * n,
+                (logits.argmax(1) == labels).sum().double(),
+                torch.full((), n, device=device, dtype=torch.float64),
+            ]
+        )
         self.bad_since_step += (~torch.isfinite(loss)).double()
         self.images_seen += n
         self.last_loss = loss
@@ -198,8 +234,9 @@ class _Stepper:
     def optimizer_step(self, step: int, stop_requested: bool) -> bool:
         """Step (or skip, where any rank's loss was not finite) and queue the flags; True when the
         previous step's flags asked for a stop."""
-        flags = self.accelerator.reduce(torch.stack([self.bad_since_step, self.off_on[int(stop_requested)]]),
-                                        reduction="sum")
+        flags = self.accelerator.reduce(
+            torch.stack([self.bad_since_step, self.off_on[int(stop_requested)]]), reduction="sum"
+        )
         self.bad_since_step.zero_()
         skip = flags[0] > 0
         if self.skips_on_device:
@@ -237,16 +274,24 @@ class _Stepper:
             where = f"epoch {self.epoch}, step {flags.step}, lr {flags.lr:.3g}"
             if self.bad_steps > self.max_bad_steps:
                 raise NonFiniteLoss(f"non-finite loss at {where}")
-            warnings.warn(f"non-finite loss at {where}: step skipped "
-                          f"({self.bad_steps} of train.max_bad_steps={self.max_bad_steps})", stacklevel=4)
+            warnings.warn(
+                f"non-finite loss at {where}: step skipped "
+                f"({self.bad_steps} of train.max_bad_steps={self.max_bad_steps})",
+                stacklevel=4,
+            )
             reset_broken_norm_statistics(self.model)
             if self.ema is not None:  # it averaged in the statistics of the step after the skipped one
                 reset_broken_norm_statistics(self.ema.module)
         if not self.bar.disable:  # shown at the bar's next refresh: no terminal write per step
             rate = self.images_seen * self.accelerator.num_processes / max(time.perf_counter() - self.began, 1e-9)
             left = self.run_left()
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{flags.lr:.2e}", img_s=f"{rate:.0f}",
-                                 **({"run_left": left} if left else {}), refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}",
+                lr=f"{flags.lr:.2e}",
+                img_s=f"{rate:.0f}",
+                **({"run_left": left} if left else {}),
+                refresh=False,
+            )
         return stop
 
 
@@ -255,8 +300,11 @@ def reset_broken_norm_statistics(model: nn.Module) -> None:
     that made them NaN or infinite (which no later update can undo), start them afresh."""
     for module in model.modules():
         stats = [getattr(module, name, None) for name in ("running_mean", "running_var")]
-        if (hasattr(module, "reset_running_stats") and None not in stats
-                and not all(torch.isfinite(s).all() for s in stats)):
+        if (
+            hasattr(module, "reset_running_stats")
+            and None not in stats
+            and not all(torch.isfinite(s).all() for s in stats)
+        ):
             module.reset_running_stats()
 
 
@@ -271,18 +319,32 @@ class EvalResult:
     logits: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every evaluation of a run scores a split: its normalisation, batch, layout and test-time flip."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int = 1024
+    channels_last: bool = False
+    tta_flip: bool = False  # average each image's logits with its mirror's
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> EvalSettings:
+        """The settings `cfg` gives its evaluations."""
+        return cls(
+            cfg.augment.mean, cfg.augment.std, cfg.data.eval_batch_size, cfg.train.channels_last, cfg.eval.tta == "flip"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     accelerator: Accelerator,
+    settings: EvalSettings,
     *,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int,
-    channels_last: bool,
-    tta_flip: bool = False,
     keep_logits: bool = False,
 ) -> EvalResult:
     """Evaluate on uint8 `images`; under DDP each rank takes a disjoint shard, so no image counts twice."""
@@ -293,19 +355,20 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     hits = torch.zeros(2, device=device, dtype=torch.int64)
     kept = []
+    batch_size = settings.batch_size
     for chunk in shard.split(batch_size):
-        x = normalize_batch(images[chunk].to(device, non_blocking=True), mean, std)
+        x = normalize_batch(images[chunk].to(device, non_blocking=True), settings.mean, settings.std)
         y = labels[chunk].to(device, non_blocking=True)
         n = y.shape[0]
         if n < batch_size < shard.numel():
             # A short last batch padded to the others' shape: a compiled model (and a CUDA graph)
             # then sees one shape only. In eval mode no image's result depends on another's.
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-        if channels_last:
+        if settings.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits = model(x).float()[:n]
-            if tta_flip:
+            if settings.tta_flip:
                 logits = (logits + model(x.flip(3)).float()[:n]) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -321,12 +384,16 @@ def evaluate(
     return EvalResult(loss_total / n, top1 / n, top5 / n, int(n), logits_all)
 
 
-def _gather_in_order(kept: list[torch.Tensor], shard: torch.Tensor, total: int, accelerator: Accelerator) -> torch.Tensor:
+def _gather_in_order(
+    kept: list[torch.Tensor], shard: torch.Tensor, total: int, accelerator: Accelerator
+) -> torch.Tensor:
     """All ranks' logits back in dataset order (shards are strided, so interleave them)."""
     mine = torch.cat(kept) if kept else torch.zeros(0)
     if accelerator.num_processes == 1:
         return mine
     padded = torch.zeros(-(-total // accelerator.num_processes), mine.shape[1])
     padded[: mine.shape[0]] = mine
-    gathered = accelerator.gather(padded.to(accelerator.device)).cpu().view(accelerator.num_processes, -1, mine.shape[1])
+    gathered = (
+        accelerator.gather(padded.to(accelerator.device)).cpu().view(accelerator.num_processes, -1, mine.shape[1])
+    )
     return gathered.transpose(0, 1).reshape(-1, mine.shape[1])[:total]

@@ -86,11 +86,15 @@ def _num(value: float) -> str:
 
 SCHEDULES: dict[str, ScheduleKind] = {
     "cosine": ScheduleKind(_cosine, lambda c: "CosineAnnealingLR" + (f" to {_num(c.min_lr)}" if c.min_lr else "")),
-    "step": ScheduleKind(lambda s, since: s.peak * s.cfg.gamma ** (since // (s.cfg.step_epochs * s.steps_per_epoch)),
-                         lambda c: f"StepLR (× {_num(c.gamma)} every {c.step_epochs} epochs)"),
-    "plateau": ScheduleKind(lambda s, since: max(s.cfg.min_lr, s.peak * s.plateau_scale),
-                            lambda c: f"ReduceLROnPlateau (× {_num(c.gamma)} after {c.patience} epochs without "
-                                      "improvement)", watches_loss=True),
+    "step": ScheduleKind(
+        lambda s, since: s.peak * s.cfg.gamma ** (since // (s.cfg.step_epochs * s.steps_per_epoch)),
+        lambda c: f"StepLR (× {_num(c.gamma)} every {c.step_epochs} epochs)",
+    ),
+    "plateau": ScheduleKind(
+        lambda s, since: max(s.cfg.min_lr, s.peak * s.plateau_scale),
+        lambda c: f"ReduceLROnPlateau (× {_num(c.gamma)} after {c.patience} epochs without improvement)",
+        watches_loss=True,
+    ),
     "none": ScheduleKind(lambda s, since: s.peak, lambda c: "constant"),
 }
 
@@ -102,7 +106,14 @@ class Schedule:
     feeds the plateau rule. Its whole state is four numbers, saved with checkpoints.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, sched: SchedConfig, steps_per_epoch: int, epochs: int):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        optim: OptimConfig,
+        sched: SchedConfig,
+        steps_per_epoch: int,
+        epochs: int,
+    ):
         self.optimizer = optimizer
         self.peak = optim.lr
         self.cfg = sched
@@ -149,8 +160,12 @@ class Schedule:
 
     def state_dict(self) -> dict[str, float]:
         """Everything a resumed run needs to continue the same curve."""
-        return {"step_count": self.step_count, "plateau_scale": self.plateau_scale,
-                "best_loss": self.best_loss, "bad_epochs": self.bad_epochs}
+        return {
+            "step_count": self.step_count,
+            "plateau_scale": self.plateau_scale,
+            "best_loss": self.best_loss,
+            "bad_epochs": self.bad_epochs,
+        }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore `state_dict()` output."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from cifar100.report import TITLE, Column
+from cifar100.commands.report import TITLE, Column
 
 
 def wandb_dirs(run_dir: Path) -> list[Path]:
@@ -22,8 +22,7 @@ def wandb_dirs(run_dir: Path) -> list[Path]:
 
 def unsynced(run_dir: Path) -> list[Path]:
     """Offline W&B runs of a run folder that `wandb sync` has not uploaded (it leaves a `.synced` marker)."""
-    return [d for d in wandb_dirs(run_dir) if d.name.startswith("offline-")
-            and not any(d.glob("*.wandb.synced"))]
+    return [d for d in wandb_dirs(run_dir) if d.name.startswith("offline-") and not any(d.glob("*.wandb.synced"))]
 
 
 def run_ids(run_dir: Path) -> list[str]:
@@ -40,22 +39,38 @@ def build_report(columns: list[Column], table_markdown: str, entity: str):
     for column in columns:
         for run in column.runs:
             by_project.setdefault(run.config.log.wandb.project, []).extend(run_ids(run.path))
-    runsets = [wr.Runset(entity=entity, project=project, name=project, filters=expr.And(expr.Metric("ID").isin(ids)),
-                         groupby=["group"])  # start_wandb makes the sweep, else the recipe, each run's group
-               for project, ids in by_project.items() if ids]
+    runsets = [
+        wr.Runset(
+            entity=entity,
+            project=project,
+            name=project,
+            filters=expr.And(expr.Metric("ID").isin(ids)),
+            groupby=["group"],
+        )  # start_wandb makes the sweep, else the recipe, each run's group
+        for project, ids in by_project.items()
+        if ids
+    ]
     band = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev", "title_x": "epoch"}  # W&B's step is the epoch
     panels = [
         wr.LinePlot(title="top-1 accuracy per epoch (test, train)", y=["test_top1", "train_top1"], **band),
         wr.LinePlot(title="loss per epoch (test, train)", y=["test_loss", "train_loss"], log_y=True, **band),
-        wr.BarPlot(title="final and best test top-1", metrics=[wr.SummaryMetric("final_test_top1"),
-                                                                wr.SummaryMetric("best_test_top1")]),
+        wr.BarPlot(
+            title="final and best test top-1",
+            metrics=[wr.SummaryMetric("final_test_top1"), wr.SummaryMetric("best_test_top1")],
+        ),
         wr.RunComparer(diff_only="split"),
     ]
     return wr.Report(
-        project=next(iter(by_project)), entity=entity, title=TITLE,
+        project=next(iter(by_project)),
+        entity=entity,
+        title=TITLE,
         description="Made by `cifar100 report`: the local report's table, then the runs' curves grouped by recipe.",
-        blocks=[wr.H2("Comparison"), wr.MarkdownBlock(text=table_markdown), wr.H2("Curves and configs"),
-                wr.PanelGrid(runsets=runsets, panels=panels)],
+        blocks=[
+            wr.H2("Comparison"),
+            wr.MarkdownBlock(text=table_markdown),
+            wr.H2("Curves and configs"),
+            wr.PanelGrid(runsets=runsets, panels=panels),
+        ],
     )
 
 
@@ -78,12 +93,16 @@ def publish(columns: list[Column], table_markdown: str, rerun: str) -> str:
         report = build_report(columns, table_markdown, entity)
         report.save()
         return f"W&B report: {report.url}"
-    except Exception as err:  # noqa: BLE001  (network or server: the local report already stands)
+    except Exception as err:
         return _later(f"W&B did not answer ({type(err).__name__}: {err})", [], rerun, login=False)
 
 
 def _later(reason: str, pending: list[Path], rerun: str, login: bool) -> str:
-    steps = (["wandb login"] if login else []) + (
-        ["wandb sync " + " ".join(shlex.quote(str(d)) for d in pending)] if pending else []) + [rerun]
-    return f"W&B report not published: {reason}. The local report is written. Once online, run:\n" + \
-        "\n".join(f"  {s}" for s in steps)
+    steps = (
+        (["wandb login"] if login else [])
+        + (["wandb sync " + " ".join(shlex.quote(str(d)) for d in pending)] if pending else [])
+        + [rerun]
+    )
+    return f"W&B report not published: {reason}. The local report is written. Once online, run:\n" + "\n".join(
+        f"  {s}" for s in steps
+    )

@@ -18,7 +18,7 @@ REFUSAL_GRACE_SECONDS = 10.0  # a refused launch: how long ranks other than 0 wa
 
 
 def device_type() -> str:
-    """"cuda" when a GPU is usable, else "cpu"."""
+    """ "cuda" when a GPU is usable, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -36,8 +36,11 @@ def resolve_precision(requested: str, kind: str) -> str:
             warnings.warn("bf16 is not supported on this GPU; training in fp32", stacklevel=2)
             return "no"
         return requested
-    warnings.warn(f"train.precision={requested} has no fast path on {kind}; training in fp32 "
-                  "(set train.precision=no to silence this)", stacklevel=2)
+    warnings.warn(
+        f"train.precision={requested} has no fast path on {kind}; training in fp32 "
+        "(set train.precision=no to silence this)",
+        stacklevel=2,
+    )
     return "no"
 
 
@@ -55,10 +58,12 @@ def require_one_job(launched: str | None, rank: str | None, joined: int, grace: 
     if world > 1 and joined != world:
         if rank not in (None, "0"):
             time.sleep(grace)
-        raise UserError(f"the launcher started {world} processes (WORLD_SIZE={world}) but they did not join one job: "
-                        f"each would train alone ({joined} process(es) in its group), as Accelerate does where CUDA "
-                        "is unavailable. For CPU processes set ACCELERATE_USE_CPU=1; on GPU nodes check the driver "
-                        "(nvidia-smi)")
+        raise UserError(
+            f"the launcher started {world} processes (WORLD_SIZE={world}) but they did not join one job: "
+            f"each would train alone ({joined} process(es) in its group), as Accelerate does where CUDA "
+            "is unavailable. For CPU processes set ACCELERATE_USE_CPU=1; on GPU nodes check the driver "
+            "(nvidia-smi)"
+        )
 
 
 def usable_cores() -> int:

@@ -18,8 +18,16 @@ TOTAL_COUNTS = ("epochs_done", "train_images")
 TOTAL_SECONDS = ("train_seconds", "wall_seconds")
 # Every metrics row holds these numbers (DESIGN's run folder contract); rows may hold more.
 ROW_NUMBERS = ("lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5")
-SUMMARY_NUMBERS = ("final_test_top1", "final_test_top5", "best_test_top1", "best_epoch", "epochs", "wall_seconds",
-                   "world_size", "parameters")
+SUMMARY_NUMBERS = (
+    "final_test_top1",
+    "final_test_top5",
+    "best_test_top1",
+    "best_epoch",
+    "epochs",
+    "wall_seconds",
+    "world_size",
+    "parameters",
+)
 SUMMARY_TEXTS = ("precision", "device")
 SUMMARY_VAL_NUMBERS = ("best_val_top1", "best_val_epoch", "test_top1_at_best_val")
 

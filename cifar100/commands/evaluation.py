@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from cifar100 import data as cifar_data
-from cifar100.checkpoint import EMA_FILE, apply_weights, load_ema, load_weights, read_meta
 from cifar100.config import apply_overrides
-from cifar100.engine import evaluate
+from cifar100.data import cifar as cifar_data
 from cifar100.errors import UserError
-from cifar100.models import build_model
-from cifar100.runtime import device_type, resolve_precision
-from cifar100.tracking import write_json_atomic
+from cifar100.runfolder.checkpoint import EMA_FILE, apply_weights, load_ema, load_weights, read_meta
+from cifar100.runfolder.tracking import write_json_atomic
+from cifar100.training.engine import EvalSettings, evaluate
+from cifar100.training.models import build_model
+from cifar100.training.runtime import device_type, resolve_precision
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import matplotlib.pyplot as plt
 
 WEIGHTS_CHOICES = ("model", "ema")
 TOP_PAIRS = 10
@@ -42,7 +42,9 @@ def locate(run: str | None, checkpoint: str) -> tuple[Path, Path, str]:
     """
     if checkpoint in ("best", "last"):
         if run is None:
-            raise UserError(f"checkpoint={checkpoint} needs run=<run folder>, or give checkpoint=<path to a checkpoint folder>")
+            raise UserError(
+                f"checkpoint={checkpoint} needs run=<run folder>, or give checkpoint=<path to a checkpoint folder>"
+            )
         run_dir = Path(run)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"run={run}: not a run folder (no config.yaml)")
@@ -64,8 +66,13 @@ def fine_to_coarse(dataset: cifar_data.Cifar100) -> np.ndarray:
     return mapping
 
 
-def split_metrics(logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray,
-                  classes: tuple[str, ...], superclasses: tuple[str, ...]) -> dict[str, Any]:
+def split_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    coarse_of: np.ndarray,
+    classes: tuple[str, ...],
+    superclasses: tuple[str, ...],
+) -> dict[str, Any]:
     """Loss, top-1/top-5, per class, per superclass and the most confused pairs of one split."""
     n, num_classes = logits.shape
     scores = torch.from_numpy(logits).double()
@@ -79,17 +86,24 @@ def split_metrics(logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray,
     per_class = {}
     for c, name in enumerate(classes):
         seen = int(confusion[c].sum())
-        per_class[name] = {"index": c, "superclass": superclasses[coarse_of[c]], "images": seen,
-                           "top1": int(confusion[c, c]) / seen if seen else None}
+        per_class[name] = {
+            "index": c,
+            "superclass": superclasses[coarse_of[c]],
+            "images": seen,
+            "top1": int(confusion[c, c]) / seen if seen else None,
+        }
     true_coarse, predicted_coarse = coarse_of[labels], coarse_of[predicted]
     per_superclass = {}
     for s, name in enumerate(superclasses):
         mine = true_coarse == s
         seen = int(mine.sum())
         per_superclass[name] = {
-            "index": s, "images": seen,
+            "index": s,
+            "images": seen,
             "top1": float(correct[mine].mean()) if seen else None,  # the exact class right
-            "superclass_top1": float((predicted_coarse[mine] == s).mean()) if seen else None,  # a class of the right superclass
+            "superclass_top1": float((predicted_coarse[mine] == s).mean())
+            if seen
+            else None,  # a class of the right superclass
         }
     off_diagonal = confusion.copy()
     np.fill_diagonal(off_diagonal, 0)
@@ -100,15 +114,28 @@ def split_metrics(logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray,
         true, pred = divmod(int(flat), num_classes)
         if off_diagonal[true, pred] == 0:
             break
-        pairs.append({"true": classes[true], "predicted": classes[pred], "count": int(off_diagonal[true, pred]),
-                      "share_of_true": int(off_diagonal[true, pred]) / int(confusion[true].sum())})
-    return {"images": n, "loss": loss, "top1": float(correct.mean()),
-            "top5": float((top5 == labels[:, None]).any(1).mean()),
-            "per_class": per_class, "per_superclass": per_superclass, "confused_pairs": pairs}
+        pairs.append(
+            {
+                "true": classes[true],
+                "predicted": classes[pred],
+                "count": int(off_diagonal[true, pred]),
+                "share_of_true": int(off_diagonal[true, pred]) / int(confusion[true].sum()),
+            }
+        )
+    return {
+        "images": n,
+        "loss": loss,
+        "top1": float(correct.mean()),
+        "top5": float((top5 == labels[:, None]).any(1).mean()),
+        "per_class": per_class,
+        "per_superclass": per_superclass,
+        "confused_pairs": pairs,
+    }
 
 
-def plot_confusion(logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray,
-                   superclasses: tuple[str, ...], path: Path, title: str) -> None:
+def plot_confusion(
+    logits: np.ndarray, labels: np.ndarray, coarse_of: np.ndarray, superclasses: tuple[str, ...], path: Path, title: str
+) -> None:
     """Row-normalised confusion matrix, classes grouped by superclass so its blocks show."""
     num_classes = logits.shape[1]
     confusion = np.zeros((num_classes, num_classes))
@@ -136,21 +163,46 @@ def to_markdown(result: dict[str, Any]) -> str:
     """eval-<tag>.md: the JSON's numbers as tables a person reads."""
     tta = ", flip test-time augmentation" if result["tta"] == "flip" else ""
     tta = (", averaged (EMA) weights" if result.get("weights") == "ema" else "") + tta
-    lines = [f"# Evaluation: {result['run']}, checkpoint `{result['checkpoint_tag']}` (epoch {result['epoch']}){tta}",
-             "", f"Checkpoint `{result['checkpoint']}`; predictions in `{result['predictions']}`.", "",
-             "| split | images | top-1 | top-5 | loss |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation: {result['run']}, checkpoint `{result['checkpoint_tag']}` (epoch {result['epoch']}){tta}",
+        "",
+        f"Checkpoint `{result['checkpoint']}`; predictions in `{result['predictions']}`.",
+        "",
+        "| split | images | top-1 | top-5 | loss |",
+        "|---|---|---|---|---|",
+    ]
     for split, m in result["splits"].items():
         lines.append(f"| {split} | {m['images']} | {m['top1']:.2%} | {m['top5']:.2%} | {m['loss']:.4f} |")
     for split, m in result["splits"].items():
-        lines += ["", f"## {split}: per superclass", "",
-                  "| superclass | images | top-1 (exact class) | a class of the right superclass |", "|---|---|---|---|"]
-        lines += [f"| {name} | {s['images']} | {_pct(s['top1'])} | {_pct(s['superclass_top1'])} |"
-                  for name, s in m["per_superclass"].items()]
-        lines += ["", f"## {split}: most confused pairs", "", "| true class | predicted as | images | share of the true class |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p['true']} | {p['predicted']} | {p['count']} | {p['share_of_true']:.1%} |" for p in m["confused_pairs"]]
+        lines += [
+            "",
+            f"## {split}: per superclass",
+            "",
+            "| superclass | images | top-1 (exact class) | a class of the right superclass |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {s['images']} | {_pct(s['top1'])} | {_pct(s['superclass_top1'])} |"
+            for name, s in m["per_superclass"].items()
+        ]
+        lines += [
+            "",
+            f"## {split}: most confused pairs",
+            "",
+            "| true class | predicted as | images | share of the true class |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['true']} | {p['predicted']} | {p['count']} | {p['share_of_true']:.1%} |" for p in m["confused_pairs"]
+        ]
         ranked = sorted(m["per_class"].items(), key=lambda kv: (kv[1]["top1"] is None, kv[1]["top1"] or 0, kv[0]))
-        lines += ["", f"## {split}: per class, worst first", "", "| class | superclass | images | top-1 |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {split}: per class, worst first",
+            "",
+            "| class | superclass | images | top-1 |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {name} | {c['superclass']} | {c['images']} | {_pct(c['top1'])} |" for name, c in ranked]
     lines += ["", f"![confusion matrix]({result['confusion_matrix']})", ""]
     return "\n".join(lines)
@@ -173,8 +225,10 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
         weights = load_ema(ckpt)
         if weights is None:
             held = "the averaged weights already, as model.safetensors" if meta.get("weights") == "ema" else "none"
-            raise UserError(f"{ckpt}: no {EMA_FILE} (this checkpoint holds {held}); weights=ema needs a step "
-                            "checkpoint (checkpoint=last) of a run with train.ema.enabled=true")
+            raise UserError(
+                f"{ckpt}: no {EMA_FILE} (this checkpoint holds {held}); weights=ema needs a step "
+                "checkpoint (checkpoint=last) of a run with train.ema.enabled=true"
+            )
         tag += "-ema"
     if "config" not in meta:
         raise UserError(f"{ckpt / 'meta.json'}: no config recorded, cannot rebuild the model")
@@ -193,36 +247,64 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
 
+    settings = EvalSettings.from_config(cfg)
     coarse_of = fine_to_coarse(dataset)
     chosen = {"val": (dataset.train, splits.val), "test": (dataset.test, splits.test)}
-    arrays: dict[str, np.ndarray] = {"classes": np.array(dataset.classes), "superclasses": np.array(dataset.superclasses),
-                                     "fine_to_coarse": coarse_of}
+    arrays: dict[str, np.ndarray] = {
+        "classes": np.array(dataset.classes),
+        "superclasses": np.array(dataset.superclasses),
+        "fine_to_coarse": coarse_of,
+    }
     metrics = {}
     for name, (split, index) in chosen.items():
         if not len(index):
             continue
-        scored = evaluate(model, split.images[index], split.labels[index], accelerator, mean=cfg.augment.mean,
-                          std=cfg.augment.std, batch_size=cfg.data.eval_batch_size,
-                          channels_last=cfg.train.channels_last, tta_flip=tta == "flip", keep_logits=True)
+        scored = evaluate(model, split.images[index], split.labels[index], accelerator, settings, keep_logits=True)
         labels = split.labels[index].numpy()
-        arrays.update({f"{name}_logits": scored.logits.numpy().astype(np.float32), f"{name}_labels": labels,
-                       f"{name}_coarse": split.coarse[index].numpy(), f"{name}_index": index.numpy()})
-        metrics[name] = split_metrics(arrays[f"{name}_logits"], labels, coarse_of, dataset.classes, dataset.superclasses)
+        arrays.update(
+            {
+                f"{name}_logits": scored.logits.numpy().astype(np.float32),
+                f"{name}_labels": labels,
+                f"{name}_coarse": split.coarse[index].numpy(),
+                f"{name}_index": index.numpy(),
+            }
+        )
+        metrics[name] = split_metrics(
+            arrays[f"{name}_logits"], labels, coarse_of, dataset.classes, dataset.superclasses
+        )
     if not accelerator.is_main_process:
         return None
 
     files = {"predictions": f"eval-{tag}-predictions.npz", "confusion_matrix": f"eval-{tag}-confusion.png"}
     np.savez(out_dir / files["predictions"], **arrays)
-    plot_confusion(arrays["test_logits"], arrays["test_labels"], coarse_of, dataset.superclasses,
-                   out_dir / files["confusion_matrix"], f"{out_dir.name}, {tag}: test confusion matrix")
-    result = {"run": out_dir.name, "checkpoint": str(ckpt.resolve()), "checkpoint_tag": tag, "epoch": meta.get("epoch"),
-              "weights": "ema" if which == "ema" else meta.get("weights", "model"), "tta": tta,
-              "world_size": accelerator.num_processes, **files, "splits": metrics}
+    plot_confusion(
+        arrays["test_logits"],
+        arrays["test_labels"],
+        coarse_of,
+        dataset.superclasses,
+        out_dir / files["confusion_matrix"],
+        f"{out_dir.name}, {tag}: test confusion matrix",
+    )
+    result = {
+        "run": out_dir.name,
+        "checkpoint": str(ckpt.resolve()),
+        "checkpoint_tag": tag,
+        "epoch": meta.get("epoch"),
+        "weights": "ema" if which == "ema" else meta.get("weights", "model"),
+        "tta": tta,
+        "world_size": accelerator.num_processes,
+        **files,
+        "splits": metrics,
+    }
     json_path = out_dir / f"eval-{tag}.json"
     write_json_atomic(json_path, result)
     (out_dir / f"eval-{tag}.md").write_text(to_markdown(result))
-    scores = " | ".join(f"{name} top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} ({m['images']} images)"
-                        for name, m in metrics.items())
-    print(f"{out_dir.name} {tag} (epoch {meta.get('epoch')}): {scores} | wrote {json_path} and {json_path.with_suffix('.md')}",
-          flush=True)
+    scores = " | ".join(
+        f"{name} top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} ({m['images']} images)" for name, m in metrics.items()
+    )
+    print(
+        f"{out_dir.name} {tag} (epoch {meta.get('epoch')}): {scores} | "
+        f"wrote {json_path} and {json_path.with_suffix('.md')}",
+        flush=True,
+    )
     return json_path

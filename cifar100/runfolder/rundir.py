@@ -16,14 +16,13 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cifar100.checkpoint import is_complete, point_link
+import torch
+
 from cifar100.errors import UserError
-from cifar100.tracking import read_metrics, rewrite_metrics
-
-if TYPE_CHECKING:
-    from cifar100.resume import Located
+from cifar100.runfolder.checkpoint import is_complete, point_link
+from cifar100.runfolder.tracking import read_metrics, rewrite_metrics
 
 LOCK = ".lock"
 _held: list[int] = []  # open lock files: the locks last as long as the process
@@ -54,8 +53,10 @@ def lock(run_dir: Path) -> Path:
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise UserError(f"{run_dir} is in use by {holder}: a run folder has one writer at a time; wait for that "
-                        "run to end, or give this one another name=") from None
+        raise UserError(
+            f"{run_dir} is in use by {holder}: a run folder has one writer at a time; wait for that "
+            "run to end, or give this one another name="
+        ) from None
     _held.append(fd)
     try:  # who holds it, for the message above; a full disk must not stop the run for it
         os.ftruncate(fd, 0)
@@ -63,6 +64,20 @@ def lock(run_dir: Path) -> Path:
     except OSError:
         pass
     return run_dir
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a run continues: its folder (None for a fork, made once the checkpoint has loaded), the
+    checkpoint (or None) with its weights, train state and averaged weights when finding it meant
+    reading them (so they are not read twice), the owner's checkpoints newer than it, and for a fork
+    the run it forks."""
+
+    run_dir: Path | None
+    checkpoint: Path | None = None
+    read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None
+    newer: tuple[Path, ...] = ()
+    fork_of: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -124,5 +139,6 @@ def _set_aside(checkpoint: Path, newer: tuple[Path, ...]) -> None:
     for path in newer:
         os.replace(path, aside / path.name)
     point_link(checkpoint.parent, "last", checkpoint.name)
-    warnings.warn(f"resuming {checkpoint.name}: the newer {', '.join(p.name for p in newer)} moved to {aside}",
-                  stacklevel=3)
+    warnings.warn(
+        f"resuming {checkpoint.name}: the newer {', '.join(p.name for p in newer)} moved to {aside}", stacklevel=3
+    )

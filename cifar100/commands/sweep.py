@@ -62,8 +62,10 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
     spec = _read(path)
     name = spec.get("name")
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise UserError(f"{path}: name: expected a word of letters, digits, '.', '_' or '-' that starts with a letter or "
-                        f"digit (it starts every run folder's name), got {name!r}")
+        raise UserError(
+            f"{path}: name: expected a word of letters, digits, '.', '_' or '-' that starts with a letter or "
+            f"digit (it starts every run folder's name), got {name!r}"
+        )
     fixed = _mapping(path, spec, "overrides")
     sets = _override_sets(path, spec.get("runs"))
     grid = _grid(path, spec.get("grid"))
@@ -78,8 +80,11 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
             raise UserError(f"{path}: {min(clash)} is both in runs and in grid: give it in one of them")
     combos = [{**s, **dict(zip(grid, values))} for s in sets for values in itertools.product(*grid.values())]
     # The keys some runs set apart from others, the runs' keys first: they name the runs.
-    varying = [k for k in dict.fromkeys([*(k for s in sets for k in s), *grid])
-               if len({_text(c[k]) if k in c else None for c in combos}) > 1]
+    varying = [
+        k
+        for k in dict.fromkeys([*(k for s in sets for k in s), *grid])
+        if len({_text(c[k]) if k in c else None for c in combos}) > 1
+    ]
     clash = [k for k in varying if k in extra_keys]
     if clash:
         raise UserError(f"{clash[0]}=... given on the command line, but the sweep {path} varies it")
@@ -89,14 +94,21 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
         own = tuple(f"{k}={_text(combo[k])}" for k in varying if k in combo)
         run_name = _run_name(name, own, seed, number, bool(varying))
         if run_name in names:
-            raise UserError(f"{path}: runs {names[run_name]} and {index} are both named {run_name}: "
-                            "the same override set twice?")
+            raise UserError(
+                f"{path}: runs {names[run_name]} and {index} are both named {run_name}: the same override set twice?"
+            )
         names[run_name] = index
         recipe = _recipe(path, combo.get("recipe", default_recipe))
         settings = [f"{k}={_text(v)}" for k, v in {**fixed, **combo}.items() if k != "recipe"]
-        args = (f"recipe={recipe}", *settings, *(a for a in extra if not a.startswith("resume=")),
-                *([f"seed={seed}"] if seed is not None else []), f"name={run_name}", f"sweep.name={name}",
-                f"sweep.overrides={_text(list(own))}")
+        args = (
+            f"recipe={recipe}",
+            *settings,
+            *(a for a in extra if not a.startswith("resume=")),
+            *([f"seed={seed}"] if seed is not None else []),
+            f"name={run_name}",
+            f"sweep.name={name}",
+            f"sweep.overrides={_text(list(own))}",
+        )
         runs.append(SweepRun(index, run_name, own, args, _validate(path, index, run_name, args)))
     return Sweep(name, path, tuple(runs))
 
@@ -104,7 +116,9 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
 def task_args(sweep: Sweep, task: str) -> tuple[str, ...]:
     """The train.py arguments of array task `task` (an index into the runs)."""
     if not task.isdigit() or int(task) >= len(sweep.runs):
-        raise UserError(f"task={task}: the sweep {sweep.path} has {len(sweep.runs)} runs, tasks 0-{len(sweep.runs) - 1}")
+        raise UserError(
+            f"task={task}: the sweep {sweep.path} has {len(sweep.runs)} runs, tasks 0-{len(sweep.runs) - 1}"
+        )
     return sweep.runs[int(task)].args
 
 
@@ -116,13 +130,20 @@ def run_dir(run: SweepRun) -> Path:
 def listing(sweep: Sweep) -> str:
     """The runs (index, name, own overrides, state) and how to submit them."""
     width = max(len(r.name) for r in sweep.runs)
-    lines = [f"{r.index:>3}  {r.name:<{width}}  {' '.join(r.own) or '(no own overrides)'}"
-             + ("  [finished]" if (run_dir(r) / "summary.json").is_file() else "") for r in sweep.runs]
+    lines = [
+        f"{r.index:>3}  {r.name:<{width}}  {' '.join(r.own) or '(no own overrides)'}"
+        + ("  [finished]" if (run_dir(r) / "summary.json").is_file() else "")
+        for r in sweep.runs
+    ]
     last = len(sweep.runs) - 1
-    lines += [f"sweep {sweep.name}: {len(sweep.runs)} runs, every config checked",
-              f"here:  cifar100 sweep {sweep.path} run",
-              (f"Slurm: sbatch --array=0-{last} launch/slurm/sweep.sbatch {sweep.path}   "
-               f"(--array=0-{last}%K runs at most K at once)")]
+    lines += [
+        f"sweep {sweep.name}: {len(sweep.runs)} runs, every config checked",
+        f"here:  cifar100 sweep {sweep.path} run",
+        (
+            f"Slurm: sbatch --array=0-{last} launch/slurm/sweep.sbatch {sweep.path}   "
+            f"(--array=0-{last}%K runs at most K at once)"
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -134,7 +155,7 @@ def run_all(sweep: Sweep) -> list[Path]:
         if (folder / "summary.json").is_file():
             print(f"sweep {sweep.name}: run {run.index} {run.name} finished already, skipped", flush=True)
         else:
-            from cifar100.trainer import train  # heavy imports only when training
+            from cifar100.training.trainer import train  # heavy imports only when training
 
             print(f"sweep {sweep.name}: run {run.index} of {len(sweep.runs)}: {run.name}", flush=True)
             folder = train(load_config(run.args[0].partition("=")[2], [*run.args[1:], "resume=auto"]))
@@ -192,8 +213,12 @@ def _grid(path: Path, grid: Any) -> dict[str, list[Any]]:
 def _seeds(path: Path, seeds: Any) -> list[int]:
     if seeds is None:
         return []
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise UserError(f"{path}: seeds: expected a list of distinct whole numbers, e.g. seeds: [0, 1, 2]")
     return seeds
 

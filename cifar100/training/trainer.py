@@ -21,24 +21,18 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
 
-from cifar100 import data as cifar_data
-from cifar100 import resume as resuming
-from cifar100 import rundir
-from cifar100.augment.batched import DeviceLoader
-from cifar100.augment.loader import build_train_loader, epoch_batches
-from cifar100.augment.mixing import BatchMixer
-from cifar100.augment.reference import normalize_batch
-from cifar100.checkpoint import CheckpointWriter
 from cifar100.config import Config, to_dict, to_yaml
-from cifar100.ema import WeightAverage
-from cifar100.engine import EpochResult, NonFiniteLoss, evaluate, train_one_epoch
-from cifar100.eta import RunClock, too_long
+from cifar100.data import cifar as cifar_data
+from cifar100.data.batched import DeviceLoader
+from cifar100.data.loader import build_train_loader, epoch_batches
+from cifar100.data.mixing import BatchMixer
+from cifar100.data.reference import normalize_batch
 from cifar100.errors import UserError
-from cifar100.models import build_model, count_parameters, flops_per_image, whiten_stem
-from cifar100.optim import Schedule, build_optimizer
 from cifar100.preemption import Preempted, StopFlag
-from cifar100.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
-from cifar100.tracking import (
+from cifar100.runfolder import resume as resuming
+from cifar100.runfolder import rundir
+from cifar100.runfolder.checkpoint import CheckpointWriter
+from cifar100.runfolder.tracking import (
     append_metrics,
     finish_tracking,
     log_wandb,
@@ -47,7 +41,13 @@ from cifar100.tracking import (
     summarize,
     write_run_file,
 )
-from cifar100.train_state import TrainState
+from cifar100.training.ema import WeightAverage
+from cifar100.training.engine import Engine, EpochResult, EvalSettings, NonFiniteLoss, StepRules, evaluate
+from cifar100.training.eta import RunClock, too_long
+from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
+from cifar100.training.optim import Schedule, build_optimizer
+from cifar100.training.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
+from cifar100.training.train_state import TrainState
 
 WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
 
@@ -93,15 +93,26 @@ class Trainer:
         self.batch = cifar_data.per_process_batch(cfg.data.batch_size, acc.num_processes, cfg.train.grad_accum)
         data_cfg = capped_workers(cfg.data, acc.print if acc.is_main_process else None)
         self.train_images = dataset.train.images[splits.train]
-        self.loader = build_train_loader(self.train_images, dataset.train.labels[splits.train],
-                                         self.batch, data_cfg, cfg.augment, seed=cfg.seed,
-                                         grad_accum=cfg.train.grad_accum, accelerator=acc)
+        self.loader = build_train_loader(
+            self.train_images,
+            dataset.train.labels[splits.train],
+            self.batch,
+            data_cfg,
+            cfg.augment,
+            seed=cfg.seed,
+            grad_accum=cfg.train.grad_accum,
+            accelerator=acc,
+        )
         # Indexed once, not every epoch; on the device already when the training data lives there.
         where = acc.device if cfg.data.pipeline == "device" else torch.device("cpu")
-        self.eval_sets = {"test": (dataset.test.images[splits.test].to(where), dataset.test.labels[splits.test].to(where))}
+        self.eval_sets = {
+            "test": (dataset.test.images[splits.test].to(where), dataset.test.labels[splits.test].to(where))
+        }
         if len(splits.val):
-            self.eval_sets = {"val": (dataset.train.images[splits.val].to(where),
-                                      dataset.train.labels[splits.val].to(where)), **self.eval_sets}
+            self.eval_sets = {
+                "val": (dataset.train.images[splits.val].to(where), dataset.train.labels[splits.val].to(where)),
+                **self.eval_sets,
+            }
         self.selected = "val" if len(splits.val) else "test"  # the split that picks the best epoch
         # ...scored by the weights `train.ema.select` names: the model's, or the averaged ones.
         self.score_key = f"{'ema_' if cfg.train.ema.select == 'ema' else ''}{self.selected}_top1"
@@ -117,7 +128,9 @@ class Trainer:
         model = model.to(acc.device)
         # Of the plain module, before any wrapper: DDP's and torch.compile's share its parameters.
         if cfg.train.ema.select == "ema" and not cfg.train.ema.enabled:
-            raise UserError("train.ema.select=ema picks the best epoch by the averaged weights: set train.ema.enabled=true")
+            raise UserError(
+                "train.ema.select=ema picks the best epoch by the averaged weights: set train.ema.enabled=true"
+            )
         self.ema = WeightAverage(model, cfg.train.ema) if cfg.train.ema.enabled else None
         optimizer = build_optimizer(model, cfg.optim)
         if isinstance(self.loader, DeviceLoader):
@@ -128,7 +141,9 @@ class Trainer:
         self.model = torch.compile(model) if cfg.train.compile else model
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
         schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
-        self.mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
+        mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
+        self.engine = Engine(self.model, optimizer, schedule, mixer, acc, StepRules.from_config(cfg), self.ema)
+        self.eval_settings = EvalSettings.from_config(cfg)
         self.state = TrainState(model, optimizer, schedule, acc, self.ema)
 
     def restore(self) -> None:
@@ -155,31 +170,56 @@ class Trainer:
         self.run_dir, self.rows = Path(shared[0]), shared[1]
         ckpt_dir = self.run_dir / "checkpoints"
         # No best weights on disk (a fork from before its source's best epoch): any score beats none.
-        self.writer = CheckpointWriter(ckpt_dir, cfg.train.keep_last, ckpt_path and ckpt_dir / ckpt_path.name,
-                                       best_score if (ckpt_dir / "best").exists() else -1.0, select=cfg.train.ema.select)
+        self.writer = CheckpointWriter(
+            ckpt_dir,
+            cfg.train.keep_last,
+            ckpt_path and ckpt_dir / ckpt_path.name,
+            best_score if (ckpt_dir / "best").exists() else -1.0,
+            select=cfg.train.ema.select,
+        )
         self.wall_before = self.state.totals.wall_seconds
         done = self.state.totals.epochs_done
-        self.clock = RunClock(self.steps_per_epoch * cfg.train.epochs, cfg.train.epochs,
-                              done_steps=self.state.schedule.step_count, done_epochs=done)
+        self.clock = RunClock(
+            self.steps_per_epoch * cfg.train.epochs,
+            cfg.train.epochs,
+            done_steps=self.state.schedule.step_count,
+            done_epochs=done,
+        )
         self.warned = not acc.is_main_process  # the projection warning: once, by the main process
         if main:
             if adopted.forked:
                 self.state.totals.wandb_id = None  # a fork is a W&B run of its own
-            if not (self.run_dir / "config.yaml").is_file() or (self.run_dir / "config.yaml").read_text() != to_yaml(cfg):
+            if not (self.run_dir / "config.yaml").is_file() or (self.run_dir / "config.yaml").read_text() != to_yaml(
+                cfg
+            ):
                 write_run_file(self.run_dir / "config.yaml", to_yaml(cfg))
             wandb = cfg.log.wandb
-            self.state.totals.wandb_id = start_wandb(acc, wandb.project, wandb.entity, wandb.mode, self.run_dir,
-                                                     self.run_dir.name, self.config_dict, run_id=self.state.totals.wandb_id)
+            self.state.totals.wandb_id = start_wandb(
+                acc,
+                wandb.project,
+                wandb.entity,
+                wandb.mode,
+                self.run_dir,
+                self.run_dir.name,
+                self.config_dict,
+                run_id=self.state.totals.wandb_id,
+            )
             fork = f", a fork of {found.fork_of}" if adopted.forked else ""
-            self._print_header(f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}{fork}"
-                               if ckpt_path else "new run")
+            self._print_header(
+                f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}{fork}"
+                if ckpt_path
+                else "new run"
+            )
 
     def _print_header(self, where: str) -> None:
         s, acc = self.splits, self.accelerator
-        acc.print(f"run folder {self.run_dir} ({where}) | model {self.cfg.model.name}: {self.parameters / 1e6:.2f} M "
-                  f"parameters, {self.flops / 1e9:.3f} GFLOP per image | {len(s.train)} train / {len(s.val)} val / "
-                  f"{len(s.test)} test images | {acc.num_processes} process(es) on {device_name(self.device_type)}, "
-                  f"precision {self.precision}, {self.batch} images per process per step", flush=True)
+        acc.print(
+            f"run folder {self.run_dir} ({where}) | model {self.cfg.model.name}: {self.parameters / 1e6:.2f} M "
+            f"parameters, {self.flops / 1e9:.3f} GFLOP per image | {len(s.train)} train / {len(s.val)} val / "
+            f"{len(s.test)} test images | {acc.num_processes} process(es) on {device_name(self.device_type)}, "
+            f"precision {self.precision}, {self.batch} images per process per step",
+            flush=True,
+        )
 
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
@@ -197,8 +237,9 @@ class Trainer:
             # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
             # metrics, and the row can say how long the checkpoint held training up.
             self.checkpoint(score=row[self.score_key], before_write=partial(self._log_held, row))
-            stop = self.accelerator.reduce(torch.tensor(float(bool(self.stop)), device=self.accelerator.device),
-                                           reduction="sum")
+            stop = self.accelerator.reduce(
+                torch.tensor(float(bool(self.stop)), device=self.accelerator.device), reduction="sum"
+            )
             if stop.item() > 0 and self.state.epoch <= self.cfg.train.epochs:
                 self._halt(f"after epoch {self.state.epoch - 1}")
         self.stop.uninstall()
@@ -219,17 +260,21 @@ class Trainer:
                 self.checkpoint()
 
         try:
-            return train_one_epoch(
-                self.model, batches, state.optimizer, state.schedule, self.mixer, self.accelerator, epoch=state.epoch,
-                seed=cfg.seed, clip_grad=cfg.train.clip_grad, channels_last=cfg.train.channels_last,
-                progress=cfg.log.progress, state=state.progress, stop_requested=self.stop.__bool__,
-                max_bad_steps=cfg.train.max_bad_steps, after_step=after_step, ema=self.ema,
-                run_left=self.clock.left_text)
+            return self.engine.train_epoch(
+                state.epoch,
+                batches,
+                state.progress,
+                stop_requested=self.stop.__bool__,
+                after_step=after_step,
+                run_left=self.clock.left_text,
+            )
         except NonFiniteLoss as err:
             self.flush()
-            raise UserError(f"{err}: stopping. Last good checkpoint: {self.writer.last_good or 'none yet'}; resume "
-                            "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
-                            "with train.max_bad_steps=N") from None
+            raise UserError(
+                f"{err}: stopping. Last good checkpoint: {self.writer.last_good or 'none yet'}; resume "
+                "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
+                "with train.max_bad_steps=N"
+            ) from None
 
     def _warn_if_too_long(self) -> None:
         if self.warned:
@@ -243,7 +288,7 @@ class Trainer:
     def evaluate(self, result: EpochResult) -> dict:
         """The epoch's metrics row: training figures, then every held-out split scored exactly, by
         the model and (as `ema_<split>_*`) by the averaged weights."""
-        cfg, acc, began = self.cfg, self.accelerator, time.perf_counter()
+        acc, began = self.accelerator, time.perf_counter()
         row = {"epoch": self.state.epoch, "lr": self.lr, "train_loss": result.loss, "train_top1": result.top1}
         scored = {"": self.model}
         if self.ema is not None:
@@ -251,13 +296,19 @@ class Trainer:
             scored["ema_"] = self.ema.module
         for prefix, model in scored.items():
             for split, (images, labels) in self.eval_sets.items():
-                scores = evaluate(model, images, labels, acc, mean=cfg.augment.mean, std=cfg.augment.std,
-                                  batch_size=cfg.data.eval_batch_size, channels_last=cfg.train.channels_last,
-                                  tta_flip=cfg.eval.tta == "flip")
-                row.update({f"{prefix}{split}_loss": scores.loss, f"{prefix}{split}_top1": scores.top1,
-                            f"{prefix}{split}_top5": scores.top5})
-        row.update(epoch_seconds=result.seconds, images_per_second=result.images / result.seconds,
-                   eval_seconds=time.perf_counter() - began)
+                scores = evaluate(model, images, labels, acc, self.eval_settings)
+                row.update(
+                    {
+                        f"{prefix}{split}_loss": scores.loss,
+                        f"{prefix}{split}_top1": scores.top1,
+                        f"{prefix}{split}_top5": scores.top5,
+                    }
+                )
+        row.update(
+            epoch_seconds=result.seconds,
+            images_per_second=result.images / result.seconds,
+            eval_seconds=time.perf_counter() - began,
+        )
         self.clock.evaluated(row["eval_seconds"])
         self.state.schedule.epoch_end(row[f"{self.selected}_loss"])
         totals = self.state.totals
@@ -281,10 +332,13 @@ class Trainer:
         ema = f" | EMA test top1 {row['ema_test_top1']:.2%}" if "ema_test_top1" in row else ""
         left = self.clock.left_text()
         left = f" | run left ~{left}" if left and row["epoch"] < self.cfg.train.epochs else ""
-        acc.print(f"epoch {row['epoch']}/{self.cfg.train.epochs} | lr {row['lr']:.3g} | train loss "
-                  f"{row['train_loss']:.4f} top1 {row['train_top1']:.2%} | {val}test loss {row['test_loss']:.4f} "
-                  f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}{ema} | {row['epoch_seconds']:.1f} s, "
-                  f"{row['images_per_second']:.0f} img/s{left}", flush=True)
+        acc.print(
+            f"epoch {row['epoch']}/{self.cfg.train.epochs} | lr {row['lr']:.3g} | train loss "
+            f"{row['train_loss']:.4f} top1 {row['train_top1']:.2%} | {val}test loss {row['test_loss']:.4f} "
+            f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}{ema} | {row['epoch_seconds']:.1f} s, "
+            f"{row['images_per_second']:.0f} img/s{left}",
+            flush=True,
+        )
 
     def checkpoint(self, score: float | None = None, before_write: Callable[[float], None] | None = None) -> None:
         """Checkpoint this exact position (every rank calls it): the main process copies it to host
@@ -310,22 +364,38 @@ class Trainer:
 
     def _halt(self, where: str) -> None:
         self.flush()
-        raise Preempted(f"stopped by {self.stop.name or 'a signal on another rank'} {where}; "
-                        f"checkpoint {self.run_dir / 'checkpoints' / 'last'}", self.stop.signal)
+        raise Preempted(
+            f"stopped by {self.stop.name or 'a signal on another rank'} {where}; "
+            f"checkpoint {self.run_dir / 'checkpoints' / 'last'}",
+            self.stop.signal,
+        )
 
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""
         totals, acc = self.state.totals, self.accelerator
         summary = summarize(
-            self.rows, recipe=self.cfg.recipe or self.cfg.name, name=self.run_dir.name, seed=self.cfg.seed,
-            best_selected_on=self.selected, wall_seconds=self.wall_before + time.perf_counter() - self.started,
-            images_per_second=totals.train_images / max(totals.train_seconds, 1e-9), world_size=acc.num_processes,
-            images_per_rank=totals.images_per_rank, precision=self.precision, device=device_name(self.device_type),
-            parameters=self.parameters, flops_per_image=self.flops, best_weights=self.cfg.train.ema.select)
+            self.rows,
+            recipe=self.cfg.recipe or self.cfg.name,
+            name=self.run_dir.name,
+            seed=self.cfg.seed,
+            best_selected_on=self.selected,
+            wall_seconds=self.wall_before + time.perf_counter() - self.started,
+            images_per_second=totals.train_images / max(totals.train_seconds, 1e-9),
+            world_size=acc.num_processes,
+            images_per_rank=totals.images_per_rank,
+            precision=self.precision,
+            device=device_name(self.device_type),
+            parameters=self.parameters,
+            flops_per_image=self.flops,
+            best_weights=self.cfg.train.ema.select,
+        )
         if acc.is_main_process:
             write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             best = summary[f"best_{self.selected}_top1"]
-            acc.print(f"done in {summary['wall_seconds']:.0f} s: final test top1 {summary['final_test_top1']:.2%}, "
-                      f"best {self.selected} top1 {best:.2%} | {self.run_dir}", flush=True)
+            acc.print(
+                f"done in {summary['wall_seconds']:.0f} s: final test top1 {summary['final_test_top1']:.2%}, "
+                f"best {self.selected} top1 {best:.2%} | {self.run_dir}",
+                flush=True,
+            )
         finish_tracking(acc, self.run_dir, summary)
         return self.run_dir

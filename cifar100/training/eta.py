@@ -62,8 +62,9 @@ class RunClock:
         """The forecast of the rest of the run: its steps, and its evaluations at the last one's cost."""
         if self.step_seconds is None:
             return None
-        return ((self.total_steps - self.done_steps) * self.step_seconds
-                + (self.epochs - self.done_epochs) * self.eval_seconds)
+        return (self.total_steps - self.done_steps) * self.step_seconds + (
+            self.epochs - self.done_epochs
+        ) * self.eval_seconds
 
     def left_text(self) -> str | None:
         """The forecast as the progress bar shows it."""
@@ -77,8 +78,13 @@ def too_long(clock: RunClock, elapsed: float, limit_hours: float, device: str) -
     left = clock.seconds_left()
     if left is None or elapsed + left <= limit_hours * 3600:
         return None
-    instead = ("recipe=cpu, made for a CPU, trains 11 epochs of a 0.31 M-parameter model (64.4 % top-1 on 2 cores)" if device == "cpu"
-               else "more GPUs (accelerate launch --num_processes N) or a smaller model would shorten it")
-    return (f"this run is projected to take {duration_text(elapsed + left)} on {device} ({clock.step_seconds:.3g} s "
-            f"per step measured, {clock.total_steps - clock.done_steps} steps and {clock.epochs - clock.done_epochs} "
-            f"evaluations left), beyond log.warn_hours={limit_hours:g}: {instead}; or lower train.epochs")
+    instead = (
+        "recipe=cpu, made for a CPU, trains 11 epochs of a 0.31 M-parameter model (64.4 % top-1 on 2 cores)"
+        if device == "cpu"
+        else "more GPUs (accelerate launch --num_processes N) or a smaller model would shorten it"
+    )
+    return (
+        f"this run is projected to take {duration_text(elapsed + left)} on {device} ({clock.step_seconds:.3g} s "
+        f"per step measured, {clock.total_steps - clock.done_steps} steps and {clock.epochs - clock.done_epochs} "
+        f"evaluations left), beyond log.warn_hours={limit_hours:g}: {instead}; or lower train.epochs"
+    )

@@ -183,16 +183,14 @@ def _download(root: Path, url: str, md5: str | None) -> None:
         ) from e
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_folder(folder: str) -> Cifar100:
     path = Path(folder)
     classes, superclasses = _read_meta(path / "meta")
     return Cifar100(_read_split(path / "train"), _read_split(path / "test"), classes, superclasses)
 
 
-def load(
-    root, download: bool = False, url: str = OFFICIAL_URL, md5: str | None = OFFICIAL_MD5["archive"]
-) -> Cifar100:
+def load(root, download: bool = False, url: str = OFFICIAL_URL, md5: str | None = OFFICIAL_MD5["archive"]) -> Cifar100:
     """Load ``<root>/cifar-100-python/{train,test,meta}``, downloading the archive first if asked.
 
     The result is cached per resolved root for the life of the process, so callers share the
@@ -270,7 +268,9 @@ def select_splits(dataset: Cifar100, cfg: DataConfig, seed: int) -> Splits:
 def per_process_batch(global_batch: int, world: int, accum: int) -> int:
     """`data.batch_size` is the global batch per optimizer step; this is one process's micro-batch."""
     if global_batch % (world * accum):
-        raise UserError(f"data.batch_size={global_batch} must be divisible by processes x train.grad_accum = {world} x {accum}")
+        raise UserError(
+            f"data.batch_size={global_batch} must be divisible by processes x train.grad_accum = {world} x {accum}"
+        )
     return global_batch // (world * accum)
 
 
@@ -287,8 +287,15 @@ def verify(root) -> list[dict]:
     report = []
     for name in ("train", "test", "meta"):
         path = folder / name
-        entry = {"file": str(path), "ok": False, "problem": None, "md5": None,
-                 "official_md5": False, "count": None, "per_class_ok": None}
+        entry = {
+            "file": str(path),
+            "ok": False,
+            "problem": None,
+            "md5": None,
+            "official_md5": False,
+            "count": None,
+            "per_class_ok": None,
+        }
         report.append(entry)
         if not path.is_file():
             entry["problem"] = "missing"

@@ -29,15 +29,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from cifar100.checkpoint import BackgroundWriter, host_copy, save_checkpoint
-from cifar100.augment.loader import build_train_loader, epoch_batches
 from cifar100.config import Config
-from cifar100.data import NUM_CLASSES
-from cifar100.engine import EpochProgress, train_one_epoch
-from cifar100.augment.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.data.cifar import NUM_CLASSES
+from cifar100.data.loader import build_train_loader, epoch_batches
+from cifar100.data.mixing import BatchMixer, soft_target_cross_entropy
 from cifar100.errors import UserError
-from cifar100.models import build_model, flops_per_image
-from cifar100.optim import Schedule, build_optimizer
+from cifar100.runfolder.checkpoint import BackgroundWriter, host_copy, save_checkpoint
+from cifar100.training.engine import Engine, EpochProgress, StepRules
+from cifar100.training.models import build_model, flops_per_image
+from cifar100.training.optim import Schedule, build_optimizer
 
 
 def _sync(device: torch.device) -> None:
@@ -69,8 +69,9 @@ def _synthetic(batch: int, device: torch.device):
     return images, labels
 
 
-def _step_runner(cfg: Config, precision: str, channels_last: bool, compile_mode: str | None, loop: str,
-                 cudnn_benchmark: bool = True):
+def _step_runner(
+    cfg: Config, precision: str, channels_last: bool, compile_mode: str | None, loop: str, cudnn_benchmark: bool = True
+):
     """A function `run(n)` that trains n steps of the recipe's model on one synthetic batch, the
     model (uncompiled), one input batch and the device; `loop` is "plain" (bare PyTorch) or "engine" (ours)."""
     AcceleratorState._reset_state(True)  # each variant gets its own precision
@@ -100,9 +101,10 @@ def _step_runner(cfg: Config, precision: str, channels_last: bool, compile_mode:
 
     def engine(n: int) -> None:
         schedule = Schedule(optimizer, cfg.optim, replace(cfg.sched, warmup_epochs=0), n, 1)
-        train_one_epoch(model, [(images, labels)] * n, optimizer, schedule, mixer, accelerator, epoch=1, seed=0,
-                        clip_grad=cfg.train.clip_grad, channels_last=channels_last, progress=False,
-                        state=EpochProgress(), stop_requested=lambda: False, max_bad_steps=0, after_step=lambda s: None)
+        rules = StepRules(seed=0, clip_grad=cfg.train.clip_grad, channels_last=channels_last)
+        Engine(model, optimizer, schedule, mixer, accelerator, rules).train_epoch(
+            1, [(images, labels)] * n, EpochProgress()
+        )
 
     def autocast():
         return accelerator.autocast()
@@ -110,13 +112,22 @@ def _step_runner(cfg: Config, precision: str, channels_last: bool, compile_mode:
     return (plain if loop == "plain" else engine), prepared, images, device, autocast
 
 
-def step_rate(cfg: Config, precision: str, channels_last: bool, compile_mode: str | None, loop: str,
-              steps: int, warmup: int, cudnn_benchmark: bool = True,
-              profile_path: str | None = None) -> tuple[float, float | None, int | None, list[dict] | None]:
+def step_rate(
+    cfg: Config,
+    precision: str,
+    channels_last: bool,
+    compile_mode: str | None,
+    loop: str,
+    steps: int,
+    warmup: int,
+    cudnn_benchmark: bool = True,
+    profile_path: str | None = None,
+) -> tuple[float, float | None, int | None, list[dict] | None]:
     """Training images/s for one choice, host waits per step, graph breaks of the compiled model
     (None when eager) and, with `profile_path`, the top kernels of a profile of a few more steps."""
-    run, model, images, device, autocast = _step_runner(cfg, precision, channels_last, compile_mode, loop,
-                                                         cudnn_benchmark)
+    run, model, images, device, autocast = _step_runner(
+        cfg, precision, channels_last, compile_mode, loop, cudnn_benchmark
+    )
     if warmup:
         run(warmup)
     _sync(device)
@@ -150,20 +161,32 @@ def profile_steps(run, device: torch.device, steps: int, path: str, top: int = 1
     with profile(activities=activities) as prof:
         run(steps)
         _sync(device)
-    events = [e for e in prof.key_averages()
-              if (e.device_type.name == "CUDA") == cuda and (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    events = [
+        e
+        for e in prof.key_averages()
+        if (e.device_type.name == "CUDA") == cuda and (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0
+    ]
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     total = sum(key(e) for e in events)
-    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": key(e) / 1e3 / steps,
-             "share": key(e) / total} for e in sorted(events, key=key, reverse=True)[:top]]
+    rows = [
+        {
+            "kernel": e.key[:90],
+            "calls_per_step": e.count / steps,
+            "ms_per_step": key(e) / 1e3 / steps,
+            "share": key(e) / total,
+        }
+        for e in sorted(events, key=key, reverse=True)[:top]
+    ]
     trace = Path(path)
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace.with_suffix("")))
     with open(trace.with_suffix(""), "rb") as raw, gzip.open(trace, "wb") as packed:
         shutil.copyfileobj(raw, packed)
     trace.with_suffix("").unlink()
-    print(f"top {len(rows)} {'CUDA kernels' if cuda else 'CPU operators'} by self time over {steps} steps "
-          f"({total / 1e3 / steps:.2f} ms per step in all); trace {trace}")
+    print(
+        f"top {len(rows)} {'CUDA kernels' if cuda else 'CPU operators'} by self time over {steps} steps "
+        f"({total / 1e3 / steps:.2f} ms per step in all); trace {trace}"
+    )
     print_table(rows)
     return rows
 
@@ -191,9 +214,15 @@ def host_waits_per_step(run, device: torch.device, steps: int = 4) -> float | No
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
-def bench_step(cfg: Config, steps: int, warmup: int, compile_modes: tuple[str, ...] = ("default",),
-               eager_grid: bool = True, profile_path: str | None = None,
-               on_row=lambda rows: None) -> list[dict]:
+def bench_step(
+    cfg: Config,
+    steps: int,
+    warmup: int,
+    compile_modes: tuple[str, ...] = ("default",),
+    eager_grid: bool = True,
+    profile_path: str | None = None,
+    on_row=lambda rows: None,
+) -> list[dict]:
     """The step grid on this device: each precision with and without channels_last through our engine,
     then, at the first precision with channels_last, a plain PyTorch loop, (on CUDA) cuDNN's
     heuristics instead of its autotuner (training autotunes), and the model compiled in each of
@@ -219,15 +248,36 @@ def bench_step(cfg: Config, steps: int, warmup: int, compile_modes: tuple[str, .
     rows = []
     for choice in grid:
         precision, channels_last, mode, loop, autotune = choice
-        rate, waits, breaks, kernels = step_rate(cfg, precision, channels_last, mode, loop, steps, warmup, autotune,
-                                                 profile_path if choice == profiled else None)
+        rate, waits, breaks, kernels = step_rate(
+            cfg,
+            precision,
+            channels_last,
+            mode,
+            loop,
+            steps,
+            warmup,
+            autotune,
+            profile_path if choice == profiled else None,
+        )
         achieved = rate * 3 * flops  # forward + backward ~ 3x the forward FLOPs
-        rows.append({"model": cfg.model.name, "batch": cfg.data.batch_size, "precision": precision,
-                     "channels_last": channels_last, "compile": mode is not None, "compile_mode": mode, "loop": loop,
-                     "cudnn_benchmark": autotune if cuda else None,
-                     "images_per_second": rate, "tflops": achieved / 1e12,
-                     "mfu": achieved / peaks[precision], "matmul_peak_tflops": peaks[precision] / 1e12,
-                     "host_waits_per_step": waits, "graph_breaks": breaks})
+        rows.append(
+            {
+                "model": cfg.model.name,
+                "batch": cfg.data.batch_size,
+                "precision": precision,
+                "channels_last": channels_last,
+                "compile": mode is not None,
+                "compile_mode": mode,
+                "loop": loop,
+                "cudnn_benchmark": autotune if cuda else None,
+                "images_per_second": rate,
+                "tflops": achieved / 1e12,
+                "mfu": achieved / peaks[precision],
+                "matmul_peak_tflops": peaks[precision] / 1e12,
+                "host_waits_per_step": waits,
+                "graph_breaks": breaks,
+            }
+        )
         if kernels is not None:
             rows[-1]["top_kernels"] = kernels
         on_row(rows)
@@ -244,8 +294,10 @@ def compile_modes(text: str | None) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(","))
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
-        raise UserError(f"compile={text}: {unknown[0]!r} is not a mode; expected true, false or a comma list of "
-                        f"{', '.join(COMPILE_MODES)}")
+        raise UserError(
+            f"compile={text}: {unknown[0]!r} is not a mode; expected true, false or a comma list of "
+            f"{', '.join(COMPILE_MODES)}"
+        )
     return modes
 
 
@@ -268,9 +320,17 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
     for pipeline in ("reference", "device"):
         trial = replace(cfg, data=replace(cfg.data, pipeline=pipeline))
         try:
-            loader = build_train_loader(images, labels, cfg.data.batch_size, trial.data, cfg.augment, seed=cfg.seed,
-                                        grad_accum=1, accelerator=accelerator)
-        except Exception as err:  # noqa: BLE001  (a path that cannot run this recipe is reported, not fatal)
+            loader = build_train_loader(
+                images,
+                labels,
+                cfg.data.batch_size,
+                trial.data,
+                cfg.augment,
+                seed=cfg.seed,
+                grad_accum=1,
+                accelerator=accelerator,
+            )
+        except Exception as err:
             rows.append({"pipeline": pipeline, "images_per_second": None, "note": str(err)})
             continue
         # From the iterator's creation: timing after the first batch would count batches the
@@ -280,8 +340,14 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
         for x, _ in itertools.islice(epoch_batches(loader, 1, 0, accelerator), batches):
             n += x.shape[0]
         _sync(accelerator.device)
-        rows.append({"pipeline": pipeline, "workers": cfg.data.workers if pipeline == "reference" else 0,
-                     "images_per_second": n / (time.perf_counter() - start), "note": ""})
+        rows.append(
+            {
+                "pipeline": pipeline,
+                "workers": cfg.data.workers if pipeline == "reference" else 0,
+                "images_per_second": n / (time.perf_counter() - start),
+                "note": "",
+            }
+        )
     return rows
 
 
@@ -307,13 +373,22 @@ def bench_checkpoint(cfg: Config, reps: int = 3) -> list[dict]:
                 if mode == "foreground":
                     save_checkpoint(folder, f"{mode}-{rep}", weights, state, {})
                 else:
-                    writer.submit(partial(save_checkpoint, folder, f"{mode}-{rep}", host_copy(weights), host_copy(state), {}))
+                    writer.submit(
+                        partial(save_checkpoint, folder, f"{mode}-{rep}", host_copy(weights), host_copy(state), {})
+                    )
                 waits.append(time.perf_counter() - start)
                 writer.wait()
                 totals.append(time.perf_counter() - start)
             size = sum(f.stat().st_size for f in (folder / f"{mode}-0").iterdir())
-            rows.append({"model": cfg.model.name, "megabytes": size / 1e6, "write": mode,
-                         "training_waits_s": statistics.median(waits), "on_disk_after_s": statistics.median(totals)})
+            rows.append(
+                {
+                    "model": cfg.model.name,
+                    "megabytes": size / 1e6,
+                    "write": mode,
+                    "training_waits_s": statistics.median(waits),
+                    "on_disk_after_s": statistics.median(totals),
+                }
+            )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return rows
@@ -322,17 +397,33 @@ def bench_checkpoint(cfg: Config, reps: int = 3) -> list[dict]:
 def project(cfg: Config, step_rows: list[dict], data_rows: list[dict], train_images: int) -> dict:
     """Epoch and whole-run time from the measured rates of this recipe's own choices."""
     want_compile = cfg.train.compile and any(r["compile"] for r in step_rows)
-    mine = [r for r in step_rows if r["loop"] == "engine" and r["channels_last"] == cfg.train.channels_last
-            and r["compile_mode"] == ("default" if want_compile else None)
-            and r["cudnn_benchmark"] is not False]  # training autotunes
+    mine = [
+        r
+        for r in step_rows
+        if r["loop"] == "engine"
+        and r["channels_last"] == cfg.train.channels_last
+        and r["compile_mode"] == ("default" if want_compile else None)
+        and r["cudnn_benchmark"] is not False
+    ]  # training autotunes
     step = max(mine, key=lambda r: r["precision"] == cfg.train.precision)["images_per_second"]
     data = next(r["images_per_second"] for r in data_rows if r["pipeline"] == cfg.data.pipeline)
     rate = min(step, data)
     epoch = train_images / rate
-    note = "train.compile=true but compile=false: projected from the eager step" if cfg.train.compile and not want_compile else ""
-    return {"recipe": cfg.recipe, "step_images_per_second": step, "data_images_per_second": data,
-            "bound_by": "data" if data < step else "model", "epoch_seconds": epoch,
-            "run_seconds": epoch * cfg.train.epochs, "epochs": cfg.train.epochs, "note": note}
+    note = (
+        "train.compile=true but compile=false: projected from the eager step"
+        if cfg.train.compile and not want_compile
+        else ""
+    )
+    return {
+        "recipe": cfg.recipe,
+        "step_images_per_second": step,
+        "data_images_per_second": data,
+        "bound_by": "data" if data < step else "model",
+        "epoch_seconds": epoch,
+        "run_seconds": epoch * cfg.train.epochs,
+        "epochs": cfg.train.epochs,
+        "note": note,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
@@ -359,18 +450,35 @@ def write_json(path: str | None, data) -> None:
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def main(action: str, cfg: Config, *, steps: int, warmup: int, batches: int, json_path: str | None,
-         compile_modes: tuple[str, ...] = ("default",), eager_grid: bool = True, profile_path: str | None = None) -> None:
+def main(
+    action: str,
+    cfg: Config,
+    *,
+    steps: int,
+    warmup: int,
+    batches: int,
+    json_path: str | None,
+    compile_modes: tuple[str, ...] = ("default",),
+    eager_grid: bool = True,
+    profile_path: str | None = None,
+) -> None:
     """Run one bench action, print its table and optionally save it as JSON (the step rows also
     after each row, marked partial, so a variant that fails or is stopped loses no earlier row)."""
-    from cifar100 import data as cifar_data
+    from cifar100.data import cifar as cifar_data
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; torch {torch.__version__}")
     result: dict = {"device": device}
     if action in ("step", "recipe"):
-        result["step"] = bench_step(cfg, steps, warmup, compile_modes, eager_grid, profile_path,
-                                    on_row=lambda rows: write_json(json_path, {**result, "step": rows, "partial": True}))
+        result["step"] = bench_step(
+            cfg,
+            steps,
+            warmup,
+            compile_modes,
+            eager_grid,
+            profile_path,
+            on_row=lambda rows: write_json(json_path, {**result, "step": rows, "partial": True}),
+        )
         print_table(result["step"])
     if action in ("data", "recipe"):
         dataset = cifar_data.load(cfg.data.root, cfg.data.download)

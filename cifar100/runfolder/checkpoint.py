@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from cifar100.errors import UserError
-from cifar100.records import meta_problem, train_state_problem
+from cifar100.runfolder.records import meta_problem, train_state_problem
 
 MARKER = "COMPLETE"
 EMA_FILE = "ema.safetensors"
@@ -84,7 +84,7 @@ class BackgroundWriter:
     def _run(self, job: Callable[[], None]) -> None:
         try:
             job()
-        except BaseException as err:  # noqa: BLE001  (handed to the caller's thread)
+        except BaseException as err:
             self._error = err
 
 
@@ -107,8 +107,14 @@ class CheckpointWriter:
     A failed write is a warning, never a stop: training goes on and the previous checkpoint stays.
     """
 
-    def __init__(self, ckpt_dir: Path, keep_last: int, last_good: Path | None = None, best_score: float = -1.0,
-                 select: str = "model"):
+    def __init__(
+        self,
+        ckpt_dir: Path,
+        keep_last: int,
+        last_good: Path | None = None,
+        best_score: float = -1.0,
+        select: str = "model",
+    ):
         self.ckpt_dir, self.keep_last, self.select = ckpt_dir, keep_last, select
         self.last_good, self.best_score = last_good, best_score
         self._thread = BackgroundWriter()
@@ -128,7 +134,9 @@ class CheckpointWriter:
         if tag == self._submitted:
             return
         best = score if score is not None and score > self.best_score else None
-        copied = Snapshot(host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta, host_copy(snapshot.ema))
+        copied = Snapshot(
+            host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta, host_copy(snapshot.ema)
+        )
         self._staged = partial(self._write, tag, copied, best)
         self._submitted = tag
 
@@ -145,13 +153,19 @@ class CheckpointWriter:
     def _write(self, tag: str, snap: Snapshot, best: float | None) -> None:
         if best is not None:
             try:
-                save_best(self.ckpt_dir, tag, snap.ema if self.select == "ema" else snap.weights,
-                          {**snap.meta, "weights": self.select})
+                save_best(
+                    self.ckpt_dir,
+                    tag,
+                    snap.ema if self.select == "ema" else snap.weights,
+                    {**snap.meta, "weights": self.select},
+                )
                 self.best_score = best
             except OSError as err:
                 held = (self.ckpt_dir / "best").resolve().name if (self.ckpt_dir / "best").exists() else "nothing yet"
-                warnings.warn(f"best weights of {tag} not saved ({err.strerror or err}); checkpoints/best still "
-                              f"holds {held}", stacklevel=1)
+                warnings.warn(
+                    f"best weights of {tag} not saved ({err.strerror or err}); checkpoints/best still holds {held}",
+                    stacklevel=1,
+                )
         # The meta says which best is really on disk, so a resumed run compares against that one.
         meta = {**snap.meta, "best_score": self.best_score}
         try:
@@ -161,13 +175,21 @@ class CheckpointWriter:
             self.last_good = self.ckpt_dir / tag
         except OSError as err:
             previous = self.last_good.name if self.last_good else "none"
-            warnings.warn(f"checkpoint {tag} not saved ({err.strerror or err}); the previous checkpoint "
-                          f"({previous}) is intact and loadable", stacklevel=1)
+            warnings.warn(
+                f"checkpoint {tag} not saved ({err.strerror or err}); the previous checkpoint "
+                f"({previous}) is intact and loadable",
+                stacklevel=1,
+            )
 
 
-def save_checkpoint(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor],
-                    train_state: dict[str, Any], meta: dict[str, Any],
-                    ema: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path,
+    tag: str,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `ckpt_dir/<tag>/` atomically, replacing an older checkpoint of the same tag.
 
     On failure (a full disk, say) the partial folder is removed and the error re-raised;
@@ -232,8 +254,9 @@ def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / "model.safetensors").is_file()
 
 
-def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any],
-                                         dict[str, torch.Tensor] | None] | None:
+def find_latest(
+    ckpt_dir: Path,
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None:
     """The newest checkpoint that loads, with its weights, train state and averaged weights (or None).
 
     A truncated, corrupt or impossible newer one is skipped with a warning naming it; None when none loads.
@@ -282,8 +305,9 @@ def load_train_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"{file}: refused, it holds objects other than tensors and plain data "
-                        f"({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"{file}: refused, it holds objects other than tensors and plain data ({str(err).splitlines()[0]})"
+        ) from None
     except (OSError, RuntimeError, EOFError) as err:
         raise UserError(f"{file}: unreadable ({str(err).splitlines()[0]})") from None
 
@@ -307,8 +331,11 @@ def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sour
     unexpected = sorted(set(weights) - set(own))
     shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
     if missing or unexpected or shapes:
-        parts = [f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)) if keys]
+        parts = [
+            f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes))
+            if keys
+        ]
         raise UserError(f"{source}: checkpoint does not fit this model ({'; '.join(parts)})")
     model.load_state_dict(weights)
 

@@ -33,12 +33,15 @@ def train_transform(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor
     normalize. A stage whose parameter is 0 (or "none") is left out. The result draws
     its randomness from torch's global CPU generator; AugmentedDataset seeds that per sample.
     """
-    crop_padding, hflip, vflip, color_jitter, autoaugment = (cfg.crop_padding, cfg.hflip, cfg.vflip,
-                                                            cfg.color_jitter, cfg.autoaugment)
+    crop_padding, hflip, vflip, color_jitter, autoaugment = (
+        cfg.crop_padding,
+        cfg.hflip,
+        cfg.vflip,
+        cfg.color_jitter,
+        cfg.autoaugment,
+    )
     if autoaugment not in AUTOAUGMENT_POLICIES:
-        raise UserError(
-            f"unknown autoaugment policy {autoaugment!r}; valid: {', '.join(AUTOAUGMENT_POLICIES)}"
-        )
+        raise UserError(f"unknown autoaugment policy {autoaugment!r}; valid: {', '.join(AUTOAUGMENT_POLICIES)}")
     if crop_padding < 0:
         raise UserError(f"crop_padding must be >= 0, got {crop_padding}")
     for name, p in (("hflip", hflip), ("vflip", vflip)):

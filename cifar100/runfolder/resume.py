@@ -14,13 +14,14 @@ reads the checkpoint and checks it; everything else waits until the checkpoint h
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifar100.checkpoint import (
+from cifar100.config import flatten, is_launch_key
+from cifar100.errors import UserError
+from cifar100.runfolder.checkpoint import (
     PREFIX,
     Snapshot,
     find_latest,
@@ -28,27 +29,11 @@ from cifar100.checkpoint import (
     read_checkpoint,
     read_meta,
 )
-from cifar100.config import flatten, is_launch_key
-from cifar100.errors import UserError
-from cifar100.rundir import lock, unique_run_dir
+from cifar100.runfolder.rundir import Located, lock, unique_run_dir
 
 # Besides the launch keys, the ways out of a diverged run that the non-finite-loss error suggests;
 # changing them on a resume is allowed, with a warning that the run is no longer one experiment.
 RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
-
-
-@dataclass(frozen=True)
-class Located:
-    """Where a run continues: its folder (None for a fork, made once the checkpoint has loaded), the
-    checkpoint (or None) with its weights, train state and averaged weights when finding it meant
-    reading them (so they are not read twice), the owner's checkpoints newer than it, and for a fork
-    the run it forks."""
-
-    run_dir: Path | None
-    checkpoint: Path | None = None
-    read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None
-    newer: tuple[Path, ...] = ()
-    fork_of: Path | None = None
 
 
 def locate(resume: str, log_dir: str, name: str) -> Located:
@@ -63,8 +48,10 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
     path = Path(resume)
     is_run = (path / "checkpoints").is_dir()
     if not is_run and not is_complete(path):
-        raise UserError(f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
-                        "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>")
+        raise UserError(
+            f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
+            "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>"
+        )
     owner = path.resolve() if is_run else path.resolve().parent.parent
     mine = (Path(log_dir) / name).resolve() == owner
     if mine:
@@ -77,8 +64,10 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
     else:
         checkpoint = path.resolve()
         if not checkpoint.name.startswith(PREFIX):
-            raise UserError(f"resume={resume}: {checkpoint.name} holds weights only (the best epoch's, for eval); "
-                            f"resume from a {PREFIX}… checkpoint, or use resume=auto")
+            raise UserError(
+                f"resume={resume}: {checkpoint.name} holds weights only (the best epoch's, for eval); "
+                f"resume from a {PREFIX}… checkpoint, or use resume=auto"
+            )
         read = read_checkpoint(checkpoint)
     if not mine:
         return Located(None, checkpoint, read, fork_of=owner)
@@ -86,8 +75,11 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
     return Located(owner, checkpoint, read, newer)
 
 
-def load(path: Path, config: dict[str, Any],
-         read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None) -> Snapshot:
+def load(
+    path: Path,
+    config: dict[str, Any],
+    read: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None = None,
+) -> Snapshot:
     """Load a step checkpoint (or take its already `read` weights, train state and averaged weights)
     and check that it belongs to this config."""
     meta = read_meta(path)
@@ -95,12 +87,17 @@ def load(path: Path, config: dict[str, Any],
     recovery = [m for m in mismatched if m.split(":")[0] in RECOVERY_KEYS]
     mismatched = [m for m in mismatched if m not in recovery]
     if recovery:
-        warnings.warn(f"resuming with {'; '.join(recovery)}: the run continues, but is no longer the "
-                      "uninterrupted run of one config", stacklevel=2)
+        warnings.warn(
+            f"resuming with {'; '.join(recovery)}: the run continues, but is no longer the "
+            "uninterrupted run of one config",
+            stacklevel=2,
+        )
     if mismatched:
         shown = "; ".join(mismatched[:6]) + (" …" if len(mismatched) > 6 else "")
-        raise UserError(f"{path}: checkpoint was made with another config ({shown}); "
-                        "resume with the same recipe and overrides, or start a new run")
+        raise UserError(
+            f"{path}: checkpoint was made with another config ({shown}); "
+            "resume with the same recipe and overrides, or start a new run"
+        )
     weights, state, ema = read or read_checkpoint(path)
     return Snapshot(weights, state, meta, ema)
 

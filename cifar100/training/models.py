@@ -8,9 +8,9 @@ The `cifarnet_*` family is registered in timm's registry so recipes name it like
 
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn.functional as F
-import timm
 from timm.layers import get_act_layer
 from timm.models import register_model
 from torch import nn
@@ -21,8 +21,20 @@ from cifar100.errors import UserError
 
 # Module types treated as "an activation" by the override.
 ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.Softplus,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanh,
+    nn.Softplus,
 )
 
 
@@ -54,7 +66,9 @@ def whiten_stem(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> No
     conv = model.stem[0]
     dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     if conv.out_channels != 2 * dim:
-        raise UserError(f"model.whiten: the stem has {conv.out_channels} filters; whitening {dim}-value patches needs {2 * dim}")
+        raise UserError(
+            f"model.whiten: the stem has {conv.out_channels} filters; whitening {dim}-value patches needs {2 * dim}"
+        )
     moments = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
     for chunk in images.split(256):
@@ -90,7 +104,10 @@ def _cifar_stem(model: nn.Module, name: str) -> None:
     first = model.pretrained_cfg.get("first_conv", "")
     conv = model.get_submodule(first) if first else None
     if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
-        raise UserError(f"model.cifar_stem is supported for ResNet-style timm models; {name} has another stem: set model.cifar_stem=false")
+        raise UserError(
+            f"model.cifar_stem is supported for ResNet-style timm models; {name} has another stem: "
+            "set model.cifar_stem=false"
+        )
     stem = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
     parent_name, _, attr = first.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, stem)
@@ -135,8 +152,15 @@ class _ConvBlock(nn.Module):
 class CifarNet(nn.Module):
     """A small fast CIFAR network: 2x2 patch stem, three conv blocks that halve the size, max-pool head."""
 
-    def __init__(self, widths: tuple[int, int, int], num_classes: int = 100, in_chans: int = 3,
-                 stem_width: int = 24, act_layer: str | type[nn.Module] = "gelu", drop_rate: float = 0.0):
+    def __init__(
+        self,
+        widths: tuple[int, int, int],
+        num_classes: int = 100,
+        in_chans: int = 3,
+        stem_width: int = 24,
+        act_layer: str | type[nn.Module] = "gelu",
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         act = get_act_layer(act_layer)
         self.num_classes = num_classes
