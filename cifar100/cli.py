@@ -29,6 +29,12 @@ commands:
   eval      eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] [key=value ...]: per-class
             and per-superclass accuracy, confused pairs, confusion matrix; writes eval-<checkpoint>.json/.md;
             weights=ema scores a checkpoint's averaged weights (train.ema)
+  predict   predict run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [eval.tta=flip] [topk=5]
+            [out=FILE.csv|FILE.json] IMAGE_OR_FOLDER ...: top-k classes and the superclass of image
+            files (PNG, JPEG, WebP, BMP, GIF); model=FILE.onnx|FILE.pt2 instead of run= takes an export
+  export    export run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [format=onnx|pt2|all] [out=DIR]:
+            an ONNX file and a torch.export program (.pt2), each checked against PyTorch on test images,
+            and a JSON of the normalisation and class names (default out: <run>/export)
   bench     bench step|data|recipe|checkpoint [recipe=NAME] [steps=N] [compile=MODE,...] [json=PATH]:
             measured images/s of the training step (precision, channels_last, compile modes; MFU,
             graph breaks; profile=PATH for its top kernels), the input pipelines, a projection, and
@@ -47,6 +53,7 @@ examples:
   accelerate launch train.py recipe=best
   python train.py recipe=smoke seeds=[0,1] && cifar100 report runs/smoke-s*
   cifar100 eval run=runs/smoke-s0 checkpoint=last eval.tta=flip
+  cifar100 export run=runs/cpu && cifar100 predict model=runs/cpu/export/cpu-best.onnx photos/
 """
 
 
@@ -137,6 +144,45 @@ def cmd_eval(args: list[str]) -> None:
             "usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] [key=value ...]"
         )
     run_eval(run, checkpoint or "best", overrides, which or "model")
+
+
+def cmd_predict(args: list[str]) -> None:
+    from cifar100.commands.predict import run_predict  # heavy imports only when predicting
+
+    # An argument is an image or folder when it has no `=`, or when it names one that exists.
+    inputs = [a for a in args if "=" not in a or os.path.exists(a)]
+    rest = [a for a in args if a not in inputs]
+    named = {}
+    for key in ("run", "model", "checkpoint", "weights", "topk", "out"):
+        named[key], rest = take(rest, key)
+    recipe, overrides = split_args(rest)
+    if recipe is not None:
+        raise UserError("predict takes the config the checkpoint was trained with: drop recipe=")
+    if not inputs:
+        raise UserError(
+            "usage: cifar100 predict run=FOLDER|model=FILE.onnx|FILE.pt2 [checkpoint=best|last|PATH] [weights=ema] "
+            "[eval.tta=flip] [topk=5] [out=FILE.csv|FILE.json] IMAGE_OR_FOLDER ..."
+        )
+    run_predict(overrides=overrides, inputs=inputs, which=named.pop("weights"), topk_text=named.pop("topk"), **named)
+
+
+def cmd_export(args: list[str]) -> None:
+    from cifar100.commands.export import run_export  # heavy imports only when exporting
+
+    run, args = take(args, "run")
+    checkpoint, args = take(args, "checkpoint")
+    which, args = take(args, "weights")
+    fmt, args = take(args, "format")
+    out, args = take(args, "out")
+    recipe, overrides = split_args(args)
+    if recipe is not None:
+        raise UserError("export takes the config the checkpoint was trained with: drop recipe=")
+    if run is None and checkpoint is None:
+        raise UserError(
+            "usage: cifar100 export run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [format=onnx|pt2|all] "
+            "[out=DIR]"
+        )
+    run_export(run, checkpoint or "best", which or "model", fmt or "all", out, overrides)
 
 
 def cmd_report(args: list[str]) -> None:
@@ -282,6 +328,8 @@ COMMANDS = {
     "recipes": cmd_recipes,
     "data": cmd_data,
     "eval": cmd_eval,
+    "predict": cmd_predict,
+    "export": cmd_export,
     "report": cmd_report,
     "bench": cmd_bench,
     "sweep": cmd_sweep,

@@ -109,6 +109,24 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one can write into: a read-only tmpfs when running as root (root ignores modes)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
 def fill(mount: Path) -> Path:
     """Take every free byte of `mount` with one file; returns it (delete it to free the space)."""
     filler = mount / "filler"
@@ -123,3 +141,43 @@ def fill(mount: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def _train_and_export(folder: Path) -> None:
+    """A 1-epoch smoke run (channels_last, so that the export must undo it) and its exported best checkpoint."""
+    train = run_cmd(
+        [
+            sys.executable,
+            "train.py",
+            "recipe=smoke",
+            "name=tiny",
+            "train.epochs=1",
+            "train.channels_last=true",
+            f"data.root={REAL_DATA}",
+            f"log.dir={folder}",
+        ]
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    export = run_cmd([sys.executable, "-m", "cifar100", "export", f"run={folder / 'tiny'}"])
+    assert export.returncode == 0, export.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory, real_data) -> Path:
+    """A tiny trained run with `export/tiny-best.{onnx,pt2,json}`, made once per session (read it, or copy it)."""
+    return shared_folder(tmp_path_factory, "exported_run", _train_and_export) / "tiny"
+
+
+def _write_test_pngs(folder: Path) -> None:
+    from PIL import Image
+
+    from cifar100.data.cifar import load
+
+    for i, image in enumerate(load(REAL_DATA).test.images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(folder / f"{i:05d}.png", compress_level=1)
+
+
+@pytest.fixture(scope="session")
+def test_pngs(tmp_path_factory, real_data) -> Path:
+    """The 10,000 real test images as PNG files, `<index in the test split>.png`, made once per session."""
+    return shared_folder(tmp_path_factory, "test_pngs", _write_test_pngs)

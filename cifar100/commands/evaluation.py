@@ -19,51 +19,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from cifar100.config import apply_overrides
+from cifar100.commands.trained import load_trained
 from cifar100.data import cifar as cifar_data
-from cifar100.errors import UserError
-from cifar100.runfolder.checkpoint import EMA_FILE, apply_weights, load_ema, load_weights, read_meta
 from cifar100.runfolder.tracking import write_json_atomic
 from cifar100.training.engine import EvalSettings, evaluate
-from cifar100.training.models import build_model
 from cifar100.training.runtime import device_type, resolve_precision
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 
-WEIGHTS_CHOICES = ("model", "ema")
 TOP_PAIRS = 10
-
-
-def locate(run: str | None, checkpoint: str) -> tuple[Path, Path, str]:
-    """(checkpoint folder, output folder, tag) for `run=` and `checkpoint=best|last|<path>`.
-
-    The tag names the outputs (`eval-<tag>.json`): best, last, or the given folder's name.
-    """
-    if checkpoint in ("best", "last"):
-        if run is None:
-            raise UserError(
-                f"checkpoint={checkpoint} needs run=<run folder>, or give checkpoint=<path to a checkpoint folder>"
-            )
-        run_dir = Path(run)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"run={run}: not a run folder (no config.yaml)")
-        return run_dir / "checkpoints" / checkpoint, run_dir, checkpoint
-    ckpt = Path(checkpoint)
-    if not ckpt.is_dir():
-        raise UserError(f"checkpoint={checkpoint}: expected best, last or a checkpoint folder")
-    if run is not None:
-        return ckpt, Path(run), ckpt.name
-    beside = ckpt.parent.parent  # <run>/checkpoints/<tag>: write into that run folder
-    return ckpt, beside if (beside / "config.yaml").is_file() else ckpt, ckpt.name
-
-
-def fine_to_coarse(dataset: cifar_data.Cifar100) -> np.ndarray:
-    """Superclass of each of the 100 classes, read off the labelled images."""
-    mapping = np.full(len(dataset.classes), -1, dtype=np.int64)
-    for split in (dataset.train, dataset.test):
-        mapping[split.labels.numpy()] = split.coarse.numpy()
-    return mapping
 
 
 def split_metrics(
@@ -216,39 +181,19 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
     """Evaluate one checkpoint's weights (`which`: the model's, or the averaged ones of `train.ema`)
     with the test-time augmentation of its config's `eval.tta` (an override may change it);
     returns the eval JSON's path (None on processes other than the main one)."""
-    if which not in WEIGHTS_CHOICES:
-        raise UserError(f"weights={which!r}: expected one of {', '.join(WEIGHTS_CHOICES)}")
-    ckpt, out_dir, tag = locate(run, checkpoint)
-    weights = load_weights(ckpt)  # checks COMPLETE first: a half-written checkpoint is refused
-    meta = read_meta(ckpt)
-    if which == "ema":
-        weights = load_ema(ckpt)
-        if weights is None:
-            held = "the averaged weights already, as model.safetensors" if meta.get("weights") == "ema" else "none"
-            raise UserError(
-                f"{ckpt}: no {EMA_FILE} (this checkpoint holds {held}); weights=ema needs a step "
-                "checkpoint (checkpoint=last) of a run with train.ema.enabled=true"
-            )
-        tag += "-ema"
-    if "config" not in meta:
-        raise UserError(f"{ckpt / 'meta.json'}: no config recorded, cannot rebuild the model")
-    cfg = apply_overrides(meta["config"], overrides)
+    trained = load_trained(run, checkpoint, overrides, which)
+    ckpt, out_dir, cfg, meta = trained.checkpoint, trained.out_dir, trained.cfg, trained.meta
     tta = cfg.eval.tta
-    if tta == "flip":
-        tag += "-flip"
+    tag = trained.tag + ("-flip" if tta == "flip" else "")
 
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision, device_type()))
     with accelerator.main_process_first():
         dataset = cifar_data.load(cfg.data.root, cfg.data.download)
     splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
-    model = build_model(cfg.model, cifar_data.NUM_CLASSES)
-    apply_weights(model, weights, ckpt)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(accelerator.device)
+    model = trained.placed(accelerator.device)
 
     settings = EvalSettings.from_config(cfg)
-    coarse_of = fine_to_coarse(dataset)
+    coarse_of = cifar_data.fine_to_coarse(dataset)
     chosen = {"val": (dataset.train, splits.val), "test": (dataset.test, splits.test)}
     arrays: dict[str, np.ndarray] = {
         "classes": np.array(dataset.classes),

@@ -265,6 +265,14 @@ def select_splits(dataset: Cifar100, cfg: DataConfig, seed: int) -> Splits:
     return Splits(train_idx, val_idx, test_idx)
 
 
+def fine_to_coarse(dataset: Cifar100) -> np.ndarray:
+    """Superclass of each of the 100 classes, read off the labelled images."""
+    mapping = np.full(len(dataset.classes), -1, dtype=np.int64)
+    for split in (dataset.train, dataset.test):
+        mapping[split.labels.numpy()] = split.coarse.numpy()
+    return mapping
+
+
 def per_process_batch(global_batch: int, world: int, accum: int) -> int:
     """`data.batch_size` is the global batch per optimizer step; this is one process's micro-batch."""
     if global_batch % (world * accum):

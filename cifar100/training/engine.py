@@ -338,6 +338,29 @@ class EvalSettings:
 
 
 @torch.no_grad()
+def score_batch(
+    model: nn.Module, images: torch.Tensor, settings: EvalSettings, accelerator: Accelerator, pad: bool
+) -> torch.Tensor:
+    """float32 logits of one uint8 (B, 3, H, W) batch on the model's device, as every evaluation
+    computes them: normalised, in the settings' memory format, under the accelerator's autocast,
+    averaged with the mirror images' when `tta_flip`. `pad`: fill a batch shorter than
+    `settings.batch_size` up to it with zeros (and drop their logits)."""
+    x = normalize_batch(images, settings.mean, settings.std)
+    n = x.shape[0]
+    if pad and n < settings.batch_size:
+        # A short last batch padded to the others' shape: a compiled model (and a CUDA graph)
+        # then sees one shape only. In eval mode no image's result depends on another's.
+        x = torch.cat([x, x.new_zeros((settings.batch_size - n, *x.shape[1:]))])
+    if settings.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with accelerator.autocast():
+        logits = model(x).float()[:n]
+        if settings.tta_flip:
+            logits = (logits + model(x.flip(3)).float()[:n]) / 2
+    return logits
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -357,19 +380,10 @@ def evaluate(
     kept = []
     batch_size = settings.batch_size
     for chunk in shard.split(batch_size):
-        x = normalize_batch(images[chunk].to(device, non_blocking=True), settings.mean, settings.std)
         y = labels[chunk].to(device, non_blocking=True)
-        n = y.shape[0]
-        if n < batch_size < shard.numel():
-            # A short last batch padded to the others' shape: a compiled model (and a CUDA graph)
-            # then sees one shape only. In eval mode no image's result depends on another's.
-            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-        if settings.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(x).float()[:n]
-            if settings.tta_flip:
-                logits = (logits + model(x.flip(3)).float()[:n]) / 2
+        logits = score_batch(
+            model, images[chunk].to(device, non_blocking=True), settings, accelerator, shard.numel() > batch_size
+        )
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits[0] += (top5[:, 0] == y).sum()

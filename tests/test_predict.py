@@ -1,0 +1,190 @@
+"""`cifar100 predict` on image files: the written-out test set gets eval's answers, every kind of
+picture is read, and every bad input is one line with nothing written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cmd
+from PIL import Image
+
+from cifar100.cli import main
+from cifar100.commands.images import read_image
+from cifar100.data.cifar import load
+
+
+@pytest.mark.slow
+def test_the_written_out_test_set_gets_evals_top1_image_by_image(exported_run, test_pngs, real_data, tmp_path):
+    run = tmp_path / "tiny"
+    shutil.copytree(exported_run, run, symlinks=True)  # eval writes into the run folder
+    out = run_cmd([sys.executable, "-m", "cifar100", "eval", f"run={run}", "data.test_limit=0"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((run / "eval-best.json").read_text())
+    with np.load(run / result["predictions"]) as npz:
+        eval_top1 = npz["test_logits"].argmax(1)
+        assert (npz["test_index"] == np.arange(10_000)).all()
+    began = time.perf_counter()
+    out = run_cmd(
+        [sys.executable, "-m", "cifar100", "predict", f"run={run}", str(test_pngs), f"out={tmp_path / 'p.csv'}"]
+    )
+    seconds = time.perf_counter() - began
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    test = load(real_data)
+    assert [Path(r["file"]).name for r in rows] == [f"{i:05d}.png" for i in range(10_000)]
+    predicted = np.array([test.classes.index(r["class_1"]) for r in rows])
+    assert (predicted == eval_top1).all()  # every image's answer, not only the count
+    labels = test.test.labels.numpy()
+    assert float((predicted == labels).mean()) == result["splits"]["test"]["top1"]
+    print(f"predict: 10,000 PNG files in {seconds:.1f} s (process start included)")
+
+
+def _png_16bit_rgb(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG, written by hand: PIL reads such files but cannot write them."""
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def test_every_kind_of_picture_becomes_32x32_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    base = Image.fromarray(photo)
+    base.save(tmp_path / "rgb.jpg", quality=95)
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    base.convert("L").save(tmp_path / "grey.png")
+    base.convert("P").save(tmp_path / "palette.gif")
+    base.convert("RGBA").save(tmp_path / "rgba.webp", lossless=True)
+    base.save(tmp_path / "rgb.bmp")
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    frames[0].save(tmp_path / "animated.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)).save(tmp_path / "grey16.png")
+    _png_16bit_rgb(tmp_path / "rgb16.png", photo.astype(np.uint16) * 257)
+    for path in sorted(tmp_path.iterdir()):
+        image = read_image(path)
+        assert image.shape == (3, 32, 32) and image.dtype == np.uint8, path
+    # 16-bit values are scaled, not clipped at 255 (PIL's own conversion would make it white).
+    grey16 = read_image(tmp_path / "grey16.png")
+    assert 80 < grey16.mean() < 180 and (grey16[0] == grey16[1]).all()
+    assert np.abs(read_image(tmp_path / "rgb16.png").astype(int) - read_image(tmp_path / "rgb.bmp")).max() <= 1
+    # A transparent picture lies over white; an animation gives its first frame.
+    Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert (read_image(tmp_path / "clear.png") == 255).all()
+    assert (read_image(tmp_path / "animated.gif")[:, 0, 0] == (250, 0, 0)).all()
+    # 32 x 32 pictures are used as they are; others lose the long side's ends, evenly.
+    Image.fromarray(photo[:32, :32]).save(tmp_path / "exact.png")
+    assert (read_image(tmp_path / "exact.png") == photo[:32, :32].transpose(2, 0, 1)).all()
+    wide = np.zeros((32, 96, 3), dtype=np.uint8)
+    wide[:, 32:64] = 200  # only the middle third survives the crop
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert (read_image(tmp_path / "wide.png") == 200).all()
+
+
+def test_predict_answers_in_a_table_csv_and_json_from_the_run_and_its_exports(exported_run, tmp_path, capsys):
+    for i, colour in enumerate(((200, 30, 30), (30, 200, 30), (250, 250, 250))):
+        Image.new("RGB", (64 + 16 * i, 48), colour).save(tmp_path / f"{i}.jpg")
+    answers = {}
+    for source in (f"run={exported_run}", f"model={exported_run / 'export' / 'tiny-best.onnx'}"):
+        assert main(["predict", source, "topk=3", str(tmp_path), f"out={tmp_path / 'p.json'}"]) == 0
+        result = json.loads((tmp_path / "p.json").read_text())
+        answers[source.partition("=")[0]] = result
+        assert result["images"] == 3 and [len(p["top"]) for p in result["predictions"]] == [3, 3, 3]
+        for p in result["predictions"]:
+            probabilities = [t["probability"] for t in p["top"]]
+            assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-9
+            assert p["superclass"]["probability"] >= probabilities[0]
+    capsys.readouterr()
+    run_answer, file_answer = answers["run"]["predictions"], answers["model"]["predictions"]
+    assert [[t["class"] for t in p["top"]] for p in run_answer] == [[t["class"] for t in p["top"]] for p in file_answer]
+    for a, b in zip(run_answer, file_answer):
+        assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-4)
+    assert main(["predict", f"model={exported_run / 'export' / 'tiny-best.pt2'}", str(tmp_path / "1.jpg")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["file", "superclass", "top-1", "top-2", "top-3", "top-4", "top-5"]
+    assert table[1].startswith(str(tmp_path / "1.jpg")) and run_answer[1]["top"][0]["class"] in table[1]
+    assert main(["predict", f"run={exported_run}", str(tmp_path), f"out={tmp_path / 'p.csv'}", "eval.tta=flip"]) == 0
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == [str(tmp_path / f"{i}.jpg") for i in range(3)]
+    assert list(rows[0])[:5] == ["file", "superclass", "superclass_probability", "class_1", "probability_1"]
+
+
+def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = bad / "good.png"
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(good)
+    (bad / "notes.png").write_text("a shopping list, not a picture\n")
+    whole = bad / "whole.jpg"
+    Image.effect_noise((200, 200), 60).convert("RGB").save(whole)
+    (bad / "truncated.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    (bad / "empty.png").write_bytes(b"")
+    Image.new("1", (10_000, 10_000)).save(bad / "bomb.png")  # 100 M pixels in 12 kB, over PIL's limit
+    Image.new("1", (14_000, 14_000)).save(bad / "bigger-bomb.png")  # more than twice the limit
+    (mixed := tmp_path / "mixed").mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(good, mixed / name)
+    shutil.copy(bad / "notes.png", mixed / "c.png")
+    (empty := tmp_path / "no-images").mkdir()
+    (empty / "readme.txt").write_text("no pictures here")
+    (unfinished := tmp_path / "unfinished").mkdir()
+    shutil.copy(exported_run / "config.yaml", unfinished)
+    other = tmp_path / "other"
+    shutil.copytree(exported_run, other, symlinks=True)
+    (fake := tmp_path / "fake.onnx").write_bytes(b"\x08\x07 not a protobuf of a model")
+    shutil.copy(exported_run / "export" / "tiny-best.json", tmp_path / "fake.json")
+    (lonely := tmp_path / "lonely.onnx").write_bytes((exported_run / "export" / "tiny-best.onnx").read_bytes())
+    (fake_program := tmp_path / "program.pt2").write_bytes(b"PK\x03\x04 not a zip")
+    shutil.copy(exported_run / "export" / "tiny-best.json", tmp_path / "program.json")
+    out = tmp_path / "results"
+    out.mkdir()
+    run = f"run={exported_run}"
+    cases = {
+        (run, str(bad / "notes.png")): "not an image PIL can read",
+        (run, str(bad / "truncated.jpg")): "image file is truncated",
+        (run, str(bad / "empty.png")): "an empty file",
+        (run, str(bad / "bomb.png")): "decompression bomb",
+        (run, str(bad / "bigger-bomb.png")): "decompression bomb",
+        (run, str(good), str(mixed)): "c.png: not an image PIL can read",  # one bad file after good ones
+        (run, str(empty)): "no image files in this folder",
+        (run, str(tmp_path / "missing.png")): "no such file or folder",
+        (f"run={unfinished}", str(good)): "no checkpoints/best",
+        (run, f"checkpoint={other / 'checkpoints' / 'best'}", str(good)): "belongs to run",
+        (run, "weights=ema", str(good)): "weights=ema needs",
+        (run, f"out={read_only_dir / 'p.csv'}", str(good)): "cannot write there",
+        (run, f"out={good / 'p.csv'}", str(good)): "cannot write there",
+        (run, f"out={out / 'p.txt'}", str(good)): "expected a .csv or .json file",
+        (run, "topk=0", str(good)): "topk=0",
+        (f"model={fake}", str(good)): "not an ONNX model",
+        (f"model={lonely}", str(good)): "no lonely.json beside it",
+        (f"model={fake_program}", str(good)): "not a torch.export program",
+        (f"model={fake}", "optim.lr=1", str(good)): "model= takes no training config",
+        (f"model={fake}", run, str(good)): "give it alone",
+        (run, "recipe=smoke", str(good)): "drop recipe=",
+    }
+    for args, message in cases.items():
+        if not any(a.startswith("out=") for a in args):
+            args = (*args, f"out={out / 'p.json'}")
+        assert main(["predict", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
+        assert not list(out.iterdir()) and not list(read_only_dir.iterdir()), args
+    assert main(["predict", run, str(good), f"out={out / 'p.json'}"]) == 0  # and the good file alone is fine
+    assert [p.name for p in out.iterdir()] == ["p.json"]
