@@ -82,8 +82,8 @@ def test_the_json_beside_says_what_a_caller_needs_and_the_onnx_file_is_whole(exp
     data = load(real_data)
     assert info["input_size"] == [3, 32, 32] and info["channel_order"] == "RGB" and info["dtype"] == "float32"
     assert (info["mean"], info["std"]) == (
-        list(load_config("smoke").augment.mean),
-        list(load_config("smoke").augment.std),
+        list(load_config("smoke", []).augment.mean),
+        list(load_config("smoke", []).augment.std),
     )
     assert info["classes"] == list(data.classes) and info["superclasses"] == list(data.superclasses)
     assert info["checkpoint"] == str((exported_run / "checkpoints" / "best").resolve())
@@ -108,7 +108,7 @@ class ExportsOtherwise(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = build_model(load_config("smoke").model, 100)
+        self.net = build_model(load_config("smoke", []).model, 100)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) + (0.0 if torch.compiler.is_exporting() else 1.0)
@@ -116,7 +116,7 @@ class ExportsOtherwise(nn.Module):
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_an_export_that_fails_its_check_says_by_how_much_and_leaves_nothing(fmt, real_data, tmp_path):
-    batches = export.check_batches(load(real_data), load_config("smoke").augment)
+    batches = export.check_batches(load(real_data), load_config("smoke", []).augment)
     with pytest.raises(UserError, match=rf"^{fmt} export failed its check .* differ by up to 1 \(tolerance"):
         export.export_model(ExportsOtherwise().eval(), (fmt,), tmp_path / "out", "broken", batches, {})
     assert list((tmp_path / "out").iterdir()) == []
@@ -133,8 +133,8 @@ MODELS = {
 @pytest.mark.slow
 def test_every_model_the_recipes_train_exports_and_passes_its_check(real_data, tmp_path):
     data = load(real_data)
-    mean, std = load_config("best").augment.mean, load_config("best").augment.std
-    batches = export.check_batches(data, load_config("best").augment)
+    mean, std = load_config("best", []).augment.mean, load_config("best", []).augment.std
+    batches = export.check_batches(data, load_config("best", []).augment)
     torch.manual_seed(0)
     seconds = {}
     for name, overrides in MODELS.items():
