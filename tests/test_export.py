@@ -160,7 +160,7 @@ def test_every_model_the_recipes_train_exports_and_passes_its_check(real_data, t
         graph = onnx.load(str(tmp_path / f"{stem}.onnx")).graph
         assert {t.data_type for t in graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT}, name
         program = torch.export.load(str(tmp_path / f"{stem}.pt2"))
-        assert {p.dtype for p in program.state_dict.values()} == {torch.float32}, name
+        assert {p.dtype for p in program.state_dict.values() if p.is_floating_point()} == {torch.float32}, name
         for fmt in ("onnx", "pt2"):
             (tmp_path / f"{stem}.{fmt}").unlink()  # ~100 MB each for the ResNets
     print("export seconds (onnx + pt2, with checks):", {k: round(v, 1) for k, v in seconds.items()})

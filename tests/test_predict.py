@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import run_cmd
 from PIL import Image
@@ -153,6 +154,14 @@ def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_
     (lonely := tmp_path / "lonely.onnx").write_bytes((exported_run / "export" / "tiny-best.onnx").read_bytes())
     (fake_program := tmp_path / "program.pt2").write_bytes(b"PK\x03\x04 not a zip")
     shutil.copy(exported_run / "export" / "tiny-best.json", tmp_path / "program.json")
+    for name, shape in (("vector", ["N", 10]), ("identity", ["N", 3, 32, 32])):  # real models, not classifiers
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], name, [x], [y])
+        onnx.save(
+            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), tmp_path / f"{name}.onnx"
+        )
+        shutil.copy(exported_run / "export" / "tiny-best.json", tmp_path / f"{name}.json")
     out = tmp_path / "results"
     out.mkdir()
     run = f"run={exported_run}"
@@ -175,6 +184,8 @@ def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_
         (f"model={fake}", str(good)): "not an ONNX model",
         (f"model={lonely}", str(good)): "no lonely.json beside it",
         (f"model={fake_program}", str(good)): "not a torch.export program",
+        (f"model={tmp_path / 'vector.onnx'}", str(good)): "takes input ['N', 10], not a batch of [3, 32, 32] images",
+        (f"model={tmp_path / 'identity.onnx'}", str(good)): "gave outputs of shape (1, 3, 32, 32), not 1 x 100 logits",
         (f"model={fake}", "optim.lr=1", str(good)): "model= takes no training config",
         (f"model={fake}", run, str(good)): "give it alone",
         (run, "recipe=smoke", str(good)): "drop recipe=",

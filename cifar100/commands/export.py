@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.export.passes import move_to_device_pass
 
 from cifar100.commands import images
 from cifar100.commands.trained import load_trained
@@ -242,15 +243,19 @@ def onnx_session(path: Path, providers: list[str] | None = None) -> Any:
         raise UserError(f"{path}: not an ONNX model onnxruntime can load ({first.strip()[:200]})") from None
 
 
-def load_program(path: Path) -> nn.Module:
-    """The module of a saved `torch.export` program, or a one-line refusal."""
+def load_program(path: Path, device: torch.device | None = None) -> nn.Module:
+    """The module of a saved `torch.export` program (moved to `device` by torch's own pass), or a
+    one-line refusal."""
     logger = logging.getLogger("torch.export")  # it logs a traceback before it raises
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.load(str(path)).module()
+            program = torch.export.load(str(path))
+            if device is not None and device.type != "cpu":
+                program = move_to_device_pass(program, device)
+            return program.module()
     except Exception as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserError(f"{path}: not a torch.export program ({type(err).__name__}: {first.strip()[:200]})") from None

@@ -106,13 +106,17 @@ def file_predictor(model_file: str, overrides: list[str]) -> Predictor:
         wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else []
         providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
         session = export.onnx_session(path, providers)
-        name = session.get_inputs()[0].name
+        inputs = session.get_inputs()
+        if len(inputs) != 1 or list(inputs[0].shape[1:]) != info["input_size"]:
+            shapes = ", ".join(str(i.shape) for i in inputs)
+            raise UserError(f"{path}: takes input {shapes}, not a batch of {info['input_size']} images")
+        name = inputs[0].name
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
 
     else:
-        module = export.load_program(path).to(device)
+        module = export.load_program(path, device)
 
         def run(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -120,10 +124,19 @@ def file_predictor(model_file: str, overrides: list[str]) -> Predictor:
 
     mean, std = info["mean"], info["std"]
 
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        try:
+            scores = run(x)
+        except Exception as err:  # a file that loads but is not a CIFAR-100 classifier
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise UserError(f"{path}: failed on a batch of {len(x)} images ({first.strip()[:200]})") from None
+        if tuple(scores.shape) != (len(x), len(info["classes"])):
+            raise UserError(f"{path}: gave outputs of shape {tuple(scores.shape)}, not {len(x)} x 100 logits")
+        return scores
+
     def logits(batch: torch.Tensor, pad: bool) -> torch.Tensor:
         x = normalize_batch(batch, mean, std)
-        scores = run(x)
-        return (scores + run(x.flip(3))) / 2 if tta == "flip" else scores
+        return (checked(x) + checked(x.flip(3))) / 2 if tta == "flip" else checked(x)
 
     describe = {"model": str(path.resolve()), "checkpoint": info.get("checkpoint"), "tta": tta}
     return Predictor(
