@@ -4,10 +4,12 @@ bar and the epoch lines show, and the one warning a run far too long for its har
 from __future__ import annotations
 
 import time
+from collections import deque
 
 # Optimizer steps timed before an estimate is shown; the first step of each epoch is never timed
 # (it pays the loader's start, and the first one compilation and autotuning).
 TIMED_STEPS = 3
+RECENT_STEPS = 50  # the steps whose mean is the current rate (a budget run's projection)
 # ...or fewer, once they add up to this long: on a machine that takes a minute a step, the user
 # hears what the run will cost after two steps, not four.
 ENOUGH_SECONDS = 30.0
@@ -33,6 +35,7 @@ class RunClock:
         self.total_steps, self.epochs = total_steps, epochs
         self.done_steps, self.done_epochs = done_steps, done_epochs
         self.timed_steps, self.timed_seconds, self.eval_seconds = 0, 0.0, 0.0
+        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self._last: float | None = None
 
     def start_epoch(self) -> None:
@@ -45,6 +48,7 @@ class RunClock:
         if self._last is not None:
             self.timed_steps += 1
             self.timed_seconds += now - self._last
+            self.recent.append(now - self._last)
         self._last, self.done_steps = now, global_step
 
     def evaluated(self, seconds: float) -> None:
@@ -57,6 +61,11 @@ class RunClock:
         """Seconds per optimizer step, once enough steps were timed (None before)."""
         ready = self.timed_steps >= TIMED_STEPS or (self.timed_steps and self.timed_seconds >= ENOUGH_SECONDS)
         return self.timed_seconds / self.timed_steps if ready else None
+
+    @property
+    def recent_step_seconds(self) -> float | None:
+        """Seconds per optimizer step over the last RECENT_STEPS timed (None before TIMED_STEPS)."""
+        return sum(self.recent) / len(self.recent) if len(self.recent) >= TIMED_STEPS else None
 
     def seconds_left(self) -> float | None:
         """The forecast of the rest of the run: its steps, and its evaluations at the last one's cost."""
