@@ -9,7 +9,7 @@ from collections import deque
 # Optimizer steps timed before an estimate is shown; the first step of each epoch is never timed
 # (it pays the loader's start, and the first one compilation and autotuning).
 TIMED_STEPS = 3
-RECENT_STEPS = 50  # the steps whose mean is the current rate (a budget run's projection)
+RECENT_STEPS = 20  # the steps whose mean is the current rate (a budget run's projection)
 # ...or fewer, once they add up to this long: on a machine that takes a minute a step, the user
 # hears what the run will cost after two steps, not four.
 ENOUGH_SECONDS = 30.0
@@ -88,12 +88,14 @@ def too_long(clock: RunClock, elapsed: float, limit_hours: float, device: str) -
     if left is None or elapsed + left <= limit_hours * 3600:
         return None
     instead = (
-        "recipe=cpu, made for a CPU, trains 11 epochs of a 0.31 M-parameter model (64.4 % top-1 on 2 cores)"
+        "recipe=cpu, made for a CPU, fits a 0.31 M-parameter model's run in 10 minutes (64.4 % top-1 on 2 cores)"
         if device == "cpu"
         else "more GPUs (accelerate launch --num_processes N) or a smaller model would shorten it"
     )
     return (
         f"this run is projected to take {duration_text(elapsed + left)} on {device} ({clock.step_seconds:.3g} s "
         f"per step measured, {clock.total_steps - clock.done_steps} steps and {clock.epochs - clock.done_epochs} "
-        f"evaluations left), beyond log.warn_hours={limit_hours:g}: {instead}; or lower train.epochs"
+        f"evaluations left), beyond log.warn_hours={limit_hours:g}: {instead}; or lower train.epochs, "
+        "or give the run a time to fit in, "
+        "e.g. train.budget=2h"
     )

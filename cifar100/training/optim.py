@@ -156,8 +156,10 @@ class Schedule:
     def position(self, step: int) -> float:
         """Where optimizer step `step` falls in the shape (itself, until a bend)."""
         for at, start, total in reversed(self.bends):
+            if step >= total - 1:
+                return self.shape_steps - 1  # exactly the shape's last step: its final rate, not one rounded near it
             if step >= at:
-                return start + (step - at) * (self.shape_steps - 1 - start) / max(1, total - 1 - at)
+                return start + (step - at) * (self.shape_steps - 1 - start) / (total - 1 - at)
         return step
 
     def lr_at(self, step: int) -> float:

@@ -554,6 +554,17 @@ class Trainer:
             self.stop.signal,
         )
 
+    def _plan_summary(self) -> dict:
+        """The plan as summary.json records it: what it was made from, its re-plans, the rate of its
+        last step and when the run ended (seconds since the process started, earlier starts included)."""
+        assert self.plan is not None
+        schedule = self.state.schedule
+        return {
+            **self.plan.to_dict(),
+            "last_step_lr": schedule.lr_at(schedule.step_count - 1),
+            "ended_seconds": round(self._since_start(), 2),
+        }
+
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""
         totals, acc = self.state.totals, self.accelerator
@@ -572,7 +583,7 @@ class Trainer:
             parameters=self.parameters,
             flops_per_image=self.flops,
             best_weights=self.cfg.train.ema.select,
-            **({"plan": {**self.plan.to_dict(), "ended_seconds": round(self._since_start(), 1)}} if self.plan else {}),
+            **({"plan": self._plan_summary()} if self.plan else {}),
         )
         if acc.is_main_process:
             write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
