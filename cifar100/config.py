@@ -367,7 +367,8 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
         key = prefix + f.name
         keys.append(key)
         hint = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        # A hint is a class, never an instance: isinstance narrows is_dataclass's answer to a type.
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             keys.extend(all_keys(hint, key + "."))
     return keys
 
@@ -515,7 +516,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             continue
         key = prefix + f.name
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a class, as in all_keys
             default = getattr(cls(), f.name)
             merged = _deep_merge(to_dict(default), raw[f.name]) if isinstance(raw[f.name], dict) else raw[f.name]
             values[f.name] = _build(hint, merged, key + ".")

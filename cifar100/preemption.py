@@ -18,6 +18,9 @@ import os
 import signal
 import stat
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a job stopped by SIGTERM
 INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
@@ -26,11 +29,14 @@ HANGUP_EXIT = 129  # 128 + SIGHUP: what a shell reports for a job whose terminal
 # delivers two copies within milliseconds: only a signal after this many seconds means "now".
 REPEAT_AFTER_S = 0.5
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+# What signal.signal takes and returns: a function, SIG_DFL / SIG_IGN, or None (set outside Python).
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 def exit_status(signum: int | None) -> int:
     """The status a run stopped by `signum` exits with: 130 for SIGINT, 129 for SIGHUP, else 143."""
-    return {signal.SIGINT: INTERRUPTED_EXIT, signal.SIGHUP: HANGUP_EXIT}.get(signum, PREEMPTED_EXIT)
+    statuses: dict[int | None, int] = {signal.SIGINT: INTERRUPTED_EXIT, signal.SIGHUP: HANGUP_EXIT}
+    return statuses.get(signum, PREEMPTED_EXIT)
 
 
 class Preempted(Exception):
@@ -57,7 +63,7 @@ class StopFlag:
         self.signal: int | None = None
         self._first_at = 0.0
         self._pid = os.getpid()
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
     def install(self) -> None:
         """Take over the stop signals (call from the main thread)."""

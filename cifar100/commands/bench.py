@@ -23,6 +23,7 @@ import warnings
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,12 +81,14 @@ def _step_runner(
     device = accelerator.device
     model = build_model(cfg.model, NUM_CLASSES)
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory)
+    # Module.to takes a device and a memory format at once; torch's stubs have them in separate overloads.
+    model = model.to(device, memory_format=memory)  # type: ignore[call-overload]
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     prepared = model
     if compile_mode:
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        # torch's stubs say compile returns a Callable; given a Module it returns one (an OptimizedModule).
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)  # type: ignore[assignment]
     mixer = BatchMixer.from_config(cfg.augment, NUM_CLASSES)
     images, labels = _synthetic(cfg.data.batch_size, device)
     images = images.contiguous(memory_format=memory)
@@ -234,7 +237,8 @@ def bench_step(
     device = torch.device("cuda" if cuda else "cpu")
     precisions = ["bf16", "no"] if cuda else ["no"]
     first = precisions[0]
-    grid = [(first, True, None, "engine", True)]
+    # (precision, channels_last, compile mode, loop, autotune)
+    grid: list[tuple[str, bool, str | None, str, bool]] = [(first, True, None, "engine", True)]
     if eager_grid:
         grid = [(p, cl, None, "engine", True) for p in precisions for cl in (True, False)]
         grid += [(first, True, None, "plain", True)] + [(first, True, None, "engine", False)] * cuda
@@ -304,7 +308,7 @@ def compile_modes(text: str | None) -> tuple[str, ...]:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
-def _own_choice(cfg: Config, cuda: bool, compile_modes: tuple[str, ...]) -> tuple:
+def _own_choice(cfg: Config, cuda: bool, compile_modes: tuple[str, ...]) -> tuple[str, bool, str | None, str, bool]:
     """The grid entry of what training with this recipe runs (fp32 off CUDA, as training falls back;
     compiled in the default mode as training compiles, unless compiling was switched off here)."""
     compiled = "default" if cfg.train.compile and compile_modes else None
@@ -316,7 +320,7 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     images, labels = dataset.train.images, dataset.train.labels
-    rows = []
+    rows: list[dict[str, Any]] = []
     for pipeline in ("reference", "device"):
         trial = replace(cfg, data=replace(cfg.data, pipeline=pipeline))
         try:

@@ -11,7 +11,7 @@ which every number in the JSON can be recomputed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 import numpy as np
@@ -222,13 +222,14 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
     weights = load_weights(ckpt)  # checks COMPLETE first: a half-written checkpoint is refused
     meta = read_meta(ckpt)
     if which == "ema":
-        weights = load_ema(ckpt)
-        if weights is None:
+        ema = load_ema(ckpt)
+        if ema is None:
             held = "the averaged weights already, as model.safetensors" if meta.get("weights") == "ema" else "none"
             raise UserError(
                 f"{ckpt}: no {EMA_FILE} (this checkpoint holds {held}); weights=ema needs a step "
                 "checkpoint (checkpoint=last) of a run with train.ema.enabled=true"
             )
+        weights = ema
         tag += "-ema"
     if "config" not in meta:
         raise UserError(f"{ckpt / 'meta.json'}: no config recorded, cannot rebuild the model")
@@ -263,7 +264,7 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
         labels = split.labels[index].numpy()
         arrays.update(
             {
-                f"{name}_logits": scored.logits.numpy().astype(np.float32),
+                f"{name}_logits": cast(torch.Tensor, scored.logits).numpy().astype(np.float32),  # keep_logits=True
                 f"{name}_labels": labels,
                 f"{name}_coarse": split.coarse[index].numpy(),
                 f"{name}_index": index.numpy(),
@@ -276,7 +277,8 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
         return None
 
     files = {"predictions": f"eval-{tag}-predictions.npz", "confusion_matrix": f"eval-{tag}-confusion.png"}
-    np.savez(out_dir / files["predictions"], **arrays)
+    # mypy matches **arrays against savez's allow_pickle: bool too; no array here has that name.
+    np.savez(out_dir / files["predictions"], **arrays)  # type: ignore[arg-type]
     plot_confusion(
         arrays["test_logits"],
         arrays["test_labels"],

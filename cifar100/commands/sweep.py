@@ -85,12 +85,13 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
         for k in dict.fromkeys([*(k for s in sets for k in s), *grid])
         if len({_text(c[k]) if k in c else None for c in combos}) > 1
     ]
-    clash = [k for k in varying if k in extra_keys]
-    if clash:
-        raise UserError(f"{clash[0]}=... given on the command line, but the sweep {path} varies it")
+    overridden = [k for k in varying if k in extra_keys]
+    if overridden:
+        raise UserError(f"{overridden[0]}=... given on the command line, but the sweep {path} varies it")
     default_recipe = spec.get("recipe")
-    runs, names = [], {}
-    for index, ((number, combo), seed) in enumerate(itertools.product(enumerate(combos), seeds or [None])):
+    runs: list[SweepRun] = []
+    names: dict[str, int] = {}
+    for index, ((number, combo), seed) in enumerate(itertools.product(enumerate(combos), seeds or (None,))):
         own = tuple(f"{k}={_text(combo[k])}" for k in varying if k in combo)
         run_name = _run_name(name, own, seed, number, bool(varying))
         if run_name in names:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cifar100.commands.report import TITLE, Column
+
+if TYPE_CHECKING:
+    from wandb_workspaces.reports.v2.interface import PanelTypes
 
 
 def wandb_dirs(run_dir: Path) -> list[Path]:
@@ -50,8 +54,9 @@ def build_report(columns: list[Column], table_markdown: str, entity: str):
         for project, ids in by_project.items()
         if ids
     ]
-    band = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev", "title_x": "epoch"}  # W&B's step is the epoch
-    panels = [
+    # W&B's step is the epoch
+    band: dict[str, Any] = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev", "title_x": "epoch"}
+    panels: list[PanelTypes] = [
         wr.LinePlot(title="top-1 accuracy per epoch (test, train)", y=["test_top1", "train_top1"], **band),
         wr.LinePlot(title="loss per epoch (test, train)", y=["test_loss", "train_loss"], log_y=True, **band),
         wr.BarPlot(
@@ -90,6 +95,8 @@ def publish(columns: list[Column], table_markdown: str, rerun: str) -> str:
         return _later(f"{len(pending)} run(s) exist only offline", pending, rerun, login=False)
     try:
         entity = columns[0].runs[0].config.log.wandb.entity or api.default_entity
+        if entity is None:  # an account W&B names no default entity for
+            return _later("W&B names no default entity for this login; set log.wandb.entity", [], rerun, login=False)
         report = build_report(columns, table_markdown, entity)
         report.save()
         return f"W&B report: {report.url}"

@@ -19,6 +19,7 @@ import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torchvision
@@ -165,7 +166,7 @@ def checked_tables(reference: v2.AutoAugment) -> tuple[list, dict]:
             "data.pipeline=device reads (tested with torchvision 0.19 to 0.29); use "
             "data.pipeline=reference"
         )
-    return policies, space
+    return cast(list, policies), cast(dict, space)  # `ok` checked that they are a list and a dict
 
 
 _GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")

@@ -24,7 +24,7 @@ from cifar100.errors import UserError
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:  # numpy 1.x, still allowed by pyproject
-    from numpy.core.multiarray import _reconstruct
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]  # the same function, 1.x path
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 OFFICIAL_MD5 = {

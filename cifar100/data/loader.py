@@ -67,7 +67,7 @@ def epoch_batches(loader: DataLoader | DeviceLoader, epoch: int, skip: int, acce
     # The sampler's shuffle and the dataset's per-sample draws both follow the epoch; Accelerate's
     # loader forwards set_epoch to the dataset only in some layouts, so tell both.
     for part in (loader, getattr(loader, "dataset", None)):
-        if hasattr(part, "set_epoch"):
+        if part is not None and hasattr(part, "set_epoch"):
             part.set_epoch(epoch)
     if not skip:
         return loader

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -71,7 +71,7 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], object]) -> None:
         """Start `job` once the previous one is done."""
         self.wait()
         self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer")
@@ -86,7 +86,7 @@ class BackgroundWriter:
         if error is not None:
             raise error
 
-    def _run(self, job: Callable[[], None]) -> None:
+    def _run(self, job: Callable[[], object]) -> None:
         try:
             job()
         except BaseException as err:
@@ -158,7 +158,8 @@ class CheckpointWriter:
                 save_best(
                     self.ckpt_dir,
                     tag,
-                    snap.ema if self.select == "ema" else snap.weights,
+                    # select="ema" only with EMA on (the trainer checks), whose snapshots carry its weights
+                    cast(dict[str, torch.Tensor], snap.ema) if self.select == "ema" else snap.weights,
                     {**snap.meta, "weights": self.select},
                 )
                 self.best_score = best

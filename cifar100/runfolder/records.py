@@ -8,7 +8,7 @@ checkpoint is then skipped like a truncated one, a report leaves the run out wit
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -32,7 +32,7 @@ SUMMARY_TEXTS = ("precision", "device")
 SUMMARY_VAL_NUMBERS = ("best_val_top1", "best_val_epoch", "test_top1_at_best_val")
 
 
-def is_count(value: Any) -> bool:
+def is_count(value: Any) -> TypeGuard[int]:
     """A whole number >= 0 (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

@@ -16,7 +16,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -99,13 +99,13 @@ def adopt(located: Located, log_dir: str, name: str, epochs_done: int) -> Adopte
     """
     if located.fork_of is not None:
         run_dir = lock(unique_run_dir(log_dir, name))
-        _copy_history(located.fork_of, located.checkpoint, run_dir)
+        _copy_history(located.fork_of, cast(Path, located.checkpoint), run_dir)  # a fork is of a checkpoint
         source = located.fork_of / "metrics.jsonl"
     else:
-        run_dir = located.run_dir
+        run_dir = cast(Path, located.run_dir)  # None only for a fork
         source = run_dir / "metrics.jsonl"
         if located.newer:
-            _set_aside(located.checkpoint, located.newer)
+            _set_aside(cast(Path, located.checkpoint), located.newer)  # newer than the checkpoint found
     rows = [r for r in read_metrics(source) if r["epoch"] <= epochs_done]
     target = run_dir / "metrics.jsonl"
     text = "".join(json.dumps(row) + "\n" for row in rows)

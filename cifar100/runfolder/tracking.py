@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: unreadable ({err})") from None
     rows: list[dict[str, Any]] = []
+    problem: str | None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -242,7 +244,7 @@ def _has_login() -> bool:
         return True
 
 
-def log_wandb(accelerator: Accelerator, row: dict[str, Any], images: list[Path] = ()) -> None:
+def log_wandb(accelerator: Accelerator, row: dict[str, Any], images: Sequence[Path] = ()) -> None:
     """Log one epoch's metrics (and plot images) to W&B when a run is open."""
     if not accelerator.trackers:
         return

@@ -45,7 +45,8 @@ class WeightAverage:
             return
         decay = self.decay_at(global_step // self.every)
         # Passed as a tensor, so timm's lerp weight (1 - decay) is 0 where the step was skipped: no host wait.
-        self.average.apply_update_(self.model, decay=torch.where(skipped, 1.0, decay).float())
+        # timm annotates decay as a float; it only computes lerp's weight 1 - decay, which a tensor can be.
+        self.average.apply_update_(self.model, decay=torch.where(skipped, 1.0, decay).float())  # type: ignore[arg-type]
 
     def sync(self, accelerator: Accelerator) -> None:
         """Give every rank rank 0's averaged buffers (norm statistics); the parameters agree already."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ class EpochProgress:
 
     def state_dict(self) -> dict:
         """Plain data for a checkpoint."""
-        return {"step": self.step, "sums": self.sums.cpu(), "seconds": self.seconds}
+        # Saved only mid-epoch (step > 0), so after train_epoch has made the sums.
+        return {"step": self.step, "sums": cast(torch.Tensor, self.sums).cpu(), "seconds": self.seconds}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
@@ -109,6 +111,14 @@ class StepRules:
         return cls(cfg.seed, cfg.train.clip_grad, cfg.train.channels_last, cfg.train.max_bad_steps, cfg.log.progress)
 
 
+class _Batches(Protocol):
+    """What an epoch steps through: batches with a known count (a loader, or a list in tests)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
 @dataclass(frozen=True)
 class Engine:
     """What trains an epoch: the run's parts, built once by the trainer, and its step rules."""
@@ -124,7 +134,7 @@ class Engine:
     def train_epoch(
         self,
         epoch: int,
-        batches: Iterable,
+        batches: _Batches,
         state: EpochProgress,
         *,
         stop_requested: Callable[[], bool] = lambda: False,
@@ -214,7 +224,7 @@ class _Stepper:
         self.off_on = torch.tensor([0.0, 1.0], device=device, dtype=torch.float64)  # indexed by the stop flag: no copy
         self.bad_since_step = torch.zeros((), device=device, dtype=torch.float64)
         self.step_sums = torch.zeros(3, device=device, dtype=torch.float64)  # this optimizer step's micro-batches
-        self.bad_steps = int(state.sums[3].item())
+        self.bad_steps = int(cast(torch.Tensor, state.sums)[3].item())  # train_epoch made the sums
         self.pending: _StepFlags | None = None
         self.began, self.images_seen = time.perf_counter(), 0
         self.last_loss = torch.zeros((), device=device)
@@ -242,21 +252,23 @@ class _Stepper:
         )
         self.bad_since_step.zero_()
         skip = flags[0] > 0
+        # found_inf: the private input of torch's fused steps, which Optimizer's stubs do not declare.
         if self.skips_on_device:
-            self.base.found_inf = skip.float()
+            self.base.found_inf = skip.float()  # type: ignore[union-attr]  # undeclared, see above
         if self.skips_on_device or not skip.item():  # .item(): this optimizer cannot skip on the device
             if self.clip_grad:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad)
             self.optimizer.step()
         if self.skips_on_device:
-            del self.base.found_inf
+            del self.base.found_inf  # type: ignore[union-attr]  # undeclared found_inf, as above
         if self.ema is not None:
             self.ema.after_step(self.schedule.step_count + 1, skip)
         # The wrapped optimizer's zero_grad waits for a sync step; this is one, so clear directly.
         self.base.zero_grad(set_to_none=True)
         # A step skipped anywhere counts nowhere, so every rank's image count stays the same.
-        self.state.sums[:3] += torch.where(skip, 0.0, self.step_sums)
-        self.state.sums[3] += skip.double()
+        sums = cast(torch.Tensor, self.state.sums)  # made by train_epoch before its first step
+        sums[:3] += torch.where(skip, 0.0, self.step_sums)
+        sums[3] += skip.double()
         self.step_sums.zero_()
         now = _StepFlags.send(step, self.schedule.lr, torch.cat([flags, self.last_loss.double()[None]]))
         self.schedule.step()
@@ -302,13 +314,10 @@ def reset_broken_norm_statistics(model: nn.Module) -> None:
     """A skipped step's forward pass still updated the running statistics of the norm layers; where
     that made them NaN or infinite (which no later update can undo), start them afresh."""
     for module in model.modules():
+        reset = getattr(module, "reset_running_stats", None)
         stats = [getattr(module, name, None) for name in ("running_mean", "running_var")]
-        if (
-            hasattr(module, "reset_running_stats")
-            and None not in stats
-            and not all(torch.isfinite(s).all() for s in stats)
-        ):
-            module.reset_running_stats()
+        if reset is not None and None not in stats and not all(torch.isfinite(s).all() for s in stats if s is not None):
+            reset()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ The `cifarnet_*` family is registered in timm's registry so recipes name it like
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,7 @@ def whiten_stem(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> No
     outputs then start uncorrelated with unit variance, and a short schedule need not learn that.
     The filters stay fixed; the bias trains.
     """
-    conv = model.stem[0]
+    conv = cast(nn.Conv2d, model.get_submodule("stem.0"))  # a cifarnet's patch conv (its first_conv)
     dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     if conv.out_channels != 2 * dim:
         raise UserError(
@@ -101,7 +103,7 @@ def replace_activations(model: nn.Module, act: str) -> int:
 
 def _cifar_stem(model: nn.Module, name: str) -> None:
     """3x3 stride-1 first conv, no max-pool: the usual ResNet adaptation to 32x32 images."""
-    first = model.pretrained_cfg.get("first_conv", "")
+    first = cast(dict[str, Any], model.pretrained_cfg).get("first_conv", "")  # timm sets it on its models
     conv = model.get_submodule(first) if first else None
     if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise UserError(
@@ -151,6 +153,8 @@ class _ConvBlock(nn.Module):
 
 class CifarNet(nn.Module):
     """A small fast CIFAR network: 2x2 patch stem, three conv blocks that halve the size, max-pool head."""
+
+    pretrained_cfg: dict[str, Any]  # set by _cifarnet, as timm sets it on the models it creates
 
     def __init__(
         self,

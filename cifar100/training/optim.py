@@ -14,6 +14,11 @@ from cifar100.config import OptimConfig, SchedConfig
 from cifar100.errors import UserError
 
 
+def _betas(cfg: OptimConfig) -> tuple[float, float]:
+    beta1, beta2 = cfg.betas  # the config holds exactly two (its setting's length=2)
+    return beta1, beta2
+
+
 def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
     if cfg.momentum:
@@ -28,7 +33,7 @@ def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
 def _nadam(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     # torch has no fused NAdam; foreach is its fast path on CUDA.
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.NAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=on_cuda or None)
+    return torch.optim.NAdam(groups, lr=cfg.lr, betas=_betas(cfg), foreach=on_cuda or None)
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,9 @@ class OptimizerKind:
 # optimizer is one entry here (and its test).
 OPTIMIZERS: dict[str, OptimizerKind] = {
     "sgd": OptimizerKind("SGD", _sgd, momentum=True),
-    "adam": OptimizerKind("Adam", lambda g, c: torch.optim.Adam(g, lr=c.lr, betas=tuple(c.betas), fused=True)),
+    "adam": OptimizerKind("Adam", lambda g, c: torch.optim.Adam(g, lr=c.lr, betas=_betas(c), fused=True)),
     "nadam": OptimizerKind("NAdam", _nadam),
-    "adamw": OptimizerKind("AdamW", lambda g, c: torch.optim.AdamW(g, lr=c.lr, betas=tuple(c.betas), fused=True)),
+    "adamw": OptimizerKind("AdamW", lambda g, c: torch.optim.AdamW(g, lr=c.lr, betas=_betas(c), fused=True)),
 }
 
 
@@ -56,7 +61,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     Fused kernels (SGD, Adam, AdamW, on CUDA and CPU) take one launch per step and can skip a
     step on the device (see engine); NAdam has none in torch and runs foreach on CUDA.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             # Norm scales and biases are 1-D; decaying them only fights the normalisation.
@@ -120,13 +126,13 @@ class Schedule:
         steps: int = 0,
     ):
         self.optimizer = optimizer
-        self.peak = optim.lr
-        self.cfg = sched
+        self.peak: float = optim.lr
+        self.cfg: SchedConfig = sched
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         if sched.warmup_epochs > epochs:
             raise UserError(f"sched.warmup_epochs={sched.warmup_epochs} is longer than train.epochs={epochs}")
         self.step_count = 0
-        self.plateau_scale = 1.0
+        self.plateau_scale: float = 1.0
         self.best_loss = math.inf
         self.bad_epochs = 0
         self.lay_over(steps or steps_per_epoch * epochs, planned=bool(steps))

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any, NoReturn
 
 import psutil
 import torch
@@ -160,7 +161,8 @@ class Trainer:
         else:
             model, optimizer, self.loader = acc.prepare(model, optimizer, self.loader)
         # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
-        self.model = torch.compile(model) if cfg.train.compile else model
+        # torch's stubs say compile returns a Callable; given a Module it returns one (an OptimizedModule).
+        self.model: torch.nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
         schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, cfg.train.steps)
         self.mixer = mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
@@ -180,20 +182,20 @@ class Trainer:
         if cfg.train.budget != "none" and self._starts_afresh():
             self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.locate(cfg.resume, cfg.log.dir, cfg.name) if main else None
-        located = [found.checkpoint and str(found.checkpoint)] if main else [None]
+        located = [found.checkpoint and str(found.checkpoint)] if found else [None]  # found (and adopted): on main
         broadcast_object_list(located)
-        ckpt_path = located[0] and Path(located[0])
+        ckpt_path = Path(located[0]) if located[0] else None
         self.config_dict = to_dict(cfg)
         best_score = -1.0
         if ckpt_path:
-            snap = resuming.load(ckpt_path, self.config_dict, found.read if main else None)
+            snap = resuming.load(ckpt_path, self.config_dict, found.read if found else None)
             self.state.load_state_dict(snap, ckpt_path)
             best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
             self.plan = Plan.from_dict(snap.meta["plan"]) if snap.meta.get("plan") else None  # replayed, not re-made
         elif cfg.train.budget != "none" and self.plan is None:
             self._plan_budget()  # resume=auto found no checkpoint that loads
-        adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if main else None
-        shared = [str(adopted.run_dir), adopted.rows] if main else [None, None]
+        adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
+        shared: list[Any] = [str(adopted.run_dir), adopted.rows] if adopted else [None, None]
         broadcast_object_list(shared)
         self.run_dir, self.rows = Path(shared[0]), shared[1]
         ckpt_dir = self.run_dir / "checkpoints"
@@ -213,7 +215,7 @@ class Trainer:
         self.epoch_end_seconds: float | None = None  # measured at each epoch's end, for the budget's projection
         # The projection warning: once, by the main process; a budget run's length is its budget.
         self.warned = not acc.is_main_process or self.plan is not None
-        if main:
+        if found and adopted:  # on the main process
             if adopted.forked:
                 self.state.totals.wandb_id = None  # a fork is a W&B run of its own
             if not (self.run_dir / "config.yaml").is_file() or (self.run_dir / "config.yaml").read_text() != to_yaml(
@@ -277,9 +279,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.wall_before = 0.0
         if cfg.train.budget == "auto":
-            left = [budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]) if acc.is_main_process else None]
+            left = [budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]) if acc.is_main_process else 0.0]
             broadcast_object_list(left)
-            seconds = self._since_start() + float(left[0]) - budget.SLURM_MARGIN_SECONDS
+            seconds = self._since_start() + left[0] - budget.SLURM_MARGIN_SECONDS
         else:
             seconds = parse_duration("train.budget", cfg.train.budget)
         costs = self._measure(seconds)
@@ -546,7 +548,7 @@ class Trainer:
         self.writer.wait()
         self.accelerator.wait_for_everyone()
 
-    def _halt(self, where: str) -> None:
+    def _halt(self, where: str) -> NoReturn:
         self.flush()
         raise Preempted(
             f"stopped by {self.stop.name or 'a signal on another rank'} {where}; "
