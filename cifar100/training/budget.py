@@ -26,7 +26,7 @@ SAFETY = 0.01  # the plan aims 1 % before the budget's end: the measured rates a
 # second or two here, reserved with room to spare.
 FINISH_SECONDS = 4.0
 LATE = 0.995  # re-plan shorter once the projected end passes 99.5 % of the budget (the plan aimed at 99 %)
-EARLY = 0.92  # ...or longer, once, while the run would use less than 92 % of it
+EARLY = 0.9  # ...or longer, once, while the run would use less than 90 % of it
 # train.budget=auto plans to end this long before the Slurm job's end. launch/slurm/job.sh holds the
 # job's warning back until its last AUTO_STOP_SECONDS (20), a late run's time to checkpoint, exit and
 # requeue; the other 25 s let a run end that much later than planned (a loaded machine, the one

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -56,7 +57,7 @@ from cifar100.training.engine import (
     StepRules,
     evaluate,
 )
-from cifar100.training.eta import RunClock, too_long
+from cifar100.training.eta import RECENT_STEPS, RunClock, too_long
 from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.training.optim import Schedule, build_optimizer
 from cifar100.training.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
@@ -213,6 +214,8 @@ class Trainer:
             self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
         self.epoch_end_seconds: float | None = None  # measured at each epoch's end, for the budget's projection
+        # Drift control; a requeued Slurm job (auto) replays its plan in a fresh job window as it is.
+        self.replans = self.plan is not None and cfg.train.replan and not (ckpt_path and cfg.train.budget == "auto")
         # The projection warning: once, by the main process; a budget run's length is its budget.
         self.warned = not acc.is_main_process or self.plan is not None
         if found and adopted:  # on the main process
@@ -300,17 +303,15 @@ class Trainer:
 
     def _measure(self, seconds: float) -> Costs:
         """Time this run's own parts on its real model and data, then put every part back as it was:
-        a checkpoint's copy and write, optimizer steps after WARM_STEPS, one evaluation. Every process
-        takes part; the main process's figures are the plan's."""
+        a checkpoint's copy and write, optimizer steps after WARM_STEPS, one evaluation and the plots of
+        its row. Every process takes part; the main process's figures are the plan's."""
         acc, cfg = self.accelerator, self.cfg
+        scratch = Path(tempfile.mkdtemp(prefix="cifar100-budget-"))  # never the run folder: none exists yet
         began = time.perf_counter()
         start = on_host(self.state.state_dict())  # what training holds still for at each checkpoint
         copied = time.perf_counter()
         if acc.is_main_process:
-            with tempfile.TemporaryDirectory() as scratch:
-                save_checkpoint(
-                    Path(scratch), "probe", start.weights, start.state, {**start.meta, "config": {}}, ema=start.ema
-                )
+            save_checkpoint(scratch, "probe", start.weights, start.state, {**start.meta, "config": {}}, ema=start.ema)
         written = time.perf_counter()
         stamps: list[float] = []
         most = max(WARM_STEPS + PROBE_STEPS, 1)
@@ -339,8 +340,13 @@ class Trainer:
         )
         getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
         scored = time.perf_counter()
-        self._score({})
+        row: dict = {"epoch": 1, "lr": probe.lr}
+        self._score(row)
+        if acc.is_main_process:  # an epoch's plots, of two rows shaped as training's (test figures as train's)
+            rows = [{**row, "epoch": e, "train_loss": row["test_loss"], "train_top1": row["test_top1"]} for e in (1, 2)]
+            plot_run(rows, scratch, "budget")
         done = time.perf_counter()
+        shutil.rmtree(scratch, ignore_errors=True)
         self.state.load_state_dict(start, Path("the run's start"))
         acc.step = 0  # Accelerate's count of micro-steps towards the next gradient sync
         warm = min(WARM_STEPS, len(stamps) - 1)
@@ -387,7 +393,7 @@ class Trainer:
         def after_step(progress) -> None:
             self.clock.step(state.schedule.step_count)
             self._warn_if_too_long()
-            if self.plan is not None and cfg.train.replan and state.schedule.step_count % self.check_every == 0:
+            if self.replans and state.schedule.step_count % self.check_every == 0:
                 self._keep_to_budget()
             if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
                 self.checkpoint()
@@ -420,7 +426,9 @@ class Trainer:
         assert self.plan is not None
         schedule, acc = self.state.schedule, self.accelerator
         timed = self.clock.recent_step_seconds
-        if timed is None:
+        # Not on the first steps' noise: a full window of timed steps, and a measured epoch's end once one
+        # has come (the plan's own figure before).
+        if timed is None or len(self.clock.recent) < RECENT_STEPS:
             return
         cap = self.cfg.train.steps or self.steps_per_epoch * self.cfg.train.epochs
         decision: list = [None]
