@@ -7,6 +7,8 @@
 #             (GPU_BENCH_WORKERS workers) and then data.pipeline=device: every epoch's training
 #             images/s, evaluation and checkpoint seconds (metrics.jsonl), test top-1;
 #   step-autotune  the step compiled in GPU_BENCH_MODES, each against an eager row of its own process;
+#   best-budget  train.py recipe=GPU_BENCH_RECIPE train.budget=GPU_BENCH_BUDGET (8m) on the device
+#             pipeline: the recipe's whole schedule fitted to the budget, its test top-1 at the end;
 # then one table and a JSON (bench/gpu_report.py). A section that fails or runs out of its time
 # share is a row saying so; the others keep their results. Sections run in this order so that the
 # costly autotuning compiles get only the time left.
@@ -17,7 +19,9 @@
 # Sizes, by environment variable (the defaults are the GPU run; tests/test_gpu_sh.py runs it on a CPU
 # with a tiny recipe): GPU_BENCH_RECIPE=best GPU_BENCH_EPOCHS=8 GPU_BENCH_STEPS=30 GPU_BENCH_WARMUP=8
 # GPU_BENCH_WORKERS=15 GPU_BENCH_MODES=max-autotune-no-cudagraphs,max-autotune (empty: no such
-# section) GPU_BENCH_SECONDS=500 (the budget the sections share).
+# section) GPU_BENCH_SECONDS=500 (the budget the sections share) GPU_BENCH_BUDGET=8m
+# GPU_BENCH_SECTIONS=step,e2e,step-autotune (which sections run; best-budget takes a call of its own:
+# bench/README.md).
 # The end-to-end runs are eager: compiling would add a minute or more per run to an 8-epoch run,
 # and their speed is compared with the eager step of the same choices (ratio end to end / step).
 set -uo pipefail
@@ -30,6 +34,8 @@ warmup=${GPU_BENCH_WARMUP:-8}
 workers=${GPU_BENCH_WORKERS:-15}
 modes=${GPU_BENCH_MODES-max-autotune-no-cudagraphs,max-autotune}
 budget=${GPU_BENCH_SECONDS:-500}
+train_budget=${GPU_BENCH_BUDGET:-8m}
+sections=${GPU_BENCH_SECTIONS:-step,e2e,step-autotune}
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
 exec > >(tee -a "$out/gpu.log") 2>&1
@@ -53,18 +59,28 @@ section() {
     echo $? >"$work/$name.rc"
 }
 
+wants() { [[ ",$sections," == *",$1,"* ]]; }
+
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__)"
-echo "recipe=$recipe epochs=$epochs steps=$steps warmup=$warmup workers=$workers modes=$modes data=$data work=$work"
+echo "recipe=$recipe epochs=$epochs steps=$steps warmup=$warmup workers=$workers modes=$modes sections=$sections" \
+    "train_budget=$train_budget data=$data work=$work"
 
-section step 200 python -m cifar100 bench step "recipe=$recipe" "steps=$steps" "warmup=$warmup" \
+if wants best-budget; then
+    # The budget is the run's own limit; the section's cap only catches a run that overshoots it badly.
+    seconds=$(python -c "from cifar100.config import parse_duration; print(round(parse_duration('b', '$train_budget')))")
+    section best-budget $((seconds + 60)) python train.py "recipe=$recipe" "data.root=$data" data.download=false \
+        "log.dir=$work/runs" name=best-budget data.pipeline=device "train.budget=$train_budget" \
+        log.wandb.mode=disabled log.progress=false
+fi
+wants step && section step 200 python -m cifar100 bench step "recipe=$recipe" "steps=$steps" "warmup=$warmup" \
     compile=default eager=false "profile=$work/trace.json.gz" "json=$work/step.json"
 for pipeline in reference device; do
-    section "e2e-$pipeline" 150 python train.py "recipe=$recipe" "data.root=$data" data.download=false \
+    wants e2e && section "e2e-$pipeline" 150 python train.py "recipe=$recipe" "data.root=$data" data.download=false \
         "log.dir=$work/runs" "name=e2e-$pipeline" "data.pipeline=$pipeline" "data.workers=$workers" \
         "train.epochs=$epochs" log.wandb.mode=disabled log.progress=false
 done
-if [ -n "$modes" ]; then
+if [ -n "$modes" ] && wants step-autotune; then
     section step-autotune "$budget" python -m cifar100 bench step "recipe=$recipe" "steps=$steps" "warmup=$warmup" \
         "compile=$modes" eager=false "json=$work/step-autotune.json"
 fi

@@ -110,6 +110,7 @@ def e2e_rows(run: Path, step_rate: float | None) -> tuple[list[dict], dict]:
         )
     steady = metrics[1:] or metrics
     totals = {"epochs": len(metrics), "step_images_per_second": step_rate, "wall_seconds": summary.get("wall_seconds")}
+    plan = summary.get("plan")
     if steady:
         seconds = sum(m["total_seconds"] for m in steady)
         rate = sum(m["images"] for m in steady) / seconds
@@ -130,7 +131,12 @@ def e2e_rows(run: Path, step_rate: float | None) -> tuple[list[dict], dict]:
                 "eval_s": sum(m.get("eval_seconds", 0.0) for m in steady) / len(steady),
                 "checkpoint_s": sum(m.get("checkpoint_seconds", 0.0) for m in steady) / len(steady),
                 "test_top1": metrics[-1]["test_top1"],
-                "note": f"{RUN_EPOCHS} epochs at this rate: {totals['projected_run_seconds'] / 60:.1f} min",
+                "note": (
+                    f"budget {plan['budget_seconds']:.0f} s: {plan['steps']} steps planned, ended at "
+                    f"{plan['ended_seconds']:.0f} s, {len(plan['replans'])} re-plan(s)"
+                    if plan
+                    else f"{RUN_EPOCHS} epochs at this rate: {totals['projected_run_seconds'] / 60:.1f} min"
+                ),
             }
         )
     return table, {"metrics": metrics, "summary": summary, "totals": totals}
@@ -166,7 +172,7 @@ def card_name(device: str) -> str:
 def main(work: Path, out: Path) -> Path:
     table, raw = step_rows(work)
     runs = {}
-    for run in sorted((work / "runs").glob("e2e-*")):
+    for run in sorted([*(work / "runs").glob("e2e-*"), *(work / "runs").glob("best-budget")]):
         if not (run / "metrics.jsonl").is_file():
             continue
         cfg = yaml.safe_load((run / "config.yaml").read_text())

@@ -36,12 +36,13 @@ def setting(
     length: int | None = None,
     launch: bool = False,
     component: bool = False,
+    duration: bool = False,
     doc: str = "",
 ) -> Any:
     """A config field with its rules beside it: a closed vocabulary (`choices`), inclusive bounds
-    `low`/`high`, an exclusive lower bound `above`
-    (for a list: for every item), a list's exact `length`, `component` for a text that names one
-    folder, and `launch` for keys that say where and how a run is launched and logged, not what it
+    `low`/`high`, an exclusive lower bound `above` (for a list: for every item), a list's exact
+    `length`, `component` for a text that names one folder, `duration` for a wall-clock time (or
+    none / auto), and `launch` for keys that say where and how a run is launched and logged, not what it
     trains (a resume may change them, and the report does not tell runs apart by them)."""
     rules = {
         "choices": choices,
@@ -51,6 +52,7 @@ def setting(
         "length": length,
         "launch": launch,
         "component": component,
+        "duration": duration,
         "doc": doc,
     }
     return field(default=default, metadata=rules)
@@ -161,6 +163,16 @@ class EmaConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = setting(200, low=1, high=100_000)
+    steps: int = setting(
+        0, low=0, high=10**9, doc="the run's optimizer steps, laid over by the schedule; 0 = train.epochs of steps"
+    )
+    budget: str = setting(
+        "none",
+        duration=True,
+        doc="none | auto (a Slurm job's time left) | a duration (90s, 10m, 2h30m, 1.5h): the steps are planned "
+        "to end the whole run in it, train.epochs (or train.steps) capping them",
+    )
+    replan: bool = setting(True, doc="with a budget: shorten the schedule once if the machine slows (or lengthen it)")
     precision: str = setting("bf16", choices=("no", "fp16", "bf16"))
     grad_accum: int = setting(1, low=1, high=4096)
     clip_grad: float | None = setting(None, above=0.0, high=1e6)
@@ -554,6 +566,8 @@ def _check_rules(key: str, value: Any, result: Any, rule: dict[str, Any]) -> Non
         raise UserError(
             f"{key}={value!r}: must name one folder inside log.dir (not empty, '.', '..', nor containing '/')"
         )
+    if rule.get("duration") and result not in ("none", "auto"):
+        parse_duration(key, result)
     length = rule.get("length")
     if length is not None and len(result) != length:
         raise UserError(f"{key}={value!r}: expected a list of {length} numbers, got {len(result)}")
@@ -569,6 +583,31 @@ def _check_rules(key: str, value: Any, result: Any, rule: dict[str, Any]) -> Non
             raise UserError(f"{key}={value!r}: must be greater than {above}")
         if high is not None and number > high:
             raise UserError(f"{key}={value!r}: must be at most {high}")
+
+
+# A wall-clock duration: hours, minutes and seconds in that order, each optional, at least one.
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+MIN_BUDGET_SECONDS = 10.0  # below this not even the start (imports, data, model) fits here
+MAX_BUDGET_SECONDS = 366 * 86_400.0
+
+
+def parse_duration(key: str, text: str) -> float:
+    """`90s`, `10m`, `2h30m`, `1.5h` in seconds; a UserError for anything else, with the accepted forms."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    forms = "a duration such as 90s, 10m, 2h30m or 1.5h, or none, or auto (under Slurm)"
+    if not text.strip() or match is None or not any(match.groups()):
+        hint = f" (a unit is needed: {text}s or {text}m?)" if text.strip().replace(".", "", 1).isdigit() else ""
+        raise UserError(f"{key}={text[:80]!r}: expected {forms}{hint}")
+    hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total < MIN_BUDGET_SECONDS:
+        raise UserError(
+            f"{key}={text!r}: a budget must be at least {MIN_BUDGET_SECONDS:g}s (the start alone takes "
+            "seconds); a run also refuses, once it has measured itself, a budget too short for one step"
+        )
+    if total > MAX_BUDGET_SECONDS:
+        raise UserError(f"{key}={text[:80]!r}: must be at most 366 days")
+    return total
 
 
 _MISMATCH = object()

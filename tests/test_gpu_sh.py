@@ -25,11 +25,29 @@ def gpu_sh(data, out, **env):
 
 def test_every_section_runs_and_one_failing_section_loses_nothing_else(real_data, tmp_path):
     # A mode that does not exist: the last section fails at once; the others must still be reported.
-    done = gpu_sh(real_data, tmp_path, GPU_BENCH_MODES="max-autotune,bogus")
+    done = gpu_sh(
+        real_data,
+        tmp_path,
+        GPU_BENCH_MODES="max-autotune,bogus",
+        GPU_BENCH_BUDGET="30s",
+        GPU_BENCH_SECTIONS="step,e2e,step-autotune,best-budget",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / f"{datetime.date.today().isoformat()}-cpu-fulldata.json").read_text())
-    assert result["sections"] == {"step": "0", "e2e-reference": "0", "e2e-device": "0", "step-autotune": "2"}
+    assert result["sections"] == {
+        "best-budget": "0",
+        "step": "0",
+        "e2e-reference": "0",
+        "e2e-device": "0",
+        "step-autotune": "2",
+    }
+    budget_run = result["e2e"]["best-budget"]
+    plan = budget_run["summary"]["plan"]
+    assert plan["budget_seconds"] == 30 and plan["ended_seconds"] <= 30 * 1.02 + 2 and plan["last_step_lr"] == 0
+    assert budget_run["totals"]["final_test_top1"] == budget_run["summary"]["final_test_top1"]
+    assert any(r["section"] == "best-budget" and r["note"].startswith("budget 30 s") for r in result["table"])
     table = result["table"]
+    table = [r for r in table if r["section"] != "best-budget"]
     step = [r for r in table if r["section"] == "step"]
     assert [r["variant"] for r in step] == [
         "no, channels_last, eager",

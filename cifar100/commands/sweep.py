@@ -137,6 +137,13 @@ def listing(sweep: Sweep) -> str:
         for r in sweep.runs
     ]
     last = len(sweep.runs) - 1
+    budgets = sorted({r.config.train.budget for r in sweep.runs} - {"none"})
+    if budgets:
+        # Each run plans within its own budget: the sweep's time is their sum here, its longest on an array.
+        lines.append(
+            f"budget: each run fits its own train.budget ({', '.join(budgets)}), measured and planned "
+            "by itself; one after another here they take their sum, as an array each its own"
+        )
     lines += [
         f"sweep {sweep.name}: {len(sweep.runs)} runs, every config checked",
         f"here:  cifar100 sweep {sweep.path} run",

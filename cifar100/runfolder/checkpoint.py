@@ -55,6 +55,11 @@ def host_copy(obj: Any) -> Any:
     return obj
 
 
+def on_host(snapshot: Snapshot) -> Snapshot:
+    """`snapshot` with its tensors copied to new CPU memory (`host_copy`); the meta is shared."""
+    return Snapshot(host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta, host_copy(snapshot.ema))
+
+
 class BackgroundWriter:
     """Runs write jobs on one thread, one at a time and in order, while the caller goes on.
 
@@ -134,10 +139,7 @@ class CheckpointWriter:
         if tag == self._submitted:
             return
         best = score if score is not None and score > self.best_score else None
-        copied = Snapshot(
-            host_copy(snapshot.weights), host_copy(snapshot.state), snapshot.meta, host_copy(snapshot.ema)
-        )
-        self._staged = partial(self._write, tag, copied, best)
+        self._staged = partial(self._write, tag, on_host(snapshot), best)
         self._submitted = tag
 
     def start(self) -> None:

@@ -143,7 +143,8 @@ class Engine:
     ) -> EpochResult | None:
         """Train epoch `epoch` over `batches` (which already skip the `state.step` batches done before a resume).
 
-        Returns the epoch's loss and top-1 against the unmixed labels, or None when a stop was
+        The epoch ends early at the schedule's last step. Returns the epoch's loss and top-1 against
+        the unmixed labels, or None when a stop was
         requested: a signal during optimizer step k stops the epoch after step k + 1, and `state`
         says exactly where it stands. A non-finite loss skips its optimizer step on every rank
         (the schedule still advances) and its images are not counted; more than
@@ -188,6 +189,8 @@ class Engine:
                 steps.settle_last()
                 bar.close()
                 return None
+            if self.schedule.step_count >= self.schedule.total_steps:
+                break  # a planned run's last step may fall inside an epoch: that epoch ends here
         steps.settle_last()  # a stop flagged by the last step is seen by the caller's own check
         bar.close()
         # Gathered rather than summed: the per-rank counts prove every process trained.

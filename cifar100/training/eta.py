@@ -4,10 +4,12 @@ bar and the epoch lines show, and the one warning a run far too long for its har
 from __future__ import annotations
 
 import time
+from collections import deque
 
 # Optimizer steps timed before an estimate is shown; the first step of each epoch is never timed
 # (it pays the loader's start, and the first one compilation and autotuning).
 TIMED_STEPS = 3
+RECENT_STEPS = 20  # the steps whose mean is the current rate (a budget run's projection)
 # ...or fewer, once they add up to this long: on a machine that takes a minute a step, the user
 # hears what the run will cost after two steps, not four.
 ENOUGH_SECONDS = 30.0
@@ -33,6 +35,7 @@ class RunClock:
         self.total_steps, self.epochs = total_steps, epochs
         self.done_steps, self.done_epochs = done_steps, done_epochs
         self.timed_steps, self.timed_seconds, self.eval_seconds = 0, 0.0, 0.0
+        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self._last: float | None = None
 
     def start_epoch(self) -> None:
@@ -45,6 +48,7 @@ class RunClock:
         if self._last is not None:
             self.timed_steps += 1
             self.timed_seconds += now - self._last
+            self.recent.append(now - self._last)
         self._last, self.done_steps = now, global_step
 
     def evaluated(self, seconds: float) -> None:
@@ -57,6 +61,11 @@ class RunClock:
         """Seconds per optimizer step, once enough steps were timed (None before)."""
         ready = self.timed_steps >= TIMED_STEPS or (self.timed_steps and self.timed_seconds >= ENOUGH_SECONDS)
         return self.timed_seconds / self.timed_steps if ready else None
+
+    @property
+    def recent_step_seconds(self) -> float | None:
+        """Seconds per optimizer step over the last RECENT_STEPS timed (None before TIMED_STEPS)."""
+        return sum(self.recent) / len(self.recent) if len(self.recent) >= TIMED_STEPS else None
 
     def seconds_left(self) -> float | None:
         """The forecast of the rest of the run: its steps, and its evaluations at the last one's cost."""
@@ -79,12 +88,14 @@ def too_long(clock: RunClock, elapsed: float, limit_hours: float, device: str) -
     if left is None or elapsed + left <= limit_hours * 3600:
         return None
     instead = (
-        "recipe=cpu, made for a CPU, trains 11 epochs of a 0.31 M-parameter model (64.4 % top-1 on 2 cores)"
+        "recipe=cpu, made for a CPU, fits a 0.31 M-parameter model's run in 10 minutes (64.4 % top-1 on 2 cores)"
         if device == "cpu"
         else "more GPUs (accelerate launch --num_processes N) or a smaller model would shorten it"
     )
     return (
         f"this run is projected to take {duration_text(elapsed + left)} on {device} ({clock.step_seconds:.3g} s "
         f"per step measured, {clock.total_steps - clock.done_steps} steps and {clock.epochs - clock.done_epochs} "
-        f"evaluations left), beyond log.warn_hours={limit_hours:g}: {instead}; or lower train.epochs"
+        f"evaluations left), beyond log.warn_hours={limit_hours:g}: {instead}; or lower train.epochs, "
+        "or give the run a time to fit in, "
+        "e.g. train.budget=2h"
     )

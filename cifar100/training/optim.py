@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,13 +77,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 class ScheduleKind:
     """One decay after the warmup: the rate at a step, and how the report says it."""
 
-    rate: Callable[[Schedule, int], float]  # (schedule, steps since the warmup) -> rate
+    rate: Callable[[Schedule, float], float]  # (schedule, steps since the warmup) -> rate
     describe: Callable[[SchedConfig], str]
     watches_loss: bool = False  # takes the selected split's loss at each epoch's end
 
 
-def _cosine(s: Schedule, since: int) -> float:
-    progress = min(1.0, since / max(1, s.total_steps - s.warmup_steps))
+def _cosine(s: Schedule, since: float) -> float:
+    # A planned run's last step (shape_steps - 1) is at the final rate; an epoch run's ends one step short of it.
+    progress = min(1.0, since / max(1, s.shape_steps - s.warmup_steps - s.planned))
     return s.cfg.min_lr + (s.peak - s.cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -93,7 +95,7 @@ def _num(value: float) -> str:
 SCHEDULES: dict[str, ScheduleKind] = {
     "cosine": ScheduleKind(_cosine, lambda c: "CosineAnnealingLR" + (f" to {_num(c.min_lr)}" if c.min_lr else "")),
     "step": ScheduleKind(
-        lambda s, since: s.peak * s.cfg.gamma ** (since // (s.cfg.step_epochs * s.steps_per_epoch)),
+        lambda s, since: s.peak * s.cfg.gamma ** (since // s.step_interval),
         lambda c: f"StepLR (× {_num(c.gamma)} every {c.step_epochs} epochs)",
     ),
     "plateau": ScheduleKind(
@@ -108,8 +110,10 @@ SCHEDULES: dict[str, ScheduleKind] = {
 class Schedule:
     """Linear warmup from `warmup_lr` to the peak, then the `sched.name` decay of SCHEDULES.
 
-    `step()` after each optimizer step sets the rate for the next one; `epoch_end(loss)`
-    feeds the plateau rule. Its whole state is four numbers, saved with checkpoints.
+    `step()` after each optimizer step sets the rate for the next one; `epoch_end(loss)` feeds the
+    plateau rule. By default the run is `epochs` of `steps_per_epoch` steps; `steps` (or a budget's
+    plan, through `lay_over`) lays the same shape over another number of steps, and `bend` shortens
+    or lengthens what is left of it. Its state (a few numbers) is saved with checkpoints.
     """
 
     def __init__(
@@ -119,26 +123,57 @@ class Schedule:
         sched: SchedConfig,
         steps_per_epoch: int,
         epochs: int,
+        steps: int = 0,
     ):
         self.optimizer = optimizer
         self.peak: float = optim.lr
         self.cfg: SchedConfig = sched
-        self.steps_per_epoch: int = steps_per_epoch
-        self.total_steps = steps_per_epoch * epochs
-        self.warmup_steps = round(sched.warmup_epochs * steps_per_epoch)
-        if self.warmup_steps > self.total_steps:
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        if sched.warmup_epochs > epochs:
             raise UserError(f"sched.warmup_epochs={sched.warmup_epochs} is longer than train.epochs={epochs}")
         self.step_count = 0
         self.plateau_scale: float = 1.0
         self.best_loss = math.inf
         self.bad_epochs = 0
+        self.lay_over(steps or steps_per_epoch * epochs, planned=bool(steps))
+
+    def lay_over(self, steps: int, planned: bool = True) -> None:
+        """Lay the recipe's shape over `steps` optimizer steps: its warmup and step decays keep their
+        share of the recipe's `epochs`; a `planned` run reaches the final rate on its last step."""
+        self.shape_steps = self.total_steps = steps
+        self.planned = planned
+        self.bends: list[tuple[int, float, int]] = []  # (at step, its position in the shape, new total)
+        if planned:
+            share = steps / (self.steps_per_epoch * self.epochs)
+            self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch * share)
+            self.step_interval: float = self.cfg.step_epochs * self.steps_per_epoch * share
+        else:
+            self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+            self.step_interval = self.cfg.step_epochs * self.steps_per_epoch
         self._apply()
+
+    def bend(self, at_step: int, total: int) -> None:
+        """From `at_step` on, run what is left of the shape in `total - at_step` steps instead: the rate
+        goes on from where it is and still reaches the final rate on the new last step."""
+        self.bends.append((at_step, self.position(at_step), total))
+        self.total_steps = total
+        self._apply()
+
+    def position(self, step: int) -> float:
+        """Where optimizer step `step` falls in the shape (itself, until a bend)."""
+        for at, start, total in reversed(self.bends):
+            if step >= total - 1:
+                return self.shape_steps - 1  # exactly the shape's last step: its final rate, not one rounded near it
+            if step >= at:
+                return start + (step - at) * (self.shape_steps - 1 - start) / (total - 1 - at)
+        return step
 
     def lr_at(self, step: int) -> float:
         """The rate used by optimizer step `step` (0-based)."""
-        if step < self.warmup_steps:
-            return self.cfg.warmup_lr + (self.peak - self.cfg.warmup_lr) * step / self.warmup_steps
-        return SCHEDULES[self.cfg.name].rate(self, step - self.warmup_steps)
+        at = self.position(step)
+        if at < self.warmup_steps:
+            return self.cfg.warmup_lr + (self.peak - self.cfg.warmup_lr) * at / self.warmup_steps
+        return SCHEDULES[self.cfg.name].rate(self, at - self.warmup_steps)
 
     @property
     def lr(self) -> float:
@@ -153,7 +188,7 @@ class Schedule:
     def epoch_end(self, loss: float) -> None:
         """Plateau rule: decay by `gamma` after `patience` epochs without a lower loss (the loss of the
         split that selects the best epoch: validation when held out, else test)."""
-        if not SCHEDULES[self.cfg.name].watches_loss or self.step_count < self.warmup_steps:
+        if not SCHEDULES[self.cfg.name].watches_loss or self.position(self.step_count) < self.warmup_steps:
             return
         if loss < self.best_loss:
             self.best_loss, self.bad_epochs = loss, 0
@@ -164,17 +199,24 @@ class Schedule:
             self.bad_epochs = 0
             self._apply()
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue the same curve."""
         return {
             "step_count": self.step_count,
             "plateau_scale": self.plateau_scale,
             "best_loss": self.best_loss,
             "bad_epochs": self.bad_epochs,
+            "shape_steps": self.shape_steps,
+            "planned": self.planned,
+            "bends": [list(b) for b in self.bends],
         }
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        """Restore `state_dict()` output."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output (a checkpoint from before planned runs keeps the epochs' shape)."""
+        if "shape_steps" in state:
+            self.lay_over(int(state["shape_steps"]), planned=bool(state["planned"]))
+            for at, _, total in state["bends"]:
+                self.bend(int(at), int(total))
         self.step_count = int(state["step_count"])
         self.plateau_scale = float(state["plateau_scale"])
         self.best_loss = float(state["best_loss"])

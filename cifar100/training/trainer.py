@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -18,11 +20,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import psutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
 
-from cifar100.config import Config, to_dict, to_yaml
+from cifar100.config import Config, parse_duration, to_dict, to_yaml
 from cifar100.data import cifar as cifar_data
 from cifar100.data.batched import DeviceLoader
 from cifar100.data.loader import build_train_loader, epoch_batches
@@ -32,7 +35,7 @@ from cifar100.errors import UserError
 from cifar100.preemption import Preempted, StopFlag
 from cifar100.runfolder import resume as resuming
 from cifar100.runfolder import rundir
-from cifar100.runfolder.checkpoint import CheckpointWriter
+from cifar100.runfolder.checkpoint import PREFIX, CheckpointWriter, is_complete, on_host, save_checkpoint
 from cifar100.runfolder.tracking import (
     append_metrics,
     finish_tracking,
@@ -42,15 +45,28 @@ from cifar100.runfolder.tracking import (
     summarize,
     write_run_file,
 )
+from cifar100.training import budget
+from cifar100.training.budget import Costs, Plan
 from cifar100.training.ema import WeightAverage
-from cifar100.training.engine import Engine, EpochResult, EvalSettings, NonFiniteLoss, StepRules, evaluate
-from cifar100.training.eta import RunClock, too_long
+from cifar100.training.engine import (
+    Engine,
+    EpochProgress,
+    EpochResult,
+    EvalSettings,
+    NonFiniteLoss,
+    StepRules,
+    evaluate,
+)
+from cifar100.training.eta import RECENT_STEPS, RunClock, too_long
 from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.training.optim import Schedule, build_optimizer
 from cifar100.training.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
 from cifar100.training.train_state import TrainState
 
 WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
+# A budget run measures its rate after this many optimizer steps (compilation, cuDNN's autotuning and
+# the loader's start fall in them), over at least PROBE_STEPS more and about PROBE_SHARE of the budget.
+WARM_STEPS, PROBE_STEPS, PROBE_SHARE = 3, 5, 0.01
 
 
 def train(cfg: Config) -> Path:
@@ -66,6 +82,13 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg, self.started = cfg, time.perf_counter()
+        # The budget counts from the process's start (imports included), not from here.
+        self.born = self.started - max(0.0, time.time() - psutil.Process().create_time())
+        if cfg.train.budget == "auto" and not os.environ.get("SLURM_JOB_ID"):
+            raise UserError(
+                "train.budget=auto plans to a Slurm job's time limit, and this is not a Slurm job "
+                "(no SLURM_JOB_ID): give a duration instead, e.g. train.budget=2h"
+            )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device_type = device_type()
@@ -142,11 +165,12 @@ class Trainer:
         # torch's stubs say compile returns a Callable; given a Module it returns one (an OptimizedModule).
         self.model: torch.nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
-        schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
-        mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
+        schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, cfg.train.steps)
+        self.mixer = mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
         self.engine = Engine(self.model, optimizer, schedule, mixer, acc, StepRules.from_config(cfg), self.ema)
         self.eval_settings = EvalSettings.from_config(cfg)
         self.state = TrainState(model, optimizer, schedule, acc, self.ema)
+        self.plan: Plan | None = None
 
     def restore(self) -> None:
         """Pick the run folder (a new one, or the one a resume continues or forks) and load its checkpoint.
@@ -156,6 +180,8 @@ class Trainer:
         the same checkpoint, and only once it has loaded is any file of a run folder changed.
         """
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
+        if cfg.train.budget != "none" and self._starts_afresh():
+            self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.locate(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = [found.checkpoint and str(found.checkpoint)] if found else [None]  # found (and adopted): on main
         broadcast_object_list(located)
@@ -166,6 +192,9 @@ class Trainer:
             snap = resuming.load(ckpt_path, self.config_dict, found.read if found else None)
             self.state.load_state_dict(snap, ckpt_path)
             best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
+            self.plan = Plan.from_dict(snap.meta["plan"]) if snap.meta.get("plan") else None  # replayed, not re-made
+        elif cfg.train.budget != "none" and self.plan is None:
+            self._plan_budget()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
         shared: list[Any] = [str(adopted.run_dir), adopted.rows] if adopted else [None, None]
         broadcast_object_list(shared)
@@ -182,12 +211,13 @@ class Trainer:
         self.wall_before = self.state.totals.wall_seconds
         done = self.state.totals.epochs_done
         self.clock = RunClock(
-            self.steps_per_epoch * cfg.train.epochs,
-            cfg.train.epochs,
-            done_steps=self.state.schedule.step_count,
-            done_epochs=done,
+            self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
-        self.warned = not acc.is_main_process  # the projection warning: once, by the main process
+        self.epoch_end_seconds: float | None = None  # measured at each epoch's end, for the budget's projection
+        # Drift control; a requeued Slurm job (auto) replays its plan in a fresh job window as it is.
+        self.replans = self.plan is not None and cfg.train.replan and not (ckpt_path and cfg.train.budget == "auto")
+        # The projection warning: once, by the main process; a budget run's length is its budget.
+        self.warned = not acc.is_main_process or self.plan is not None
         if found and adopted:  # on the main process
             if adopted.forked:
                 self.state.totals.wandb_id = None  # a fork is a W&B run of its own
@@ -223,26 +253,131 @@ class Trainer:
             flush=True,
         )
 
+    @property
+    def epochs(self) -> int:
+        """The run's epochs: train.epochs, or those of its planned steps (the last may be partial)."""
+        return budget.epochs_of(self.state.schedule.total_steps, self.steps_per_epoch)
+
+    def _since_start(self) -> float:
+        """Seconds of this run so far: earlier starts' (before a resume) and this process's since it began."""
+        return self.wall_before + time.perf_counter() - self.born
+
+    def _starts_afresh(self) -> bool:
+        """Whether this start trains from step 0 (so a budget needs a plan): resume=none, or resume=auto
+        with no complete checkpoint in the run folder. The main process looks; every process hears it."""
+        cfg = self.cfg
+        ckpts = Path(cfg.log.dir) / cfg.name / "checkpoints"
+        fresh = [
+            cfg.resume == "none"
+            or (
+                cfg.resume == "auto"
+                and not any(is_complete(p) for p in (ckpts.glob(f"{PREFIX}*") if ckpts.is_dir() else ()))
+            )
+        ]
+        broadcast_object_list(fresh)
+        return bool(fresh[0])
+
+    def _plan_budget(self) -> None:
+        """Measure this run's costs, plan its steps within the budget and lay the schedule over them."""
+        cfg, acc = self.cfg, self.accelerator
+        self.wall_before = 0.0
+        if cfg.train.budget == "auto":
+            left = [budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]) if acc.is_main_process else 0.0]
+            broadcast_object_list(left)
+            seconds = self._since_start() + left[0] - budget.SLURM_MARGIN_SECONDS
+        else:
+            seconds = parse_duration("train.budget", cfg.train.budget)
+        costs = self._measure(seconds)
+        cap = cfg.train.steps or self.steps_per_epoch * cfg.train.epochs
+        self.plan = budget.make_plan(seconds, costs, self.steps_per_epoch, cap)
+        self.state.schedule.lay_over(self.plan.steps)
+        c, steps = costs, self.plan.steps
+        ends = self.epochs * c.epoch_end
+        acc.print(
+            f"budget {budget.budget_text(seconds)}: measured {c.step:.3g} s per optimizer step, {c.epoch_end:.2f} s "
+            f"per epoch's end (evaluation and checkpoint), {c.start:.1f} s to start; planned {steps} steps = "
+            f"{steps / self.steps_per_epoch:.2f} epochs{' (all of train.epochs)' if self.plan.capped else ''}, "
+            f"{steps * c.step:.0f} s of steps, {ends:.0f} s for {self.epochs} epoch ends, {c.finish:.1f} s to finish",
+            flush=True,
+        )
+
+    def _measure(self, seconds: float) -> Costs:
+        """Time this run's own parts on its real model and data, then put every part back as it was:
+        a checkpoint's copy and write, optimizer steps after WARM_STEPS, one evaluation and the plots of
+        its row. Every process takes part; the main process's figures are the plan's."""
+        acc, cfg = self.accelerator, self.cfg
+        scratch = Path(tempfile.mkdtemp(prefix="cifar100-budget-"))  # never the run folder: none exists yet
+        began = time.perf_counter()
+        start = on_host(self.state.state_dict())  # what training holds still for at each checkpoint
+        copied = time.perf_counter()
+        if acc.is_main_process:
+            save_checkpoint(scratch, "probe", start.weights, start.state, {**start.meta, "config": {}}, ema=start.ema)
+        written = time.perf_counter()
+        stamps: list[float] = []
+        most = max(WARM_STEPS + PROBE_STEPS, 1)
+        limit = min(self.steps_per_epoch, 10 * most)  # the probe stays inside one epoch of batches
+        probe = Schedule(self.state.optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, limit)
+        engine = Engine(
+            self.model,
+            self.state.optimizer,
+            probe,
+            self.mixer,
+            acc,
+            StepRules(seed=cfg.seed, channels_last=cfg.train.channels_last),
+            self.ema,
+        )
+
+        def enough() -> bool:
+            timed = stamps[-1] - stamps[WARM_STEPS - 1] if len(stamps) > WARM_STEPS else 0.0
+            return len(stamps) >= most and timed >= min(PROBE_SHARE * seconds, 30.0)
+
+        engine.train_epoch(
+            1,
+            epoch_batches(self.loader, 1, 0, acc),
+            EpochProgress(),
+            stop_requested=enough,
+            after_step=lambda _: stamps.append(time.perf_counter()),
+        )
+        getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
+        scored = time.perf_counter()
+        row: dict = {"epoch": 1, "lr": probe.lr}
+        self._score(row)
+        if acc.is_main_process:  # an epoch's plots, of two rows shaped as training's (test figures as train's)
+            rows = [{**row, "epoch": e, "train_loss": row["test_loss"], "train_top1": row["test_top1"]} for e in (1, 2)]
+            plot_run(rows, scratch, "budget")
+        done = time.perf_counter()
+        shutil.rmtree(scratch, ignore_errors=True)
+        self.state.load_state_dict(start, Path("the run's start"))
+        acc.step = 0  # Accelerate's count of micro-steps towards the next gradient sync
+        warm = min(WARM_STEPS, len(stamps) - 1)
+        step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm) if warm > 0 else scored - written
+        epoch_end, finish = (done - scored) + (copied - began), (written - copied) + budget.FINISH_SECONDS
+        figures = [self._since_start(), step, epoch_end, finish]
+        broadcast_object_list(figures)
+        return Costs(*figures)
+
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
         self.stop = StopFlag()
         # Left installed when a stop or an error ends the loop, so that a second signal during the
         # clean-up that follows still exits at once; given back only when the run has finished.
         self.stop.install()
-        while self.state.epoch <= self.cfg.train.epochs:
+        while self.state.epoch <= self.epochs:
             result = self.train_epoch()
             if result is None:
                 self.checkpoint()
                 self._halt(f"at epoch {self.state.epoch}, batch {self.state.progress.step}")
+            ended = time.perf_counter()
             row = self.evaluate(result)
             self.state.end_epoch()
             # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
             # metrics, and the row can say how long the checkpoint held training up.
             self.checkpoint(score=row[self.score_key], before_write=partial(self._log_held, row))
+            self.epoch_end_seconds = time.perf_counter() - ended
             stop = self.accelerator.reduce(
                 torch.tensor(float(bool(self.stop)), device=self.accelerator.device), reduction="sum"
             )
-            if stop.item() > 0 and self.state.epoch <= self.cfg.train.epochs:
+            if stop.item() > 0 and self.state.epoch <= self.epochs:
                 self._halt(f"after epoch {self.state.epoch - 1}")
         self.stop.uninstall()
         self.flush()
@@ -258,6 +393,8 @@ class Trainer:
         def after_step(progress) -> None:
             self.clock.step(state.schedule.step_count)
             self._warn_if_too_long()
+            if self.replans and state.schedule.step_count % self.check_every == 0:
+                self._keep_to_budget()
             if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
                 self.checkpoint()
 
@@ -278,6 +415,55 @@ class Trainer:
                 "with train.max_bad_steps=N"
             ) from None
 
+    @property
+    def check_every(self) -> int:
+        """How often (in optimizer steps) a budget run compares its projected end with its budget."""
+        return max(1, self.state.schedule.total_steps // 200)
+
+    def _keep_to_budget(self) -> None:
+        """Re-plan once when the projected end has drifted out of the budget (every process the same way:
+        the main process's projection decides)."""
+        assert self.plan is not None
+        schedule, acc = self.state.schedule, self.accelerator
+        timed = self.clock.recent_step_seconds
+        # Not on the first steps' noise: a full window of timed steps, and a measured epoch's end once one
+        # has come (the plan's own figure before).
+        if timed is None or len(self.clock.recent) < RECENT_STEPS:
+            return
+        cap = self.cfg.train.steps or self.steps_per_epoch * self.cfg.train.epochs
+        decision: list = [None]
+        if acc.is_main_process:
+            projection = budget.project(
+                self.plan,
+                schedule.total_steps,
+                schedule.step_count,
+                self.steps_per_epoch,
+                self._since_start(),
+                timed,
+                self.epoch_end_seconds or self.plan.costs.epoch_end,
+            )
+            steps = budget.replan(
+                self.plan, projection, schedule.total_steps, schedule.step_count, self.steps_per_epoch, cap
+            )
+            decision = [steps and self.plan.replans[-1]]
+        if acc.num_processes > 1:
+            broadcast_object_list(decision)
+        if not decision[0]:
+            return
+        replanned = decision[0]
+        if not acc.is_main_process:
+            self.plan.replans.append(replanned)
+            self.plan.steps = replanned["steps"]
+        schedule.bend(schedule.step_count, replanned["steps"])
+        self.clock.total_steps, self.clock.epochs = schedule.total_steps, self.epochs
+        acc.print(
+            f"budget: the run was heading for {replanned['projected_seconds']:.0f} s of its "
+            f"{self.plan.budget_seconds:.0f} s ({replanned['step_seconds']:.3g} s per step now): what is left of "
+            f"the schedule now ends at step {replanned['steps']} instead of {replanned['was']} "
+            f"({self.epochs} epochs)",
+            flush=True,
+        )
+
     def _warn_if_too_long(self) -> None:
         if self.warned:
             return
@@ -290,22 +476,9 @@ class Trainer:
     def evaluate(self, result: EpochResult) -> dict:
         """The epoch's metrics row: training figures, then every held-out split scored exactly, by
         the model and (as `ema_<split>_*`) by the averaged weights."""
-        acc, began = self.accelerator, time.perf_counter()
+        began = time.perf_counter()
         row = {"epoch": self.state.epoch, "lr": self.lr, "train_loss": result.loss, "train_top1": result.top1}
-        scored = {"": self.model}
-        if self.ema is not None:
-            self.ema.sync(acc)
-            scored["ema_"] = self.ema.module
-        for prefix, model in scored.items():
-            for split, (images, labels) in self.eval_sets.items():
-                scores = evaluate(model, images, labels, acc, self.eval_settings)
-                row.update(
-                    {
-                        f"{prefix}{split}_loss": scores.loss,
-                        f"{prefix}{split}_top1": scores.top1,
-                        f"{prefix}{split}_top5": scores.top5,
-                    }
-                )
+        self._score(row)
         row.update(
             epoch_seconds=result.seconds,
             images_per_second=result.images / result.seconds,
@@ -318,6 +491,23 @@ class Trainer:
         totals.train_seconds += result.seconds
         totals.images_per_rank = [a + b for a, b in zip(totals.images_per_rank, result.images_per_rank)]
         return row
+
+    def _score(self, row: dict) -> None:
+        """Add every held-out split's loss, top-1 and top-5 to `row`, by the model and the averaged weights."""
+        scored = {"": self.model}
+        if self.ema is not None:
+            self.ema.sync(self.accelerator)
+            scored["ema_"] = self.ema.module
+        for prefix, model in scored.items():
+            for split, (images, labels) in self.eval_sets.items():
+                scores = evaluate(model, images, labels, self.accelerator, self.eval_settings)
+                row.update(
+                    {
+                        f"{prefix}{split}_loss": scores.loss,
+                        f"{prefix}{split}_top1": scores.top1,
+                        f"{prefix}{split}_top5": scores.top5,
+                    }
+                )
 
     def _log_held(self, row: dict, held: float) -> None:
         self.log({**row, "checkpoint_seconds": held})
@@ -333,9 +523,9 @@ class Trainer:
         val = f"val top1 {row['val_top1']:.2%} | " if "val_top1" in row else ""
         ema = f" | EMA test top1 {row['ema_test_top1']:.2%}" if "ema_test_top1" in row else ""
         left = self.clock.left_text()
-        left = f" | run left ~{left}" if left and row["epoch"] < self.cfg.train.epochs else ""
+        left = f" | run left ~{left}" if left and row["epoch"] < self.epochs else ""
         acc.print(
-            f"epoch {row['epoch']}/{self.cfg.train.epochs} | lr {row['lr']:.3g} | train loss "
+            f"epoch {row['epoch']}/{self.epochs} | lr {row['lr']:.3g} | train loss "
             f"{row['train_loss']:.4f} top1 {row['train_top1']:.2%} | {val}test loss {row['test_loss']:.4f} "
             f"top1 {row['test_top1']:.2%} top5 {row['test_top5']:.2%}{ema} | {row['epoch_seconds']:.1f} s, "
             f"{row['images_per_second']:.0f} img/s{left}",
@@ -351,6 +541,8 @@ class Trainer:
         snap = self.state.state_dict()
         if self.accelerator.is_main_process:
             snap.meta["config"] = self.config_dict
+            if self.plan is not None:
+                snap.meta["plan"] = self.plan.to_dict()
             self.writer.copy(self.state.tag, snap, score)
         if before_write is not None:
             before_write(time.perf_counter() - began)
@@ -372,6 +564,17 @@ class Trainer:
             self.stop.signal,
         )
 
+    def _plan_summary(self) -> dict:
+        """The plan as summary.json records it: what it was made from, its re-plans, the rate of its
+        last step and when the run ended (seconds since the process started, earlier starts included)."""
+        assert self.plan is not None
+        schedule = self.state.schedule
+        return {
+            **self.plan.to_dict(),
+            "last_step_lr": schedule.lr_at(schedule.step_count - 1),
+            "ended_seconds": round(self._since_start(), 2),
+        }
+
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""
         totals, acc = self.state.totals, self.accelerator
@@ -390,6 +593,7 @@ class Trainer:
             parameters=self.parameters,
             flops_per_image=self.flops,
             best_weights=self.cfg.train.ema.select,
+            **({"plan": self._plan_summary()} if self.plan else {}),
         )
         if acc.is_main_process:
             write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

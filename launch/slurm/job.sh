@@ -16,6 +16,14 @@
 # per job id holding every restart. An array task (sweep.sbatch) is <array job id>_<task>: that is the
 # id it prints and requeues, so a preempted task is requeued alone.
 #
+# train.budget=auto (on the script's command line): the training plans to have ended
+# SLURM_MARGIN_SECONDS (cifar100/training/budget.py) before the job's end. Slurm does not tell a job
+# its --signal lead (22.05: neither scontrol show job, squeue nor the environment has it), and a
+# --signal on sbatch's command line overrides the script's, so for such a run the warning is not the
+# stop order: the first USR1 starts a watcher, and the training gets USR1 only once the job's end (as
+# squeue reports it then) is AUTO_STOP_SECONDS away. A run that keeps to its plan has ended by then; a
+# late one checkpoints then, the job is requeued and the restart continues the plan from that checkpoint.
+#
 # Inputs: $0 (the sbatch script, for the dry run), srun_opts and in_container (arrays, optional),
 # and the script's arguments. Outside Slurm, `--dry-run ARGS` prints what each node would run.
 
@@ -35,15 +43,58 @@ HEAD_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # per job: jobs sharing a node do not collide
 export HEAD_ADDR MAIN_PORT
 
-preempted=0 step=""
-# shellcheck disable=SC2317,SC2329  # run by the trap below
+# A late train.budget=auto run's time to checkpoint and requeue; less than the plan's margin
+# (SLURM_MARGIN_SECONDS in cifar100/training/budget.py: tests/test_cluster.py checks), the rest of
+# which is the run's room to end a little later than planned.
+AUTO_STOP_SECONDS=20
+budget_auto=0
+for arg in "$@"; do
+  case $arg in
+    train.budget=auto) budget_auto=1 ;;
+    train.budget=*) budget_auto=0 ;;  # the last one counts, as for the training
+  esac
+done
+
+preempted=0 step="" watcher=""
+# shellcheck disable=SC2317,SC2329  # run by the traps, as are the functions below
+seconds_to_deadline() {  # until the job's end less AUTO_STOP_SECONDS; 0 when squeue does not say
+  local end
+  end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null) && end=$(date -d "$end" +%s 2>/dev/null) || end=0
+  echo $(( end > 0 ? end - AUTO_STOP_SECONDS - $(date +%s) : 0 ))
+}
+
+# shellcheck disable=SC2317,SC2329
+watch_deadline() {  # in the background: USR2 to the batch shell once the deadline has come (a look a minute)
+  local left pause=""
+  trap '[[ -z $pause ]] || kill "$pause" 2>/dev/null; exit 0' TERM
+  while left=$(seconds_to_deadline) && (( left > 0 )); do
+    sleep $(( left < 60 ? left : 60 )) & pause=$!
+    wait "$pause"
+  done
+  kill -USR2 $$
+}
+
+# shellcheck disable=SC2317,SC2329
 on_usr1() {
+  [[ -z $watcher ]] || return 0  # held back already: the watcher decides
+  if (( budget_auto && $(seconds_to_deadline) > 0 )); then
+    echo "USR1 at $(date -Is): held back for train.budget=auto until $AUTO_STOP_SECONDS s before the time limit"
+    watch_deadline &
+    watcher=$!
+    return 0
+  fi
+  stop_training "USR1 at $(date -Is)"
+}
+
+# shellcheck disable=SC2317,SC2329
+stop_training() {  # $1: why, for the log
   (( preempted )) && return 0  # pass it on once: a second signal makes the training exit without saving
   preempted=1
-  echo "USR1 at $(date -Is): asking the training to checkpoint and stop"
+  echo "$1: asking the training to checkpoint and stop"
   kill -USR1 "$step" 2>/dev/null || true
 }
 trap on_usr1 USR1
+trap 'stop_training "$AUTO_STOP_SECONDS s before the time limit, at $(date -Is)"' USR2
 
 # --kill-on-bad-exit: a node that fails takes the others down instead of leaving them in a collective.
 # shellcheck disable=SC2154  # srun_opts and in_container are set by the sbatch script
@@ -54,6 +105,7 @@ step=$!
 while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done
 status=0
 wait "$step" || status=$?
+if [[ -n $watcher ]]; then kill "$watcher" 2>/dev/null || true; fi
 
 if (( preempted && status != 0 )); then
   echo "training stopped after USR1 (srun status $status); requeueing job $job_ref"

@@ -1,0 +1,209 @@
+"""A run that fits its time (`train.budget`): the plan of its optimizer steps, made from what the run
+measured of itself, and the re-plan when the machine's speed drifts.
+
+The plan counts everything from the process's start to summary.json: the start (imports, data,
+model, compilation, the measurement itself), every optimizer step, every epoch's end (its
+evaluations, the checkpoint's hold on training, the metrics row and plots) and the finish (the
+last checkpoint's write, the summary, the end of tracking). It then picks the most optimizer
+steps whose cost fits in the budget less a small safety share; `train.epochs` (or `train.steps`)
+caps them. The schedule is laid over the planned steps (`Schedule.lay_over`), so a short budget
+still runs the recipe's whole warmup and decay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from cifar100.errors import UserError
+
+SAFETY = 0.01  # the plan aims 1 % before the budget's end: the measured rates are estimates
+# The finish besides the last checkpoint's write (summary, plots, the end of W&B tracking): a
+# second or two here, reserved with room to spare.
+FINISH_SECONDS = 4.0
+LATE = 0.995  # re-plan shorter once the projected end passes 99.5 % of the budget (the plan aimed at 99 %)
+EARLY = 0.9  # ...or longer, once, while the run would use less than 90 % of it
+# train.budget=auto plans to end this long before the Slurm job's end. launch/slurm/job.sh holds the
+# job's warning back until its last AUTO_STOP_SECONDS (20), a late run's time to checkpoint, exit and
+# requeue; the other 25 s let a run end that much later than planned (a loaded machine, the one
+# re-plan spent) without a requeue, which would cost a wait in the queue and a restart.
+SLURM_MARGIN_SECONDS = 45.0
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a budget run measured of itself, in seconds."""
+
+    start: float  # process start to the plan
+    step: float  # one optimizer step, after warm-up
+    epoch_end: float  # one epoch's end: evaluations, the checkpoint's hold on training, the row
+    finish: float  # the last checkpoint's write, and the summary and tracking's end
+
+
+@dataclass
+class Plan:
+    """The optimizer steps a budget allows, what they were planned from, and any re-plan since."""
+
+    budget_seconds: float
+    steps: int
+    costs: Costs
+    capped: bool  # train.epochs (or train.steps) allowed fewer steps than the budget
+    replans: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for summary.json and the checkpoint's meta."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Plan:
+        """The plan `to_dict` saved."""
+        return cls(
+            saved["budget_seconds"],
+            int(saved["steps"]),
+            Costs(**saved["costs"]),
+            bool(saved["capped"]),
+            list(saved.get("replans", [])),
+        )
+
+
+def epochs_of(steps: int, steps_per_epoch: int) -> int:
+    """Epochs (evaluations) of a run of `steps` optimizer steps: its last epoch may be partial."""
+    return math.ceil(steps / steps_per_epoch)
+
+
+def fitting_steps(seconds: float, costs: Costs, steps_per_epoch: int, *, done_steps: int, cap: int) -> int:
+    """The most optimizer steps in all (at least `done_steps`, at most `cap`) whose remaining steps and
+    epoch ends cost no more than `seconds`; `done_steps` when not even one more fits."""
+    done_epochs = done_steps // steps_per_epoch  # the epoch under way still has its end to pay
+
+    def cost(total: int) -> float:
+        ends = epochs_of(total, steps_per_epoch) - done_epochs
+        return (total - done_steps) * costs.step + ends * costs.epoch_end
+
+    low, high = done_steps, cap  # cost(low) is within `seconds` or nothing more fits
+    if cost(done_steps + 1) > seconds:
+        return done_steps
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cost(middle) <= seconds:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def make_plan(budget: float, costs: Costs, steps_per_epoch: int, cap: int) -> Plan:
+    """The plan of a new run, or a UserError that says how long a budget this run needs."""
+    usable = budget * (1 - SAFETY) - costs.start - costs.finish
+    steps = fitting_steps(usable, costs, steps_per_epoch, done_steps=0, cap=cap)
+    if steps < 1:
+        least = (costs.start + costs.finish + costs.step + costs.epoch_end) / (1 - SAFETY)
+        raise UserError(
+            f"train.budget={budget_text(budget)} is too short for this run: it measured {costs.start:.1f} s to start, "
+            f"{costs.step:.3g} s per optimizer step, {costs.epoch_end:.1f} s per epoch's end (evaluation and "
+            f"checkpoint) and {costs.finish:.1f} s to finish, so one step needs at least {math.ceil(least)} s"
+        )
+    return Plan(budget, steps, costs, capped=steps == cap)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Where a budget run is heading: its projected total seconds, from the recent rate."""
+
+    total: float
+    elapsed: float
+    step: float
+    epoch_end: float
+
+
+def project(
+    plan: Plan,
+    total_steps: int,
+    done_steps: int,
+    steps_per_epoch: int,
+    elapsed: float,
+    step_seconds: float,
+    epoch_end_seconds: float,
+) -> Projection:
+    """The whole run's projected seconds: `elapsed`, the steps left at `step_seconds`, the epoch ends
+    left (the current one included) and the finish."""
+    ends = epochs_of(total_steps, steps_per_epoch) - done_steps // steps_per_epoch
+    total = elapsed + (total_steps - done_steps) * step_seconds + ends * epoch_end_seconds + plan.costs.finish
+    return Projection(total, elapsed, step_seconds, epoch_end_seconds)
+
+
+def replan(
+    plan: Plan, projection: Projection, total_steps: int, done_steps: int, steps_per_epoch: int, cap: int
+) -> int | None:
+    """The new total of optimizer steps when the run's projection has drifted out of its budget
+    (later than the budget once; earlier than `EARLY` of it once, in the run's first half), else None.
+    The decision is recorded in `plan.replans`."""
+    directions = {r["direction"] for r in plan.replans}
+    late = projection.total > plan.budget_seconds * LATE and "shorter" not in directions
+    early = (
+        projection.total < plan.budget_seconds * EARLY
+        and "longer" not in directions
+        and total_steps < cap
+        and done_steps < total_steps / 2
+    )
+    if not (late or early):
+        return None
+    # Aimed a little earlier than the first plan: a machine that slowed down once may do so again.
+    usable = plan.budget_seconds * (1 - 2 * SAFETY) - projection.elapsed - plan.costs.finish
+    costs = dataclasses.replace(plan.costs, step=projection.step, epoch_end=projection.epoch_end)
+    steps = max(done_steps + 1, fitting_steps(usable, costs, steps_per_epoch, done_steps=done_steps, cap=cap))
+    if steps == total_steps or (late and steps > total_steps) or (early and steps < total_steps):
+        return None
+    plan.replans.append(
+        {
+            "direction": "shorter" if late else "longer",
+            "at_step": done_steps,
+            "steps": steps,
+            "was": total_steps,
+            "projected_seconds": round(projection.total, 1),
+            "step_seconds": projection.step,
+            "epoch_end_seconds": projection.epoch_end,
+        }
+    )
+    plan.steps = steps
+    return steps
+
+
+def budget_text(seconds: float) -> str:
+    """A budget as the user might have typed it: 90s, 10m, 2h30m."""
+    s = round(seconds)
+    h, m, sec = s // 3600, s % 3600 // 60, s % 60
+    return "".join(f"{n}{unit}" for n, unit in ((h, "h"), (m, "m"), (sec, "s")) if n) or f"{seconds:g}s"
+
+
+def slurm_seconds_left(job_id: str) -> float:
+    """The seconds Slurm gives job `job_id` before its time limit, as `squeue` reports them."""
+    if shutil.which("squeue") is None:
+        raise UserError("train.budget=auto asks Slurm for the job's time left, but squeue is not on PATH")
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+    except (subprocess.SubprocessError, OSError) as err:
+        raise UserError(f"train.budget=auto: squeue did not report job {job_id}'s time left ({err})") from None
+    return parse_slurm_time(out)
+
+
+def parse_slurm_time(text: str) -> float:
+    """Slurm's `[days-]hours:minutes:seconds` (or `minutes:seconds`) in seconds; a UserError for a
+    job without a limit."""
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not text or not all(p.isascii() and p.isdigit() for p in [*parts, *([days] if days else [])]) or len(parts) > 3:
+        raise UserError(
+            f"train.budget=auto: the job has no time limit to plan for (squeue says {text[:40]!r}); "
+            "give a duration instead, e.g. train.budget=2h"
+        )
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86_400

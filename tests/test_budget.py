@@ -1,0 +1,216 @@
+"""train.budget: the plan's arithmetic, the schedule laid over planned steps and bent once, the
+budgets refused before any folder exists, and real budget runs: on time, finished, exactly resumed
+after kill -9 and SIGTERM, and re-planned when the machine stalls."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cmd
+from test_resume import kill_9, metrics, start, wait_for
+
+from cifar100.config import OptimConfig, SchedConfig, load_config
+from cifar100.errors import UserError
+from cifar100.training import budget
+from cifar100.training.budget import Costs, Plan
+from cifar100.training.optim import Schedule
+
+
+def _schedule(name: str = "cosine", steps: int = 0, epochs: int = 10, warmup: float = 1.0) -> Schedule:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = SchedConfig(name=name, warmup_epochs=warmup, warmup_lr=0.0, min_lr=0.001, step_epochs=4, gamma=0.5)
+    return Schedule(optimizer, OptimConfig(lr=0.1), sched, 10, epochs, steps)
+
+
+def test_without_planned_steps_the_schedule_is_the_epochs_one():
+    plain = _schedule()
+    assert (plain.total_steps, plain.warmup_steps, plain.planned) == (100, 10, False)
+    assert plain.lr_at(99) > 0.001  # an epoch run's last step is one short of the final rate, as before
+
+
+@pytest.mark.parametrize("name", ["cosine", "step", "none"])
+def test_planned_steps_keep_the_recipes_shares_and_end_at_the_final_rate(name):
+    planned = _schedule(name, steps=37)
+    # Warmup keeps its share (1 of 10 epochs), then the peak; step decays keep theirs (every 4 of 10 epochs).
+    assert planned.total_steps == 37 and planned.warmup_steps == 4 and planned.lr_at(4) == 0.1
+    assert planned.lr_at(2) == pytest.approx(0.05)
+    if name == "cosine":
+        assert planned.lr_at(4 + 16) == pytest.approx(0.001 + (0.1 - 0.001) / 2)  # halfway through 32 decay steps
+    if name == "step":
+        assert planned.lr_at(4 + 14) == 0.1 and planned.lr_at(4 + 15) == 0.05  # 4 of 10 epochs = 14.8 steps
+    final = {"cosine": 0.001, "step": 0.1 * 0.5**2, "none": 0.1}[name]
+    assert planned.lr_at(36) == pytest.approx(final, rel=1e-12)
+
+
+def test_a_bend_goes_on_from_the_current_rate_and_still_ends_at_the_final_one():
+    schedule = _schedule(steps=100)
+    before = [schedule.lr_at(s) for s in range(100)]
+    schedule.bend(40, 70)
+    assert [schedule.lr_at(s) for s in range(41)] == before[:41]  # nothing trained changes
+    after = [schedule.lr_at(s) for s in range(40, 70)]
+    assert after == sorted(after, reverse=True)  # still decaying, without a jump
+    assert schedule.lr_at(69) == 0.001 and schedule.total_steps == 70
+    at_60 = schedule.lr_at(60)
+    schedule.bend(60, 90)  # a second bend (a lengthening) composes with the first
+    assert schedule.lr_at(60) == at_60 and schedule.lr_at(89) == 0.001 and schedule.lr_at(75) > schedule.lr_at(76)
+    resumed = _schedule()
+    resumed.load_state_dict(schedule.state_dict())
+    assert [resumed.lr_at(s) for s in range(90)] == [schedule.lr_at(s) for s in range(90)]
+
+
+def test_the_plan_fits_steps_and_epoch_ends_into_the_budget():
+    costs = Costs(start=10.0, step=0.5, epoch_end=3.0, finish=4.0)
+    plan = budget.make_plan(100.0, costs, steps_per_epoch=20, cap=10_000)
+    usable = 100 * (1 - budget.SAFETY) - 14
+    cost = plan.steps * 0.5 + math.ceil(plan.steps / 20) * 3.0
+    assert cost <= usable < (plan.steps + 1) * 0.5 + math.ceil((plan.steps + 1) / 20) * 3.0
+    assert not plan.capped
+    capped = budget.make_plan(100.0, costs, steps_per_epoch=20, cap=40)
+    assert capped.steps == 40 and capped.capped
+    with pytest.raises(UserError, match=r"too short for this run: .* at least 18 s"):
+        budget.make_plan(15.0, costs, steps_per_epoch=20, cap=10_000)
+
+
+def test_replan_shortens_once_when_late_and_lengthens_once_when_early():
+    costs = Costs(start=0.0, step=1.0, epoch_end=0.0, finish=0.0)
+    plan = Plan(100.0, 99, costs, capped=False)
+    on_time = budget.project(plan, 99, 10, 10, elapsed=10.0, step_seconds=1.0, epoch_end_seconds=0.0)
+    assert budget.replan(plan, on_time, 99, 10, 10, cap=1000) is None
+    late = budget.project(plan, 99, 10, 10, elapsed=10.0, step_seconds=2.0, epoch_end_seconds=0.0)
+    steps = budget.replan(plan, late, 99, 10, 10, cap=1000)
+    assert steps == 10 + math.floor((99 - 10) / 2) and plan.replans[-1]["direction"] == "shorter"
+    slower = budget.project(plan, steps, 20, 10, elapsed=40.0, step_seconds=4.0, epoch_end_seconds=0.0)
+    assert budget.replan(plan, slower, steps, 20, 10, cap=1000) is None  # shortened once already
+    early = budget.project(plan, steps, 12, 10, elapsed=13.0, step_seconds=0.5, epoch_end_seconds=0.0)
+    assert budget.replan(plan, early, steps, 12, 10, cap=1000) > steps and len(plan.replans) == 2
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("1:59", 119), ("1:02:03", 3723), ("2-00:00:01", 172_801)])
+def test_slurm_time_left(text, seconds):
+    assert budget.parse_slurm_time(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["UNLIMITED", "INVALID", "", "NOT_SET"])
+def test_a_job_without_a_limit_has_nothing_to_plan_for(text):
+    with pytest.raises(UserError, match="no time limit"):
+        budget.parse_slurm_time(text)
+
+
+def test_durations():
+    assert [load_config("smoke", [f"train.budget={t}"]).train.budget for t in ("90s", "10m", "2h30m", "1.5h")] == [
+        "90s",
+        "10m",
+        "2h30m",
+        "1.5h",
+    ]
+    from cifar100.config import parse_duration
+
+    assert [parse_duration("k", t) for t in ("90s", "10m", "2h30m", "1.5h", "1h0m30s")] == [90, 600, 9000, 5400, 3630]
+
+
+def _train(real_data, log_dir, *extra, env=None) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "train.py", *_args(real_data, log_dir, *extra)], env=env)
+
+
+def _args(real_data, log_dir, *extra) -> list[str]:
+    return ["recipe=smoke", f"data.root={real_data}", f"log.dir={log_dir}", "train.epochs=400", *extra]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("0", "expected a duration"),
+        ("-5m", "expected a duration"),
+        ("10x", "expected a duration"),
+        ("1e30h", "expected a duration"),
+        ("nan", "expected a duration"),
+        ("600", "a unit is needed: 600s or 600m?"),
+        ("5s", "at least 10s"),
+        ("9999h", "at most 366 days"),
+        ("auto", "not a Slurm job"),
+        ("10s", "is too short for this run"),
+    ],
+)
+def test_bad_budgets_are_one_line_before_any_folder(real_data, tmp_path, value, says):
+    env = {"SLURM_JOB_ID": ""} if value == "auto" else None
+    out = _train(real_data, tmp_path / "runs", f"train.budget={value}", env=env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines[-1].startswith("error: ") and says in lines[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_budget_run_ends_on_time_with_its_schedule_finished(real_data, tmp_path):
+    """45 s for everything from the process's start to summary.json: the plan fills it and the last
+    step runs at the schedule's final rate (cosine to 0)."""
+    began = time.monotonic()
+    out = _train(real_data, tmp_path, "name=b", "train.budget=45s")
+    wall = time.monotonic() - began
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = _summary(tmp_path / "b")["plan"]
+    assert out.stdout.count("budget 45s: measured") == 1, out.stdout
+    eval_seconds = max(r["eval_seconds"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()))
+    assert plan["ended_seconds"] <= 45 * 1.02 + eval_seconds, (plan, out.stdout[-2000:])
+    assert plan["ended_seconds"] >= 45 * 0.9 or plan["capped"], (plan, out.stdout[-2000:])
+    assert wall >= plan["ended_seconds"] - 1  # it counted from the process's start, not from the trainer's
+    assert plan["last_step_lr"] == 0.0
+    rows = metrics(tmp_path / "b")
+    assert rows[-1]["epoch"] == math.ceil(plan["steps"] / 8) == _summary(tmp_path / "b")["epochs"]
+
+
+@pytest.mark.slow
+def test_a_budget_run_killed_and_resumed_equals_its_plan_run_uninterrupted(real_data, tmp_path):
+    """SIGTERM to the process group, then kill -9, each after a checkpoint; every resume replays the
+    plan (no second measurement) and the metrics equal those of `train.steps=<planned>` run whole."""
+    argv = _args(
+        real_data, tmp_path, "name=r", "train.budget=60s", "train.replan=false", "train.checkpoint_every_steps=5"
+    )
+    proc = start((sys.executable, "train.py"), argv)
+    wait_for(tmp_path / "r" / "checkpoints" / "step-00000010" / "COMPLETE", proc)
+    subprocess.run(["kill", "-TERM", "--", f"-{proc.pid}"], check=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    plan = json.loads((tmp_path / "r" / "checkpoints" / "last" / "meta.json").read_text())["plan"]
+
+    proc = start((sys.executable, "train.py"), [*argv, "resume=auto"])
+    wait_for(tmp_path / "r" / "checkpoints" / "step-00000025" / "COMPLETE", proc)
+    kill_9(proc)
+    out = run_cmd([sys.executable, "train.py", *argv, "resume=auto"])
+    assert out.returncode == 0 and "budget 60s: measured" not in out.stdout, out.stderr[-3000:]
+    summary = _summary(tmp_path / "r")
+    assert summary["plan"]["steps"] == plan["steps"] and summary["plan"]["last_step_lr"] == 0.0
+
+    reference = _train(real_data, tmp_path, "name=whole", f"train.steps={plan['steps']}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert metrics(tmp_path / "r") == metrics(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_stalled_run_shortens_its_schedule_once_and_still_ends_on_time(real_data, tmp_path):
+    """The machine stops the run for a quarter of its budget (SIGSTOP, as a throttled or shared machine
+    does) after its first epoch: the projection passes the budget, what is left of the schedule is
+    shortened once, and the run still ends on time at the final rate."""
+    proc = start((sys.executable, "train.py"), _args(real_data, tmp_path, "name=s", "train.budget=60s"))
+    wait_for(tmp_path / "s" / "checkpoints" / "last", proc, timeout=60)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(15)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    plan = _summary(tmp_path / "s")["plan"]
+    assert [r["direction"] for r in plan["replans"]].count("shorter") == 1, (plan, out[-2000:])
+    assert "budget: the run was heading for" in out
+    eval_seconds = max(r["eval_seconds"] for r in map(json.loads, (tmp_path / "s" / "metrics.jsonl").open()))
+    assert plan["ended_seconds"] <= 60 * 1.02 + eval_seconds and plan["last_step_lr"] == 0.0, (plan, out[-2000:])
