@@ -10,6 +10,7 @@ which every number in the JSON can be recomputed.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from cifar100.config import apply_overrides
 from cifar100.data import cifar as cifar_data
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import EMA_FILE, apply_weights, load_ema, load_weights, read_meta
-from cifar100.runfolder.tracking import write_json_atomic
+from cifar100.runfolder.tracking import write_atomic, write_json_atomic
 from cifar100.training.engine import EvalSettings, evaluate
 from cifar100.training.models import build_model
 from cifar100.training.runtime import device_type, resolve_precision
@@ -155,8 +156,10 @@ def plot_confusion(
     ax.set(xlabel="predicted class (grouped by superclass)", ylabel="true class (grouped by superclass)", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
     fig.tight_layout()
-    fig.savefig(path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    write_atomic(path, image.getvalue())
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -276,7 +279,9 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
         return None
 
     files = {"predictions": f"eval-{tag}-predictions.npz", "confusion_matrix": f"eval-{tag}-confusion.png"}
-    np.savez(out_dir / files["predictions"], **arrays)
+    packed = io.BytesIO()
+    np.savez(packed, **arrays)
+    write_atomic(out_dir / files["predictions"], packed.getvalue())
     plot_confusion(
         arrays["test_logits"],
         arrays["test_labels"],
@@ -298,7 +303,7 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
     }
     json_path = out_dir / f"eval-{tag}.json"
     write_json_atomic(json_path, result)
-    (out_dir / f"eval-{tag}.md").write_text(to_markdown(result))
+    write_atomic(out_dir / f"eval-{tag}.md", to_markdown(result).encode())
     scores = " | ".join(
         f"{name} top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} ({m['images']} images)" for name, m in metrics.items()
     )
