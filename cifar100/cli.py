@@ -102,7 +102,7 @@ def parse_seeds(text: str) -> list[int]:
         or len(set(seeds)) != len(seeds)
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
     ):
-        raise UserError(f"seeds={shown(text)}: expected a list of distinct integers, e.g. seeds=[0,1,2]")
+        raise UserError(f"seeds={clip(text)}: expected a list of distinct integers, e.g. seeds=[0,1,2]")
     return seeds
 
 
@@ -111,7 +111,7 @@ def seed_configs(cfg: Config, seeds: list[int], text: str) -> list[Config]:
     try:
         return [from_dict({**to_dict(cfg), "seed": s, "name": f"{cfg.name}-s{s}"}) for s in seeds]
     except UserError as err:
-        raise UserError(f"seeds={shown(text)}: {err}") from None
+        raise UserError(f"seeds={clip(text)}: {err}") from None
 
 
 def cmd_train(args: list[str]) -> None:
@@ -178,7 +178,7 @@ def cmd_report(args: list[str]) -> None:
     if not paths:
         raise UserError("usage: cifar100 report FOLDER|GLOB ... [out=FOLDER] [wandb=true]")
     if publish not in (None, "true", "false"):
-        raise UserError(f"wandb={shown(publish)}: expected true or false")
+        raise UserError(f"wandb={clip(publish)}: expected true or false")
     md, columns, skipped = make_report(paths, Path(out or "report"))
     for note in skipped:
         print(f"skipped {note}")
@@ -285,7 +285,7 @@ def cmd_bench(args: list[str]) -> None:
     modes, rest = take(rest, "compile")
     eager, rest = take(rest, "eager")
     if eager not in (None, "true", "false"):
-        raise UserError(f"eager={shown(eager)}: expected true or false")
+        raise UserError(f"eager={clip(eager)}: expected true or false")
     recipe, overrides = split_args(rest)
     bench.main(
         args[0],

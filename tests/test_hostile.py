@@ -166,7 +166,7 @@ def test_no_file_of_a_run_folder_is_written_through_a_symbolic_link(tmp_path):
 
 @pytest.mark.slow
 def test_a_model_that_cannot_take_32x32_images_is_refused_before_the_data_loads(tmp_path):
-    for model in ("vit_tiny_patch16_224", "levit_128s"):
+    for model in ("vit_tiny_patch16_224",):  # levit, swin, mixer, inception_v3: the same dry forward
         line = refused(
             "train",
             "recipe=smoke",
@@ -227,7 +227,8 @@ def test_every_folder_name_the_project_makes_passes_to_report_and_eval(tmp_path,
     out = run_cmd([*CLI, "sweep", str(sweep), "run", f"log.dir={log}", f"data.root={real_data}"])
     assert out.returncode == 0, out.stderr[-3000:]
     printed = out.stdout.strip().splitlines()[-1].partition("compare them: ")[2]
-    report = run_cmd(shlex.split(printed.replace("cifar100", f"{shlex.quote(sys.executable)} -m cifar100", 1)))
+    command = shlex.split(printed.replace("cifar100", f"{shlex.quote(sys.executable)} -m cifar100", 1))
+    report = run_cmd(command, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})  # its report/ lands there
     assert report.returncode == 0 and "2 run(s)" in report.stdout, report.stderr[-3000:]
     glob = run_cmd([*CLI, "report", f"{log}/s-optim.lr=*", f"out={tmp_path / 'globbed'}"])
     assert glob.returncode == 0 and "2 run(s)" in glob.stdout, glob.stderr[-3000:]
@@ -238,7 +239,7 @@ def test_every_folder_name_the_project_makes_passes_to_report_and_eval(tmp_path,
     out = run_cmd([*CLI, "report", *(str(log / n) for n in hostile), f"out={tmp_path / 'r'}"])
     assert out.returncode == 0, out.stderr[-3000:]
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "<" not in re.sub(r"(`+).*?\1", "", md) and "### &lt;img src=x onerror=alert\\(1\\)&gt;" in md
+    assert "<" not in re.sub(r"(`+).*?\1", "", md) and "### &lt;img src=x onerror=alert(1)&gt;" in md
     assert f"`{log / 'a$$b'}`" in md and "](runs/x%5B1%5D/loss.png)" in md
     evaluated = run_cmd([*CLI, "eval", f"run={log / 'a$$b'}", f"data.root={real_data}"], cwd=ROOT)
     assert evaluated.returncode == 0 and (log / "a$$b" / "eval-best-confusion.png").is_file(), evaluated.stderr[-3000:]

@@ -356,7 +356,7 @@ def md_text(text: str) -> str:
     """`text` (a run name, a folder, a config value) as Markdown shows it literally: HTML escaped as
     report.html escapes it, Markdown's own marks behind a backslash, one line."""
     text = html.escape(" ".join(text.split()), quote=False)
-    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", text)
 
 
 def md_code(text: str) -> str:

@@ -35,7 +35,7 @@ from cifar100.errors import UserError, shown
 FILE_KEYS = ("name", "description", "recipe", "overrides", "runs", "grid", "seeds")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME = 120  # longer names fall back to <sweep>-<index>
-# Runs one sweep may hold: every one is validated before any starts (about 25 ms each), and Slurm's
+# Runs one sweep may hold: every one is validated before any starts, and Slurm's
 # default MaxArraySize (1001) takes array indexes 0-1000. Larger searches are several sweep files.
 MAX_RUNS = 1000
 
