@@ -6,6 +6,7 @@ stderr and exit status 2.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shlex
@@ -15,8 +16,19 @@ from pathlib import Path
 
 import yaml
 
-from cifar100.config import Config, available_recipes, from_dict, load_config, recipe_description, to_dict, to_yaml
-from cifar100.errors import UserError
+from cifar100.config import (
+    Config,
+    available_recipes,
+    from_dict,
+    load_config,
+    parse_yaml,
+    recipe_description,
+    rules,
+    to_dict,
+    to_yaml,
+    whole_number,
+)
+from cifar100.errors import UserError, clip, shown
 from cifar100.preemption import INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted
 
 USAGE = """usage: cifar100 <command> [recipe=NAME|PATH] [key=value ...]
@@ -62,9 +74,11 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
     recipe, overrides = None, []
     for arg in args:
         if arg.startswith("recipe="):
+            if recipe is not None:
+                raise UserError(f"recipe= is given twice (recipe={shown(recipe)} and {shown(arg)}): give it once")
             recipe = arg.partition("=")[2]
         elif "=" not in arg:
-            raise UserError(f"unexpected argument {arg!r}: arguments are recipe=NAME and key=value overrides")
+            raise UserError(f"unexpected argument {shown(arg)}: arguments are recipe=NAME and key=value overrides")
         else:
             overrides.append(arg)
     return recipe, overrides
@@ -75,6 +89,8 @@ def take(args: list[str], key: str) -> tuple[str | None, list[str]]:
     value, rest = None, []
     for arg in args:
         if arg.startswith(key + "="):
+            if value is not None:
+                raise UserError(f"{key}= is given twice ({key}={shown(value)} and {shown(arg)}): give it once")
             value = arg.partition("=")[2]
         else:
             rest.append(arg)
@@ -84,7 +100,7 @@ def take(args: list[str], key: str) -> tuple[str | None, list[str]]:
 def parse_seeds(text: str) -> list[int]:
     """`[0,1,2]` -> [0, 1, 2]: a non-empty list of distinct integers."""
     try:
-        seeds = yaml.safe_load(text)
+        seeds = parse_yaml(text)
     except yaml.YAMLError:
         seeds = None
     if (
@@ -93,7 +109,7 @@ def parse_seeds(text: str) -> list[int]:
         or len(set(seeds)) != len(seeds)
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
     ):
-        raise UserError(f"seeds={text}: expected a list of distinct integers, e.g. seeds=[0,1,2]")
+        raise UserError(f"seeds={clip(text)}: expected a list of distinct integers, e.g. seeds=[0,1,2]")
     return seeds
 
 
@@ -102,19 +118,19 @@ def seed_configs(cfg: Config, seeds: list[int], text: str) -> list[Config]:
     try:
         return [from_dict({**to_dict(cfg), "seed": s, "name": f"{cfg.name}-s{s}"}) for s in seeds]
     except UserError as err:
-        raise UserError(f"seeds={text}: {err}") from None
+        raise UserError(f"seeds={clip(text)}: {err}") from None
 
 
 def cmd_train(args: list[str]) -> None:
-    from cifar100.training.trainer import train  # heavy imports only when training
-
     seeds_text, args = take(args, "seeds")
     recipe, overrides = split_args(args)
-    cfg = load_config(recipe, overrides)
-    if seeds_text is None:
+    cfg = load_config(recipe, wandb_environment(overrides) + overrides)
+    seeds = None if seeds_text is None else parse_seeds(seeds_text)
+    from cifar100.training.trainer import train  # heavy imports only when the arguments are good
+
+    if seeds is None:
         train(cfg)
         return
-    seeds = parse_seeds(seeds_text)
     if any(o.startswith("seed=") for o in overrides):
         raise UserError("give seed=N for one run or seeds=[...] for several, not both")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -124,7 +140,7 @@ def cmd_train(args: list[str]) -> None:
             f"launch per seed: for s in {' '.join(map(str, seeds))}; do accelerate launch ... train.py "
             f"<the same arguments> seed=$s name={cfg.name}-s$s; done"
         )
-    run_dirs = [train(config) for config in seed_configs(cfg, seeds, seeds_text)]
+    run_dirs = [train(config) for config in seed_configs(cfg, seeds, seeds_text or "")]
     print(f"{len(seeds)} seeds done; compare them: cifar100 report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
 
 
@@ -188,17 +204,27 @@ def cmd_export(args: list[str]) -> None:
 def cmd_report(args: list[str]) -> None:
     from cifar100.commands.report import make_report, markdown_table, table
 
-    out, paths = take(args, "out")
-    publish, paths = take(paths, "wandb")
-    unknown = [p for p in paths if "=" in p]
-    if unknown:
-        raise UserError(
-            f"unexpected argument {unknown[0]!r}: report takes run folders or globs, out=FOLDER and wandb=true"
-        )
+    paths, own = [], []
+    for arg in args:
+        # A folder's name may hold '=' (a sweep's runs are named after their overrides): a path that
+        # exists, or a glob that matches, is a folder; otherwise out= and wandb= are the report's own.
+        if Path(arg).exists() or (glob.has_magic(arg) and glob.glob(arg)):
+            paths.append(arg)
+        elif arg.partition("=")[0] in ("out", "wandb"):
+            own.append(arg)
+        elif "=" in arg:
+            raise UserError(
+                f"unexpected argument {shown(arg)}: no such run folder, and report takes run folders or "
+                "globs, out=FOLDER and wandb=true"
+            )
+        else:
+            paths.append(arg)  # named as missing, with the other skipped paths
+    out, own = take(own, "out")
+    publish, own = take(own, "wandb")
     if not paths:
         raise UserError("usage: cifar100 report FOLDER|GLOB ... [out=FOLDER] [wandb=true]")
     if publish not in (None, "true", "false"):
-        raise UserError(f"wandb={publish}: expected true or false")
+        raise UserError(f"wandb={clip(publish)}: expected true or false")
     md, columns, skipped = make_report(paths, Path(out or "report"))
     for note in skipped:
         print(f"skipped {note}")
@@ -219,7 +245,7 @@ def cmd_report(args: list[str]) -> None:
 def cmd_sweep(args: list[str]) -> None:
     from cifar100.commands import sweep
 
-    if not args or "=" in args[0]:
+    if not args or ("=" in args[0] and not Path(args[0]).is_file()):
         raise UserError("usage: cifar100 sweep FILE [run|task=I] [key=value ...]")
     run = args[1:2] == ["run"]
     task, overrides = take(args[1 + run :], "task")
@@ -230,7 +256,8 @@ def cmd_sweep(args: list[str]) -> None:
             "sweep FILE run trains one run after another in one process; under a distributed launch "
             "start one launch per run with the arguments `cifar100 sweep FILE task=I` prints"
         )
-    plan = sweep.load_sweep(args[0], overrides)
+    # The runs trained here take W&B's environment; a task's printed arguments leave it to the node's.
+    plan = sweep.load_sweep(args[0], (wandb_environment(overrides) if run else []) + overrides)
     if task is not None:
         print("\n".join(sweep.task_args(plan, task)))
     elif run:
@@ -245,7 +272,7 @@ def cmd_sweep(args: list[str]) -> None:
 
 def cmd_show(args: list[str]) -> None:
     recipe, overrides = split_args(args)
-    print(to_yaml(load_config(recipe, overrides)), end="")
+    print(to_yaml(load_config(recipe, wandb_environment(overrides) + overrides)), end="")
 
 
 def cmd_recipes(args: list[str]) -> None:
@@ -298,18 +325,13 @@ def cmd_bench(args: list[str]) -> None:
     rest = args[1:]
     for key, default in (("steps", 20), ("warmup", 5), ("batches", 30)):
         text, rest = take(rest, key)
-        try:
-            numbers[key] = int(text) if text is not None else default
-        except ValueError:
-            raise UserError(f"{key}={text}: expected a whole number") from None
-        if numbers[key] < (0 if key == "warmup" else 1):
-            raise UserError(f"{key}={text}: must be at least {0 if key == 'warmup' else 1}")
+        numbers[key] = default if text is None else whole_number(key, text, low=0 if key == "warmup" else 1)
     json_path, rest = take(rest, "json")
     profile_path, rest = take(rest, "profile")
     modes, rest = take(rest, "compile")
     eager, rest = take(rest, "eager")
     if eager not in (None, "true", "false"):
-        raise UserError(f"eager={eager}: expected true or false")
+        raise UserError(f"eager={clip(eager)}: expected true or false")
     recipe, overrides = split_args(rest)
     bench.main(
         args[0],
@@ -320,6 +342,34 @@ def cmd_bench(args: list[str]) -> None:
         profile_path=profile_path,
         **numbers,
     )
+
+
+# W&B's documented variables, and the keys they set when the command line does not: over a recipe's
+# values and the defaults, under a `log.wandb.*` the user typed (as W&B's own settings rank them).
+WANDB_ENVIRONMENT = {
+    "WANDB_MODE": "log.wandb.mode",
+    "WANDB_PROJECT": "log.wandb.project",
+    "WANDB_ENTITY": "log.wandb.entity",
+    "WANDB_DIR": "log.wandb.dir",
+}
+WANDB_MODES = {"dryrun": "offline", "run": "online"}  # W&B's older names, which it still takes
+
+
+def wandb_environment(overrides: list[str]) -> list[str]:
+    """The `log.wandb.*=value` overrides W&B's environment variables make, for keys `overrides` leave unset."""
+    given = {o.partition("=")[0] for o in overrides}
+    out = []
+    for variable, key in WANDB_ENVIRONMENT.items():
+        value = os.environ.get(variable, "")
+        if not value or given & {key, "log.wandb", "log"}:
+            continue
+        if variable == "WANDB_MODE":
+            value = WANDB_MODES.get(value, value)
+            choices = rules(key)["choices"]
+            if value not in choices:
+                raise UserError(f"{variable}={shown(value)} (in the environment): expected {', '.join(choices)}")
+        out.append(f"{key}={value}")
+    return out
 
 
 COMMANDS = {
@@ -345,13 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(argv[0])
     try:
         if command is None:
-            raise UserError(f"unknown command {argv[0]!r}: choose one of {', '.join(COMMANDS)}")
+            raise UserError(f"unknown command {shown(argv[0])}: choose one of {', '.join(COMMANDS)}")
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _one_line_warning
             command(argv[1:])
     except UserError as err:
-        _report(f"error: {err}")
+        _report(f"error: {clip(str(err), MAX_MESSAGE)}")
         return 2
     except Preempted as err:
         what = "preempted" if err.status == PREEMPTED_EXIT else "interrupted"
@@ -367,13 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         # A path that cannot be made, read or written: often on one rank only, so every rank says it.
         where = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
         text = str(err) if err.filename2 or not err.strerror else f"{err.filename}: {err.strerror}"
-        print(f"error: {where}{text}", file=sys.stderr, flush=True)
+        print(f"error: {where}{clip(text, MAX_MESSAGE)}", file=sys.stderr, flush=True)
         return 2
     return 0
 
 
+MAX_MESSAGE = 1000  # the longest error line: every value in it is cut to a few hundred characters already
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {clip(str(message), MAX_MESSAGE)}", file=sys.stderr, flush=True)
 
 
 def _report(line: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cifar100.errors import UserError
+from cifar100.errors import UserError, clip, shown
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -66,6 +66,14 @@ SCHEDULE_NAMES = ("cosine", "step", "plateau", "none")
 
 # Upper bounds that keep a typo from exhausting memory or overflowing before anything useful runs.
 _MANY = 10**6
+# What YAML (a recipe, a sweep file, a command-line value) may hold: a recipe is tens of keys a few
+# levels deep, so these refuse only what would exhaust the stack or memory ("billion laughs" aliases).
+MAX_DEPTH = 50  # nested collections
+MAX_NODES = 100_000  # values once every alias is expanded
+MAX_BASES = 32  # recipes in one `base:` chain
+# A run name is what every consumer takes literally: a folder, a plot title, a W&B run, a report entry, a shell word.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,@-]*")
+MAX_NAME = 200
 _SEED_MAX = 2**32 - 1  # numpy's and torch's seeding accept up to this
 
 
@@ -198,9 +206,13 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class WandbConfig:
+    """Where W&B logs; the WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY and WANDB_DIR environment variables
+    win over a recipe's values and these defaults, a `log.wandb.*` on the command line over them."""
+
     mode: str = setting("offline", choices=("online", "offline", "disabled"))
     project: str = "cifar100"
     entity: str | None = None
+    dir: str | None = setting(None, doc="the folder W&B writes its files under; None = the run folder")
 
 
 @dataclass(frozen=True)
@@ -291,8 +303,17 @@ def load_config(recipe: str | None, overrides: list[str]) -> Config:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> Config:
     """Plain config data (a recipe, or the config a checkpoint saved) plus `key=value` overrides, validated."""
     raw = copy.deepcopy(raw)
+    given: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
+        # A key given twice (or a section and a key inside it) is refused, like a duplicate key in a recipe.
+        twice = next((k for k in given if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if twice is not None:
+            raise UserError(
+                f"{clip(given[twice])} and {clip(item)}: {min(twice, key, key=len)} is given twice on the "
+                "command line; give it once"
+            )
+        given[key] = item
         _set_dotted(raw, key, value)
     return from_dict(raw)
 
@@ -303,7 +324,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     (`augment.mean=[0.5,0.5,0.5]`)."""
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise UserError(f"expected key=value, got {item!r}")
+        raise UserError(f"expected key=value, got {shown(item)}")
     if key not in _key_set():
         raise _unknown_key(key)
     hint = _leaf_hint(key)
@@ -311,9 +332,21 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key, _unquoted(text)
     try:
         value = _load_yaml(text) if text != "" else ""
+    except YamlLimit as err:
+        raise UserError(f"{key}: {err}") from None
     except yaml.YAMLError:
-        raise UserError(f"cannot parse the value of {key}: {text!r} is not a YAML scalar or list") from None
+        raise UserError(f"cannot parse the value of {key}: {shown(text)} is not a YAML scalar or list") from None
     return key, value
+
+
+def whole_number(key: str, text: str, low: int = 0) -> int:
+    """A command's own `key=N` (`task=`, `steps=`) as a person means it: ASCII digits only (Python's
+    `isdigit` and `int` also take '²', '٣' and '1_0'), at least `low`; anything else is one line."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise UserError(f"{key}={shown(text)}: expected a whole number, written with the digits 0-9")
+    if int(text) < low:
+        raise UserError(f"{key}={text}: must be at least {low}")
+    return int(text)
 
 
 def _unquoted(text: str) -> str:
@@ -356,8 +389,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, in schema order."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+    """The resolved config as YAML, in schema order, that reads back the same under YAML 1.1 and 1.2."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=120)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -381,38 +414,129 @@ def _find_recipe(recipe: str) -> Path:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
     names = ", ".join(recipes) or "(none)"
-    raise UserError(f"unknown recipe {recipe!r}: available recipes are {names}, or give a path to a .yaml file")
+    raise UserError(f"unknown recipe {shown(recipe)}: available recipes are {names}, or give a path to a .yaml file")
+
+
+class YamlLimit(yaml.YAMLError):
+    """YAML beyond MAX_DEPTH or MAX_NODES: its message is one short line, never the value."""
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as people now read it (the 1.2 core schema): only true/false are booleans and nothing is
-    a date, so `precision: no` is the text "no"; a key given twice in one mapping is an error."""
+    """YAML as people now read it (the 1.2 core schema): only true/false are booleans, numbers are
+    decimal, 0o octal or 0x hex (no `1:30` sexagesimals, no `1_000`) and nothing is a date, so
+    `precision: no` is the text "no"; a key given twice in one mapping is an error. Nesting deeper
+    than MAX_DEPTH, or more than MAX_NODES values once aliases are expanded, is refused."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise YamlLimit(f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        try:
+            return int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
+        except (ValueError, IndexError):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown(text)} is not an integer", node.start_mark
+            ) from None
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {shown(key)} is given twice", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
 
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values a document holds with every alias expanded (a node counted once per place it
+    appears) without expanding anything, so an alias bomb is refused at once; refuse a cycle too."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # collections whose children are still being counted
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, counted = stack.pop()
+        children = _children(node)
+        if counted:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_NODES:
+                raise YamlLimit(f"more than {MAX_NODES} values once its aliases are expanded")
+        elif id(node) in open_:
+            raise YamlLimit("an alias refers to a collection that holds it")
+        elif id(node) not in size:
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+_STR, _INT, _FLOAT = "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _Loader.yaml_implicit_resolvers = {
     first: [
         (tag, regexp)
         for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp", _INT, _FLOAT)
     ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+# The YAML 1.2 core schema's numbers (the int resolver first: "12" also matches the float one).
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
+_Loader.add_constructor(_INT, _Loader.construct_yaml_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes a text that YAML 1.1 (PyYAML's safe_load) or 1.2 (our loader) would read as anything
+    else: `1e5`, `0o17`, `no` and `1:30` stay texts for both."""
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag == _STR:
+            for candidate, regexp in _Loader.yaml_implicit_resolvers.get(value[:1] or None, []):
+                if regexp.match(value):
+                    return candidate
+        return tag
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except (ValueError, TypeError, OverflowError) as err:  # an explicit tag on a bad value: `!!float abc`
+        raise yaml.YAMLError(clip(str(err))) from None
+
+
+def parse_yaml(text: str) -> Any:
+    """A command-line value (`seeds=[0,1]`) read as the recipes are: YAML 1.2 core, within the limits above."""
+    return _load_yaml(text)
 
 
 def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
@@ -421,8 +545,10 @@ def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
         data = _load_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from None
+    except YamlLimit as err:
+        raise UserError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise UserError(f"{path}: not valid YAML ({clip(' '.join(str(err).split()), 400)})") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read the {what} ({err.strerror})") from None
     if data is None:
@@ -436,7 +562,9 @@ def _resolve_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     """The recipe merged over its `base:` chain (a base may be a recipe name or a path)."""
     if path.resolve() in seen:
         chain = " -> ".join(p.stem for p in (*seen, path.resolve()))
-        raise UserError(f"recipe inheritance loops: {chain}")
+        raise UserError(clip(f"recipe inheritance loops: {chain}", 400))
+    if len(seen) >= MAX_BASES:
+        raise UserError(f"{path}: more than {MAX_BASES} recipes in one base: chain (from {seen[0]})")
     data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
@@ -499,12 +627,12 @@ def _unknown_key(key: str) -> UserError:
         leaf = key.rsplit(".", 1)[-1]
         close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:2]
     hint = f"; did you mean {' or '.join(close)}?" if close else "; `cifar100 show` lists every key"
-    return UserError(f"unknown config key {key!r}{hint}")
+    return UserError(f"unknown config key {shown(key)}{hint}")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {shown(raw)}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -551,7 +679,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     else:
         result = _coerce_plain(value, hint)
     if result is _MISMATCH:
-        raise UserError(f"{key}={value!r}: expected {_type_name(hint)}, got {type(value).__name__}")
+        raise UserError(f"{key}={shown(value)}: expected {_type_name(hint)}, got {type(value).__name__}")
     if result is not None:
         _check_rules(key, value, result, rules(key))
     return result
@@ -561,28 +689,30 @@ def _check_rules(key: str, value: Any, result: Any, rule: dict[str, Any]) -> Non
     """A value of the right type, held to the rules `setting` put on its field."""
     choices = rule.get("choices")
     if choices and result not in choices:
-        raise UserError(f"{key}={value!r}: expected one of {', '.join(choices)}")
-    if rule.get("component") and (result in ("", ".", "..") or "/" in result or "\0" in result):
+        raise UserError(f"{key}={shown(value)}: expected one of {', '.join(choices)}")
+    if rule.get("component") and (len(result) > MAX_NAME or not RUN_NAME.fullmatch(result)):
         raise UserError(
-            f"{key}={value!r}: must name one folder inside log.dir (not empty, '.', '..', nor containing '/')"
+            f"{key}={shown(value)}: must name one folder inside log.dir: letters, digits and . _ - + = , @, "
+            f"starting with a letter or digit, at most {MAX_NAME} characters (plots, W&B, the report and "
+            "the shell then all take it literally)"
         )
     if rule.get("duration") and result not in ("none", "auto"):
         parse_duration(key, result)
     length = rule.get("length")
     if length is not None and len(result) != length:
-        raise UserError(f"{key}={value!r}: expected a list of {length} numbers, got {len(result)}")
+        raise UserError(f"{key}={shown(value)}: expected a list of {length} numbers, got {len(result)}")
     for number in result if isinstance(result, tuple) else (result,):
         if not isinstance(number, (int, float)) or isinstance(number, bool):
             continue
         if not math.isfinite(number):
-            raise UserError(f"{key}={value!r}: must be a finite number")
+            raise UserError(f"{key}={shown(value)}: must be a finite number")
         low, high, above = rule.get("low"), rule.get("high"), rule.get("above")
         if low is not None and number < low:
-            raise UserError(f"{key}={value!r}: must be at least {low}")
+            raise UserError(f"{key}={shown(value)}: must be at least {low}")
         if above is not None and number <= above:
-            raise UserError(f"{key}={value!r}: must be greater than {above}")
+            raise UserError(f"{key}={shown(value)}: must be greater than {above}")
         if high is not None and number > high:
-            raise UserError(f"{key}={value!r}: must be at most {high}")
+            raise UserError(f"{key}={shown(value)}: must be at most {high}")
 
 
 # A wall-clock duration: hours, minutes and seconds in that order, each optional, at least one.

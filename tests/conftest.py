@@ -80,6 +80,13 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
 
 
+def overridden(defaults: list[str], extra: tuple[str, ...] | list[str]) -> list[str]:
+    """`defaults` (key=value) less the keys `extra` sets, then `extra`: a command line gives each key
+    once (the CLI refuses one given twice)."""
+    keys = {e.partition("=")[0] for e in extra}
+    return [d for d in defaults if d.partition("=")[0] not in keys] + list(extra)
+
+
 def run_cmd(
     args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, clean_environ, run_cmd, shared_folder
+from conftest import ROOT, clean_environ, overridden, run_cmd, shared_folder
 from test_records import GOOD_META, GOOD_STATE
 
 from cifar100.config import ModelConfig
@@ -49,15 +49,17 @@ DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 def args(real_data, log_dir, name, *extra):
-    return [
-        "recipe=smoke",
-        f"data.root={real_data}",
-        f"log.dir={log_dir}",
-        f"name={name}",
-        "train.epochs=3",
-        "train.checkpoint_every_steps=3",
-        *extra,
-    ]
+    return overridden(
+        [
+            "recipe=smoke",
+            f"data.root={real_data}",
+            f"log.dir={log_dir}",
+            f"name={name}",
+            "train.epochs=3",
+            "train.checkpoint_every_steps=3",
+        ],
+        extra,
+    )
 
 
 def metrics(run: Path) -> list[dict]:

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import fill, run_cmd, shared_folder
+from conftest import fill, overridden, run_cmd, shared_folder
 from test_resume import DDP_ENV, ONE, TWO, finish, metrics, start, wait_for
+from test_resume import args as resume_args
 
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import save_checkpoint
@@ -29,16 +30,7 @@ EPOCH_3_STEP_5 = "step-00000021"
 
 def args(real_data, log_dir, name, *extra):
     # resume=auto from the start: a later resume=auto of the same run then has the same config.yaml.
-    return [
-        "recipe=smoke",
-        f"data.root={real_data}",
-        f"log.dir={log_dir}",
-        f"name={name}",
-        "train.epochs=3",
-        "train.checkpoint_every_steps=3",
-        "resume=auto",
-        *extra,
-    ]
+    return resume_args(real_data, log_dir, name, *overridden(["resume=auto"], extra))
 
 
 @pytest.fixture(scope="session")

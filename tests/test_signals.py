@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, clean_environ, shared_folder
+from conftest import ROOT, clean_environ, overridden, shared_folder
 from test_cluster import dockerfile
 from test_resume import ONE, finish, metrics, start, wait_for
 
@@ -39,15 +39,10 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def args(real_data, log_dir, name, *extra) -> list[str]:
-    return [
-        "recipe=smoke",
-        f"data.root={real_data}",
-        f"log.dir={log_dir}",
-        f"name={name}",
-        "train.epochs=3",
-        *WORKERS,
-        *extra,
-    ]
+    return overridden(
+        ["recipe=smoke", f"data.root={real_data}", f"log.dir={log_dir}", f"name={name}", "train.epochs=3", *WORKERS],
+        extra,
+    )
 
 
 @pytest.fixture(scope="session")

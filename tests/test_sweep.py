@@ -222,8 +222,8 @@ def test_sweep_sbatch_dry_run_prints_the_array_and_each_task(tmp_path):
     assert [t.split(":")[0] for t in tasks] == ["0", "1", "2", "3"]
     assert "world size 2: 1 node(s) x 2 process(es) on cpu" in tasks[3] and "per-process batch 25 " in tasks[3]
     assert (
-        "train.py name=cifar100-JOBID resume=auto recipe=smoke optim.lr=0.2 data.root=/d seed=1 "
-        "name=d-optim.lr=0.2-s1 sweep.name=d"
+        # the task's own name= replaces the job's (a key given twice is refused)
+        "train.py resume=auto recipe=smoke optim.lr=0.2 data.root=/d seed=1 name=d-optim.lr=0.2-s1 sweep.name=d"
     ) in tasks[3]
     bad = write(tmp_path, {"name": "d", "recipe": "smoke", "grid": {"optim.lr": [0.1, "x"]}}, "bad.yaml")
     out = run_cmd(["bash", "launch/slurm/sweep.sbatch", "--dry-run", str(bad)], env=env, timeout=60)

@@ -10,6 +10,7 @@ which every number in the JSON can be recomputed.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,7 +22,7 @@ from accelerate import Accelerator
 
 from cifar100.commands.trained import load_trained
 from cifar100.data import cifar as cifar_data
-from cifar100.runfolder.tracking import write_json_atomic
+from cifar100.runfolder.tracking import write_atomic, write_json_atomic
 from cifar100.training.engine import EvalSettings, evaluate
 from cifar100.training.runtime import device_type, resolve_precision
 
@@ -120,8 +121,10 @@ def plot_confusion(
     ax.set(xlabel="predicted class (grouped by superclass)", ylabel="true class (grouped by superclass)", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_atomic(path, png.getvalue())
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -221,8 +224,10 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
         return None
 
     files = {"predictions": f"eval-{tag}-predictions.npz", "confusion_matrix": f"eval-{tag}-confusion.png"}
+    packed = io.BytesIO()
     # mypy matches **arrays against savez's allow_pickle: bool too; no array here has that name.
-    np.savez(out_dir / files["predictions"], **arrays)  # type: ignore[arg-type]
+    np.savez(packed, **arrays)  # type: ignore[arg-type]
+    write_atomic(out_dir / files["predictions"], packed.getvalue())
     plot_confusion(
         arrays["test_logits"],
         arrays["test_labels"],
@@ -244,7 +249,7 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
     }
     json_path = out_dir / f"eval-{tag}.json"
     write_json_atomic(json_path, result)
-    (out_dir / f"eval-{tag}.md").write_text(to_markdown(result))
+    write_atomic(out_dir / f"eval-{tag}.md", to_markdown(result).encode())
     scores = " | ".join(
         f"{name} top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} ({m['images']} images)" for name, m in metrics.items()
     )

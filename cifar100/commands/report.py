@@ -14,16 +14,16 @@ import html
 import json
 import re
 import statistics
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-import yaml
 
-from cifar100.config import Config, flatten, from_dict, is_launch_key, to_dict
-from cifar100.errors import UserError
+from cifar100.config import Config, flatten, from_dict, is_launch_key, read_yaml, to_dict
+from cifar100.errors import UserError, clip
 from cifar100.runfolder.records import summary_problem
 from cifar100.runfolder.tracking import plot_history, read_metrics
 from cifar100.training.eta import duration_text
@@ -72,7 +72,9 @@ def find_runs(patterns: list[str]) -> tuple[list[Run], list[str]]:
     """The finished run folders named by paths or glob patterns, and a note for each path skipped."""
     paths, skipped = [], []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        # A folder that exists is itself, whatever characters ([, *, ?) its name holds.
+        literal = Path(pattern).exists() or not glob.has_magic(pattern)
+        matches = [pattern] if literal else sorted(glob.glob(pattern))
         if not matches:
             skipped.append(f"{pattern}: matches nothing")
         paths += [Path(m) for m in matches]
@@ -96,11 +98,11 @@ def find_runs(patterns: list[str]) -> tuple[list[Run], list[str]]:
 
 def _read_run(path: Path, label: str) -> Run:
     """A run folder read and checked; a UserError names the file that is malformed."""
+    raw = read_yaml(path / "config.yaml", "run's config")  # with the recipes' limits on depth and aliases
     try:
-        raw = yaml.safe_load((path / "config.yaml").read_text())
         summary = json.loads((path / "summary.json").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable run folder ({err})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise UserError(f"{path}: unreadable run folder ({clip(str(err))})") from None
     problem = summary_problem(summary)
     if problem:
         raise UserError(f"{path / 'summary.json'}: unreadable ({problem})")
@@ -350,14 +352,28 @@ def plot_overlay(columns: list[Column], out: Path) -> list[Path]:
     return paths
 
 
+def md_text(text: str) -> str:
+    """`text` (a run name, a folder, a config value) as Markdown shows it literally: HTML escaped as
+    report.html escapes it, Markdown's own marks behind a backslash, one line."""
+    text = html.escape(" ".join(text.split()), quote=False)
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", text)
+
+
+def md_code(text: str) -> str:
+    """`text` as a Markdown code span, fenced by more backticks than it holds in a row."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if text.startswith("`") or text.endswith("`") else f"{fence}{text}{fence}"
+
+
+def md_link(path: Path) -> str:
+    """A relative path as a Markdown link target: spaces and other marks percent-encoded."""
+    return urllib.parse.quote(path.as_posix())
+
+
 def markdown_table(rows: list[tuple[str, list[str]]], columns: list[Column]) -> str:
     """The comparison as a markdown table (also the W&B Report's)."""
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    lines = ["| | " + " | ".join(cell(c.label) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {title} | " + " | ".join(cell(v) for v in values) + " |" for title, values in rows]
+    lines = ["| | " + " | ".join(md_text(c.label) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {md_text(title)} | " + " | ".join(md_text(v) for v in values) + " |" for title, values in rows]
     return "\n".join(lines)
 
 
@@ -370,13 +386,15 @@ def render_markdown(
 ) -> str:
     """report.md: the table, the verdict, the overlaid curves and each run's plots (relative links)."""
     lines = [f"# {TITLE}", "", EXPLANATION, "", markdown_table(rows, columns)]
-    lines += ["", verdict(columns), "", "## All runs overlaid", ""]
-    lines += [f"![{p.stem}]({p.relative_to(out)})" for p in overlay]
+    lines += ["", md_text(verdict(columns)), "", "## All runs overlaid", ""]
+    lines += [f"![{md_text(p.stem)}]({md_link(p.relative_to(out))})" for p in overlay]
     lines += ["", "## Each run", ""]
     for column in columns:
         for run in column.runs:
-            lines += [f"### {run.label}", "", f"`{run.path}`", ""]
-            lines += [f"![{run.label} {p.stem}]({p.relative_to(out)})" for p in per_run[run.label]] + [""]
+            lines += [f"### {md_text(run.label)}", "", md_code(str(run.path)), ""]
+            lines += [
+                f"![{md_text(run.label)} {p.stem}]({md_link(p.relative_to(out))})" for p in per_run[run.label]
+            ] + [""]
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,15 @@ from typing import Any
 
 import yaml
 
-from cifar100.config import Config, load_config, parse_override, read_yaml
-from cifar100.errors import UserError
+from cifar100.config import Config, load_config, parse_override, read_yaml, whole_number
+from cifar100.errors import UserError, shown
 
 FILE_KEYS = ("name", "description", "recipe", "overrides", "runs", "grid", "seeds")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME = 120  # longer names fall back to <sweep>-<index>
+# Runs one sweep may hold: every one is validated before any starts, and Slurm's
+# default MaxArraySize (1001) takes array indexes 0-1000. Larger searches are several sweep files.
+MAX_RUNS = 1000
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
         raise UserError(
             f"{path}: name: expected a word of letters, digits, '.', '_' or '-' that starts with a letter or "
-            f"digit (it starts every run folder's name), got {name!r}"
+            f"digit (it starts every run folder's name), got {shown(name)}"
         )
     fixed = _mapping(path, spec, "overrides")
     sets = _override_sets(path, spec.get("runs"))
@@ -78,6 +82,13 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
         clash = set(s) & set(grid)
         if clash:
             raise UserError(f"{path}: {min(clash)} is both in runs and in grid: give it in one of them")
+    count = len(sets) * math.prod(len(v) for v in grid.values()) * max(len(seeds), 1)
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(v)) for v in grid.values()) or "1"
+        raise UserError(
+            f"{path}: {count} runs ({len(sets)} override set(s) x {sizes} grid values x {max(len(seeds), 1)} "
+            f"seed(s)); a sweep holds at most {MAX_RUNS}: split it into several files"
+        )
     combos = [{**s, **dict(zip(grid, values))} for s in sets for values in itertools.product(*grid.values())]
     # The keys some runs set apart from others, the runs' keys first: they name the runs.
     varying = [
@@ -100,7 +111,8 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
             )
         names[run_name] = index
         recipe = _recipe(path, combo.get("recipe", default_recipe))
-        settings = [f"{k}={_text(v)}" for k, v in {**fixed, **combo}.items() if k != "recipe"]
+        # A key the command line gives wins over the file's fixed value, and is passed once.
+        settings = [f"{k}={_text(v)}" for k, v in {**fixed, **combo}.items() if k != "recipe" and k not in extra_keys]
         args = (
             f"recipe={recipe}",
             *settings,
@@ -116,7 +128,7 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
 
 def task_args(sweep: Sweep, task: str) -> tuple[str, ...]:
     """The train.py arguments of array task `task` (an index into the runs)."""
-    if not task.isdigit() or int(task) >= len(sweep.runs):
+    if whole_number("task", task) >= len(sweep.runs):
         raise UserError(
             f"task={task}: the sweep {sweep.path} has {len(sweep.runs)} runs, tasks 0-{len(sweep.runs) - 1}"
         )
@@ -186,7 +198,7 @@ def _read(path: Path) -> dict[str, Any]:
         if key not in FILE_KEYS:
             close = difflib.get_close_matches(str(key), FILE_KEYS, n=1)
             hint = f"; did you mean {close[0]}?" if close else f"; a sweep file has {', '.join(FILE_KEYS)}"
-            raise UserError(f"{path}: unknown sweep key {key!r}{hint}")
+            raise UserError(f"{path}: unknown sweep key {shown(key)}{hint}")
     if "recipe" not in spec:
         raise UserError(f"{path}: recipe: missing (the base recipe every run starts from)")
     return spec
@@ -195,7 +207,7 @@ def _read(path: Path) -> dict[str, Any]:
 def _mapping(path: Path, spec: dict[str, Any], key: str) -> dict[str, Any]:
     value = spec.get(key) or {}
     if not isinstance(value, dict):
-        raise UserError(f"{path}: {key}: expected a mapping of config keys to values, got {value!r}")
+        raise UserError(f"{path}: {key}: expected a mapping of config keys to values, got {shown(value)}")
     return {str(k): v for k, v in value.items()}
 
 
@@ -214,7 +226,7 @@ def _grid(path: Path, grid: Any) -> dict[str, list[Any]]:
         raise UserError(f"{path}: grid: empty; give each key a list of values, e.g. grid: {{optim.lr: [0.1, 0.2]}}")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise UserError(f"{path}: grid: {key}: expected a non-empty list of values, got {values!r}")
+            raise UserError(f"{path}: grid: {key}: expected a non-empty list of values, got {shown(values)}")
     return {str(k): v for k, v in grid.items()}
 
 
@@ -254,7 +266,7 @@ def _check_extra(path: Path, extra: list[str]) -> set[str]:
 
 def _recipe(path: Path, recipe: Any) -> str:
     if not isinstance(recipe, str) or not recipe:
-        raise UserError(f"{path}: recipe: expected a recipe name or a .yaml path, got {recipe!r}")
+        raise UserError(f"{path}: recipe: expected a recipe name or a .yaml path, got {shown(recipe)}")
     beside = path.parent / recipe  # a recipe path is relative to the sweep file, like a recipe's base:
     return str(beside) if beside.suffix in (".yaml", ".yml") and beside.is_file() else recipe
 

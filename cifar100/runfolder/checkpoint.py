@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from cifar100.errors import UserError
+from cifar100.errors import UserError, clip
 from cifar100.runfolder.records import meta_problem, train_state_problem
 
 MARKER = "COMPLETE"
@@ -200,6 +200,8 @@ def save_checkpoint(
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp, final, old = ckpt_dir / f".tmp-{tag}", ckpt_dir / tag, ckpt_dir / f".old-{tag}"
+    if tmp.is_symlink():  # never written through: the checkpoint is built in a folder of its own
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -258,17 +260,21 @@ def is_complete(path: Path) -> bool:
 
 
 def find_latest(
-    ckpt_dir: Path,
+    ckpt_dir: Path, skipped: list[str] | None = None
 ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None] | None:
     """The newest checkpoint that loads, with its weights, train state and averaged weights (or None).
 
-    A truncated, corrupt or impossible newer one is skipped with a warning naming it; None when none loads.
+    A truncated, corrupt or impossible newer one is skipped with a warning naming it (or, given a
+    `skipped` list, a note in it: the caller decides); None when none loads.
     """
     for path in sorted(ckpt_dir.glob(f"{PREFIX}*"), reverse=True):
         try:
             return (path, *read_checkpoint(path))
         except UserError as err:
-            warnings.warn(f"skipping checkpoint {path.name}: {err}", stacklevel=2)
+            if skipped is None:
+                warnings.warn(f"skipping checkpoint {path.name}: {err}", stacklevel=2)
+            else:
+                skipped.append(f"{path.name}: {clip(str(err))}")
     return None
 
 
@@ -319,7 +325,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     """The checkpoint's meta.json (position, counters, config, ...), checked as data."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise UserError(f"{path / 'meta.json'}: unreadable ({err})") from None
     problem = meta_problem(meta, resumable=path.name.startswith(PREFIX))
     if problem:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cifar100.config import flatten, is_launch_key
-from cifar100.errors import UserError
+from cifar100.errors import UserError, clip
 from cifar100.runfolder.checkpoint import (
     PREFIX,
     Snapshot,
@@ -29,7 +29,8 @@ from cifar100.runfolder.checkpoint import (
     read_checkpoint,
     read_meta,
 )
-from cifar100.runfolder.rundir import Located, lock, unique_run_dir
+from cifar100.runfolder.rundir import Located, fork_history, lock, run_of, unique_run_dir
+from cifar100.runfolder.tracking import read_metrics
 
 # Besides the launch keys, the ways out of a diverged run that the non-finite-loss error suggests;
 # changing them on a resume is allowed, with a warning that the run is no longer one experiment.
@@ -43,36 +44,85 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
     if resume == "auto":
         run_dir = Path(log_dir) / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        found = find_latest(lock(run_dir) / "checkpoints")
-        return Located(run_dir, found[0], found[1:]) if found else Located(run_dir)
+        skipped: list[str] = []
+        found = find_latest(lock(run_dir) / "checkpoints", skipped)
+        if found:
+            for note in skipped:
+                warnings.warn(f"skipping checkpoint {note}", stacklevel=2)
+            return Located(run_dir, found[0], found[1:])
+        history = _history(run_dir)
+        if history:
+            # Starting over here would empty metrics.jsonl and overwrite the best weights.
+            unreadable = "; ".join(skipped[:3]) + (" …" if len(skipped) > 3 else "") or "checkpoints/ holds none"
+            raise UserError(
+                f"{run_dir} holds {history}, but no checkpoint of it loads ({unreadable}); nothing was changed: "
+                "continue from a checkpoint that loads with resume=PATH, or start anew in a new folder with "
+                "resume=none (or another name=)"
+            )
+        return Located(run_dir)
     path = Path(resume)
     is_run = (path / "checkpoints").is_dir()
     if not is_run and not is_complete(path):
         raise UserError(
-            f"resume={resume}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
+            f"resume={clip(resume)}: not a checkpoint folder (expected model.safetensors and COMPLETE) "
             "nor a run folder with checkpoints/; use resume=auto to continue <log.dir>/<name>"
         )
-    owner = path.resolve() if is_run else path.resolve().parent.parent
-    mine = (Path(log_dir) / name).resolve() == owner
-    if mine:
+    owner = path.resolve() if is_run else run_of(path.resolve())
+    mine = owner == (Path(log_dir) / name).resolve()
+    if not is_run and owner is not None and mine and path.resolve().parent != owner / "checkpoints":
+        raise UserError(
+            f"resume={clip(resume)}: a checkpoint set aside when this run went back to an older one; "
+            "continuing this run from it would mix two histories: fork it into a new folder with another name="
+        )
+    if owner is not None and mine:
         lock(owner)
     if is_run:
         found = find_latest(path / "checkpoints")
         if not found:
-            raise UserError(f"resume={resume}: no complete checkpoint under {path / 'checkpoints'}")
+            raise UserError(f"resume={clip(resume)}: no complete checkpoint under {path / 'checkpoints'}")
         checkpoint, read = found[0].resolve(), found[1:]
     else:
         checkpoint = path.resolve()
         if not checkpoint.name.startswith(PREFIX):
             raise UserError(
-                f"resume={resume}: {checkpoint.name} holds weights only (the best epoch's, for eval); "
+                f"resume={clip(resume)}: {checkpoint.name} holds weights only (the best epoch's, for eval); "
                 f"resume from a {PREFIX}… checkpoint, or use resume=auto"
             )
         read = read_checkpoint(checkpoint)
     if not mine:
+        _check_fork_history(resume, checkpoint, owner)
         return Located(None, checkpoint, read, fork_of=owner)
     newer = tuple(sorted(p for p in checkpoint.parent.glob(f"{PREFIX}*") if p.name > checkpoint.name))
     return Located(owner, checkpoint, read, newer)
+
+
+def _history(run_dir: Path) -> str:
+    """What of a run's history a fresh start in `run_dir` would destroy ("" when nothing)."""
+    try:
+        epochs = len(read_metrics(run_dir / "metrics.jsonl"))
+    except UserError:
+        epochs = 1  # unreadable rows are history too
+    found = [
+        f"{epochs} epoch(s) of metrics.jsonl" if epochs else "",
+        "summary.json" if (run_dir / "summary.json").exists() else "",
+        "best weights" if (run_dir / "checkpoints" / "best").exists() else "",
+    ]
+    return ", ".join(f for f in found if f)
+
+
+def _check_fork_history(resume: str, checkpoint: Path, owner: Path | None) -> None:
+    """A fork continues its source's history: refuse, before any folder is made, one whose metrics
+    rows of the epochs its checkpoint has done are not kept."""
+    done = read_meta(checkpoint)["totals"].get("epochs_done", 0)
+    history = fork_history(checkpoint, owner) if owner is not None else None
+    kept = [r["epoch"] for r in read_metrics(history) if r["epoch"] <= done] if history else []
+    if kept != list(range(1, done + 1)):
+        where = history or f"{checkpoint} (in no run folder's checkpoints/)"
+        raise UserError(
+            f"resume={clip(resume)}: a fork copies the metrics of the {done} epoch(s) its checkpoint has done, "
+            f"but {where} holds {len(kept)} of them; nothing was made: fork a checkpoint of a run folder that "
+            "holds them, or start anew with resume=none"
+        )
 
 
 def load(

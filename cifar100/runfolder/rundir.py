@@ -22,7 +22,7 @@ import torch
 
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import is_complete, point_link
-from cifar100.runfolder.tracking import read_metrics, rewrite_metrics
+from cifar100.runfolder.tracking import open_in_run, read_metrics, rewrite_metrics, write_run_file
 
 LOCK = ".lock"
 _held: list[int] = []  # open lock files: the locks last as long as the process
@@ -47,7 +47,7 @@ def lock(run_dir: Path) -> Path:
 
     Refused with one line when another live process holds the folder, before anything in it changes.
     """
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_in_run(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -64,6 +64,20 @@ def lock(run_dir: Path) -> Path:
     except OSError:
         pass
     return run_dir
+
+
+def run_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint folder lies in (`<run>/checkpoints/...`, set aside ones in
+    `checkpoints/abandoned/` included), or None outside any."""
+    return next((p.parent for p in checkpoint.parents if p.name == "checkpoints"), None)
+
+
+def fork_history(checkpoint: Path, owner: Path) -> Path:
+    """The metrics.jsonl a fork of `checkpoint` (of the run `owner`) takes its rows from: the run's,
+    or for a checkpoint set aside in `checkpoints/abandoned/`, the rows kept beside it then."""
+    if checkpoint.parent == owner / "checkpoints":
+        return owner / "metrics.jsonl"
+    return checkpoint.parent / "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -99,8 +113,9 @@ def adopt(located: Located, log_dir: str, name: str, epochs_done: int) -> Adopte
     """
     if located.fork_of is not None:
         run_dir = lock(unique_run_dir(log_dir, name))
-        _copy_history(located.fork_of, cast(Path, located.checkpoint), run_dir)  # a fork is of a checkpoint
-        source = located.fork_of / "metrics.jsonl"
+        checkpoint = cast(Path, located.checkpoint)  # a fork is of a checkpoint
+        _copy_history(located.fork_of, checkpoint, run_dir)
+        source = fork_history(checkpoint, located.fork_of)
     else:
         run_dir = cast(Path, located.run_dir)  # None only for a fork
         source = run_dir / "metrics.jsonl"
@@ -119,7 +134,10 @@ def _copy_history(source: Path, checkpoint: Path, run_dir: Path) -> None:
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir()
     best = (source / "checkpoints" / "best").resolve()
-    copies = [checkpoint] + ([best] if is_complete(best) and best.name.removeprefix("best-") <= checkpoint.name else [])
+    # The run's best weights are the fork's history too when older than its checkpoint; not for a
+    # checkpoint set aside, whose history parted from the run's.
+    shared = checkpoint.parent == source / "checkpoints" and best.name.removeprefix("best-") <= checkpoint.name
+    copies = [checkpoint] + ([best] if shared and is_complete(best) else [])
     for folder in copies:
         tmp = ckpt_dir / f".tmp-{folder.name}"  # complete or absent, as a checkpoint written here
         try:
@@ -136,6 +154,9 @@ def _copy_history(source: Path, checkpoint: Path, run_dir: Path) -> None:
 def _set_aside(checkpoint: Path, newer: tuple[Path, ...]) -> None:
     """Going back to an older checkpoint of the same run: keep the newer ones, out of resume=auto's way."""
     aside = unique_run_dir(checkpoint.parent / "abandoned", f"after-{checkpoint.name}")
+    metrics = checkpoint.parent.parent / "metrics.jsonl"
+    if metrics.is_file():  # the rows the newer checkpoints continue, so that a fork of one has them
+        write_run_file(aside / "metrics.jsonl", metrics.read_text())
     for path in newer:
         os.replace(path, aside / path.name)
     point_link(checkpoint.parent, "last", checkpoint.name)

@@ -6,10 +6,12 @@ through Accelerate's tracker; any W&B failure is a warning, never the end of a t
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import shlex
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,13 +27,42 @@ from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import is_complete, read_meta
 from cifar100.runfolder.records import metrics_row_problem
 
+# Every text on a plot is literal: run names, folder names and sweep values become titles and
+# legends, and mathtext would read `a$$b` as a formula (and fail). The report and eval plot through
+# this module's import too.
+matplotlib.rcParams["text.parse_math"] = False
+
+
+def open_in_run(path: Path, flags: int) -> int:
+    """`os.open` for a file the project writes in a run folder, never through a symbolic link
+    (O_NOFOLLOW): one planted in a run folder would make the write land outside it. A link or
+    anything but a plain file is refused with one line (a FIFO at once: O_NONBLOCK)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO that nothing reads
+            raise
+        what = "a symbolic link" if err.errno == errno.ELOOP else "not a plain file"
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        what = "not a plain file"
+    raise UserError(
+        f"{path}: {what}; the files of a run folder are never written through one (nothing was written): "
+        "remove it and run again"
+    )
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write through a temp file and a rename, so a reader never sees half a file. A failed write (a
-    full disk) removes the temp file and leaves the old file, if any, as it was."""
+    full disk) removes the temp file and leaves the old file, if any, as it was. Links are never
+    followed: one at the temp name is removed, one at `path` is replaced by the file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_bytes(data)
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(open_in_run(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as file:
+            file.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -63,7 +94,7 @@ def write_run_file(path: Path, text: str) -> None:
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
     """Append one epoch's row to metrics.jsonl and flush it to disk. A failed write (a full disk)
     cuts the file back to its previous rows and stops the run: an epoch it cannot record would be lost."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_in_run(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     start = os.fstat(fd).st_size
     try:
         data = (json.dumps(row) + "\n").encode()
@@ -101,7 +132,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             row, problem = None, f"not JSON: {err}"
         else:
             problem = metrics_row_problem(row, rows[-1]["epoch"] if rows else 0)

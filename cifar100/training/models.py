@@ -8,6 +8,7 @@ The `cifarnet_*` family is registered in timm's registry so recipes name it like
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import timm
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cifar100.config import ModelConfig
-from cifar100.errors import UserError
+from cifar100.errors import UserError, clip, shown
 
 # Module types treated as "an activation" by the override.
 ACTIVATIONS = (
@@ -40,21 +41,53 @@ ACTIVATIONS = (
 )
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """A freshly initialised timm model for 32x32 inputs from the `model` section; weights are never downloaded."""
+def build_model(cfg: ModelConfig, num_classes: int, device: str | None = None) -> nn.Module:
+    """A freshly initialised timm model for 32x32 inputs from the `model` section; weights are never downloaded.
+
+    A model that cannot take 32x32 images (a ViT, Swin, DeiT, LeViT or Mixer made for 224x224, a
+    network that shrinks 32 pixels to nothing) is refused with the reason, found by one dry forward.
+    `device="meta"` builds it without memory or initialisation, to check a config in a second.
+    """
     name = cfg.name
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f"; similar: {', '.join(close)}" if close else "; `timm.list_models()` lists them"
-        raise UserError(f"unknown model {name!r}{hint}")
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate)
+        raise UserError(f"unknown model {shown(name)}{hint}")
     if cfg.whiten and not name.startswith("cifarnet"):
         raise UserError(f"model.whiten=true needs a cifarnet model (a 2x2 patch stem), not {name!r}")
-    if cfg.cifar_stem and not name.startswith("cifarnet"):
-        _cifar_stem(model, name)
-    if cfg.act:
-        replace_activations(model, cfg.act)
+    with torch.device(device) if device else contextlib.nullcontext():
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate)
+        if cfg.cifar_stem and not name.startswith("cifarnet"):
+            _cifar_stem(model, name)
+        if cfg.act:
+            replace_activations(model, cfg.act)
+        _check_input_size(model, name, num_classes)
     return model
+
+
+def _check_input_size(model: nn.Module, name: str, num_classes: int) -> None:
+    """One forward of a 32x32 image: what a model made for another size fails at, with timm's reason."""
+    was_training = model.training
+    model.eval()
+    image = torch.zeros(1, 3, 32, 32)
+    try:
+        with torch.no_grad():
+            out = model(image)
+        problem = None if tuple(out.shape) == (1, num_classes) else f"it gives outputs of shape {tuple(out.shape)}"
+    except Exception as err:  # whatever the architecture raises on a size it cannot take
+        if image.is_meta and (isinstance(err, NotImplementedError) or "meta" in str(err)):
+            return  # an operation without a meta kernel: the real build checks again
+        problem = f"{type(err).__name__}: {clip(str(err).splitlines()[0] if str(err) else '')}"
+    finally:
+        model.train(was_training)
+    if problem:
+        pretrained = cast(dict[str, Any], getattr(model, "pretrained_cfg", {}))  # timm models carry one
+        size = pretrained.get("input_size", (3, 0, 0))
+        made = f", made for {size[1]}x{size[2]} images" if pretrained.get("fixed_input_size") else ""
+        raise UserError(
+            f"model.name={name}{made}, cannot take CIFAR's 32x32 images ({problem}); choose a model without "
+            "a fixed input size: ResNets, ConvNeXt, EfficientNets, RegNets, cifarnet_* (docs/configuration.md, Models)"
+        )
 
 
 def whiten_stem(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> None:

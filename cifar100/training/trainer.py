@@ -106,6 +106,7 @@ class Trainer:
         set_seed(cfg.seed)
         if acc.is_main_process:
             print(to_yaml(cfg), flush=True)
+        build_model(cfg.model, cifar_data.NUM_CLASSES, device="meta")  # a model that cannot run: before the data
         self._build_data()
         self._build_model()
 
@@ -231,7 +232,7 @@ class Trainer:
                 wandb.project,
                 wandb.entity,
                 wandb.mode,
-                self.run_dir,
+                Path(wandb.dir) if wandb.dir else self.run_dir,
                 self.run_dir.name,
                 self.config_dict,
                 run_id=self.state.totals.wandb_id,

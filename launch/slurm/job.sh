@@ -4,7 +4,8 @@
 #
 # Run folder: <log.dir>/<job name>-<job id> with resume=auto, so a requeued job (same id) continues
 # the same folder from its newest checkpoint; the first start finds none and starts fresh. Both
-# come before the user's arguments, so name=... or resume=... given to sbatch win.
+# come before the user's arguments unless those give name=... or resume=... (a key given twice is
+# refused by train.py).
 #
 # Preemption: Slurm sends USR1 to this shell only (--signal=B:USR1@SECONDS, or by hand
 # `scancel --signal=USR1 --batch JOBID`). The trap passes USR1 to srun, which delivers it to every
@@ -27,13 +28,26 @@
 # Inputs: $0 (the sbatch script, for the dry run), srun_opts and in_container (arrays, optional),
 # and the script's arguments. Outside Slurm, `--dry-run ARGS` prints what each node would run.
 
+# run_args: name=$1 and resume=auto, each unless the arguments after it give its key, then those arguments.
+with_defaults() {
+  local arg own=" "
+  for arg in "${@:2}"; do
+    case $arg in name=* | resume=*) own+="${arg%%=*} " ;; esac
+  done
+  run_args=()
+  [[ $own == *" name "* ]] || run_args+=("name=$1")
+  [[ $own == *" resume "* ]] || run_args+=(resume=auto)
+  run_args+=("${@:2}")
+}
+
 if [[ ${1:-} == --dry-run ]]; then
   shift
   # Nodes and GPUs as the script's #SBATCH lines ask (SLURM_NNODES / GPUS_PER_NODE override them).
   header() { sed -n "s/^#SBATCH --$1=\([0-9]*\).*/\1/p" "$0" | head -n1; }
   export SLURM_NNODES=${SLURM_NNODES:-$(header nodes)} HEAD_ADDR=${HEAD_ADDR:-FIRST_NODE} MAIN_PORT=${MAIN_PORT:-PORT}
   [[ -n ${CPU_PROCS:-} ]] || export GPUS_PER_NODE=${GPUS_PER_NODE:-$(header gpus-per-node)}
-  exec launch/slurm/node.sh --dry-run "name=${SLURM_JOB_NAME:-cifar100}-JOBID" resume=auto "$@"
+  with_defaults "${SLURM_JOB_NAME:-cifar100}-JOBID" "$@"
+  exec launch/slurm/node.sh --dry-run "${run_args[@]}"
 fi
 
 job_ref=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
@@ -96,10 +110,11 @@ stop_training() {  # $1: why, for the log
 trap on_usr1 USR1
 trap 'stop_training "$AUTO_STOP_SECONDS s before the time limit, at $(date -Is)"' USR2
 
+with_defaults "${SLURM_JOB_NAME}-${SLURM_JOB_ID}" "$@"
 # --kill-on-bad-exit: a node that fails takes the others down instead of leaving them in a collective.
 # shellcheck disable=SC2154  # srun_opts and in_container are set by the sbatch script
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${srun_opts[@]}" "${in_container[@]}" \
-  launch/slurm/node.sh "name=${SLURM_JOB_NAME}-${SLURM_JOB_ID}" resume=auto "$@" &
+  launch/slurm/node.sh "${run_args[@]}" &
 step=$!
 # `wait` returns early when the trap runs; wait again until srun has really ended.
 while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done
