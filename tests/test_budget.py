@@ -214,3 +214,18 @@ def test_a_stalled_run_shortens_its_schedule_once_and_still_ends_on_time(real_da
     assert "budget: the run was heading for" in out
     eval_seconds = max(r["eval_seconds"] for r in map(json.loads, (tmp_path / "s" / "metrics.jsonl").open()))
     assert plan["ended_seconds"] <= 60 * 1.02 + eval_seconds and plan["last_step_lr"] == 0.0, (plan, out[-2000:])
+
+
+def test_plateau_lays_its_warmup_over_the_plan_and_decays_by_evaluations():
+    planned = _schedule("plateau", steps=37)
+    assert planned.warmup_steps == 4 and planned.lr_at(2) == pytest.approx(0.05)
+    planned.step_count = 10
+    for loss in (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0):  # patience 10, then one decay
+        planned.epoch_end(loss)
+    assert planned.lr == pytest.approx(0.05) and planned.lr_at(36) == pytest.approx(0.05)
+
+
+def test_the_sweep_listing_says_each_run_has_the_budget_on_its_own(cli):
+    out = cli("sweep", "sweeps/side.yaml", "train.budget=10m")
+    assert out.returncode == 0, out.stderr
+    assert "budget: each run fits its own train.budget (10m), measured and planned by itself" in out.stdout

@@ -67,6 +67,7 @@ WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model
 # A budget run measures its rate after this many optimizer steps (compilation, cuDNN's autotuning and
 # the loader's start fall in them), over at least PROBE_STEPS more and about PROBE_SHARE of the budget.
 WARM_STEPS, PROBE_STEPS, PROBE_SHARE = 3, 5, 0.01
+PROBE_EVAL_BATCHES = 2  # evaluation batches of each split the measurement times, after one untimed
 
 
 def train(cfg: Config) -> Path:
@@ -342,7 +343,12 @@ class Trainer:
         getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
         scored = time.perf_counter()
         row: dict = {"epoch": 1, "lr": probe.lr}
-        self._score(row)
+        # A few batches of each split stand for the whole evaluation, whose cost is per batch.
+        batches = max(math.ceil(len(labels) / self.eval_settings.batch_size) for _, labels in self.eval_sets.values())
+        self._score(row, 1)  # untimed: the evaluation's own warm-up (its compilation, autotuning)
+        scored = time.perf_counter()
+        self._score(row, PROBE_EVAL_BATCHES)
+        evaluated = time.perf_counter()
         if acc.is_main_process:  # an epoch's plots, of two rows shaped as training's (test figures as train's)
             rows = [{**row, "epoch": e, "train_loss": row["test_loss"], "train_top1": row["test_top1"]} for e in (1, 2)]
             plot_run(rows, scratch, "budget")
@@ -352,7 +358,9 @@ class Trainer:
         acc.step = 0  # Accelerate's count of micro-steps towards the next gradient sync
         warm = min(WARM_STEPS, len(stamps) - 1)
         step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm) if warm > 0 else scored - written
-        epoch_end, finish = (done - scored) + (copied - began), (written - copied) + budget.FINISH_SECONDS
+        scale = batches / min(batches, PROBE_EVAL_BATCHES)
+        epoch_end = (evaluated - scored) * scale + (done - evaluated) + (copied - began)
+        finish = (written - copied) + budget.FINISH_SECONDS
         figures = [self._since_start(), step, epoch_end, finish]
         broadcast_object_list(figures)
         return Costs(*figures)
@@ -493,15 +501,17 @@ class Trainer:
         totals.images_per_rank = [a + b for a, b in zip(totals.images_per_rank, result.images_per_rank)]
         return row
 
-    def _score(self, row: dict) -> None:
-        """Add every held-out split's loss, top-1 and top-5 to `row`, by the model and the averaged weights."""
+    def _score(self, row: dict, batches: int | None = None) -> None:
+        """Add every held-out split's loss, top-1 and top-5 to `row`, by the model and the averaged weights
+        (of the first `batches` evaluation batches of each split, when given)."""
+        size = None if batches is None else batches * self.eval_settings.batch_size
         scored = {"": self.model}
         if self.ema is not None:
             self.ema.sync(self.accelerator)
             scored["ema_"] = self.ema.module
         for prefix, model in scored.items():
             for split, (images, labels) in self.eval_sets.items():
-                scores = evaluate(model, images, labels, self.accelerator, self.eval_settings)
+                scores = evaluate(model, images[:size], labels[:size], self.accelerator, self.eval_settings)
                 row.update(
                     {
                         f"{prefix}{split}_loss": scores.loss,
