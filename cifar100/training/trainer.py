@@ -8,6 +8,7 @@ A signal or a non-finite loss ends the loop early, after a checkpoint or naming 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from cifar100.runfolder.tracking import (
     summarize,
     write_run_file,
 )
+from cifar100.training import memory
 from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import Engine, EpochResult, EvalSettings, NonFiniteLoss, StepRules, evaluate
 from cifar100.training.eta import RunClock, too_long
@@ -212,6 +214,49 @@ class Trainer:
                 if ckpt_path
                 else "new run"
             )
+        self._fit_memory()
+
+    def _fit_memory(self) -> None:
+        """Set the micro-batch `train.micro_batch` asks for: none, N images, or (auto) the largest
+        that fits, found on every process by trying the real step on the real model and agreed as
+        the smallest; a resume keeps the size its run found. Evaluations start at data.eval_batch_size
+        (or the batch a resumed run found) and, under auto, halve it when it does not fit."""
+        asked, totals, acc = self.cfg.train.micro_batch, self.state.totals, self.accelerator
+        self.eval_batch = totals.eval_batch or self.cfg.data.eval_batch_size
+        if asked is None:
+            self.micro_batch = None
+            return
+        if asked == "auto" and totals.micro_batch:
+            size, how = totals.micro_batch, "kept from the run resumed"
+        elif asked == "auto":
+            module = acc.unwrap_model(self.model)
+            optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
+
+            def fits(size: int) -> bool:
+                return memory.agreed(acc, memory.step_fits(module, optimizer, acc, size, channels_last))
+
+            found = memory.largest_fitting(self.batch, fits)
+            if found is None:
+                raise UserError(
+                    f"train.micro_batch=auto: not even one image's training step fits {self._memory()}; "
+                    f"choose a smaller model.name, or train.precision=bf16 where the device has it"
+                )
+            size, how = found, "the largest that fits, tried on every process"
+        else:
+            size, how = int(asked), "as train.micro_batch says"
+        self.micro_batch = totals.micro_batch = min(size, self.batch)
+        self.engine = dataclasses.replace(
+            self.engine, rules=dataclasses.replace(self.engine.rules, micro_batch=self.micro_batch)
+        )
+        acc.print(
+            f"train.micro_batch={asked}: {self.micro_batch} images per forward and backward ({how}), "
+            f"{math.ceil(self.batch / self.micro_batch)} per step of {self.batch} images per process; "
+            f"the global batch stays data.batch_size={self.cfg.data.batch_size}",
+            flush=True,
+        )
+
+    def _memory(self) -> str:
+        return memory.device_memory(self.accelerator.device)
 
     def _print_header(self, where: str) -> None:
         s, acc = self.splits, self.accelerator
@@ -262,14 +307,15 @@ class Trainer:
                 self.checkpoint()
 
         try:
-            return self.engine.train_epoch(
-                state.epoch,
-                batches,
-                state.progress,
-                stop_requested=self.stop.__bool__,
-                after_step=after_step,
-                run_left=self.clock.left_text,
-            )
+            with memory.out_of_memory_is_one_line(self._train_step_failed):
+                return self.engine.train_epoch(
+                    state.epoch,
+                    batches,
+                    state.progress,
+                    stop_requested=self.stop.__bool__,
+                    after_step=after_step,
+                    run_left=self.clock.left_text,
+                )
         except NonFiniteLoss as err:
             self.flush()
             raise UserError(
@@ -277,6 +323,45 @@ class Trainer:
                 "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
                 "with train.max_bad_steps=N"
             ) from None
+
+    def _train_step_failed(self) -> str:
+        """The out-of-memory line of a training step: where, its batch, the memory, the fix."""
+        self.writer.wait()  # the last good checkpoint on disk before this process ends
+        micro = self.micro_batch
+        pieces = f" in micro-batches of {micro}" if micro and micro < self.batch else ""
+        return (
+            f"in the training step (epoch {self.state.epoch}, batch {self.state.progress.step}) with "
+            f"{self.batch} images per process{pieces} on {self._memory()}: "
+            f"{memory.fix_for_train(self.batch, micro, self.cfg.train.grad_accum)}. "
+            f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
+        )
+
+    def _score(self, model: torch.nn.Module, split: str, images: torch.Tensor, labels: torch.Tensor):
+        """One split's exact scores; under train.micro_batch=auto at a halved batch while it does not fit."""
+
+        def failed() -> str:
+            self.writer.wait()
+            return (
+                f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {self.eval_batch} "
+                f"images per process on {self._memory()}: {memory.fix_for_eval(self.eval_batch)}. "
+                f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
+            )
+
+        def run(batch: int):
+            settings = dataclasses.replace(self.eval_settings, batch_size=batch)
+            return evaluate(model, images, labels, self.accelerator, settings)
+
+        with memory.out_of_memory_is_one_line(failed):
+            if self.cfg.train.micro_batch != "auto":
+                return run(self.eval_batch)
+            scores, fitted = memory.halving_until_it_fits(run, self.eval_batch)
+        fitted = memory.agreed_min(self.accelerator, fitted)  # every rank then evaluates alike
+        if fitted < self.eval_batch:
+            self.eval_batch = self.state.totals.eval_batch = fitted
+            self.accelerator.print(
+                f"evaluation batch lowered to {fitted} images per process: the largest halving that fits"
+            )
+        return scores
 
     def _warn_if_too_long(self) -> None:
         if self.warned:
@@ -298,7 +383,7 @@ class Trainer:
             scored["ema_"] = self.ema.module
         for prefix, model in scored.items():
             for split, (images, labels) in self.eval_sets.items():
-                scores = evaluate(model, images, labels, acc, self.eval_settings)
+                scores = self._score(model, split, images, labels)
                 row.update(
                     {
                         f"{prefix}{split}_loss": scores.loss,
@@ -390,6 +475,8 @@ class Trainer:
             parameters=self.parameters,
             flops_per_image=self.flops,
             best_weights=self.cfg.train.ema.select,
+            micro_batch=self.micro_batch or self.batch,
+            eval_batch_size=self.eval_batch,
         )
         if acc.is_main_process:
             write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
