@@ -99,6 +99,15 @@ def test_a_failed_cpu_allocation_is_an_out_of_memory():
     assert not memory.is_out_of_memory(RuntimeError("shapes cannot be multiplied"))
 
 
+def test_an_evaluation_that_does_not_fit_halves_its_batch_until_it_does():
+    def run(batch: int) -> int:  # a real allocation: a terabyte an image beyond the 4th
+        return torch.empty(max(0, batch - 4) * 2**40, dtype=torch.uint8).numel()
+
+    assert memory.halving_until_it_fits(run, 1024) == (0, 4)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        memory.halving_until_it_fits(lambda batch: torch.empty(2**50, dtype=torch.uint8), 8)
+
+
 @pytest.mark.slow
 def test_a_micro_batch_of_the_whole_batch_trains_bit_for_bit_as_without(tmp_path, real_data):
     common = ["recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}", "train.epochs=1"]

@@ -229,7 +229,7 @@ class Trainer:
         if asked == "auto" and totals.micro_batch:
             size, how = totals.micro_batch, "kept from the run resumed"
         elif asked == "auto":
-            module = acc.unwrap_model(self.model)
+            module = acc.unwrap_model(self.model, keep_torch_compile=False)  # eager: no compile for a trial
             optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
 
             def fits(size: int) -> bool:
