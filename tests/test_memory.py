@@ -87,9 +87,12 @@ def test_the_search_finds_the_fewest_pieces_that_fit():
         return size <= 300
 
     assert memory.largest_fitting(1600, fits) == 267  # 6 pieces: 5 (320 images) do not fit
-    assert tried[:4] == [1600, 800, 400, 200] and len(tried) <= 7
+    assert tried[:4] == [1600, 800, 400, 200] and len(tried) == len(set(tried)) <= 7  # no size tried twice
     assert memory.largest_fitting(1600, lambda size: True) == 1600
     assert memory.largest_fitting(5, lambda size: False) is None
+    tried.clear()
+    assert memory.largest_fitting(50, lambda size: fits(size) and size < 2) == 1
+    assert len(tried) == len(set(tried)), tried  # 2 failed once: 25 to 49 pieces are not tried again
 
 
 def test_a_failed_cpu_allocation_is_an_out_of_memory():

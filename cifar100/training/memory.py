@@ -98,6 +98,8 @@ def out_of_memory_is_one_line(describe: Callable[[], str]) -> Iterator[None]:
 def fix_for_train(batch: int, micro: int | None, grad_accum: int) -> str:
     """What keeps the recipe's global batch and fits a smaller step, for a process's `batch` images
     per micro-step trained `micro` at a time (None: without train.micro_batch)."""
+    if micro == 1:
+        return "not even one image at a time fits: give the process more memory, or choose a smaller model.name"
     if micro:
         return (
             f"set train.micro_batch={max(1, micro // 2)} (or auto, to find the largest that fits): "
@@ -203,12 +205,11 @@ def largest_fitting(batch: int, fits: Callable[[int], bool]) -> int | None:
         failed, pieces = pieces, min(batch, pieces * 2)
     while pieces - failed > 1:
         middle = (failed + pieces) // 2
-        if math.ceil(batch / middle) == math.ceil(batch / pieces):
-            pieces = middle
-        elif fits(math.ceil(batch / middle)):
-            pieces = middle
+        size = math.ceil(batch / middle)
+        if size == math.ceil(batch / pieces) or (size != math.ceil(batch / max(failed, 1)) and fits(size)):
+            pieces = middle  # a size already known to fit, or one that fits
         else:
-            failed = middle
+            failed = middle  # a size already known not to fit, or one that does not
     return math.ceil(batch / pieces)
 
 
