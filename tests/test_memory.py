@@ -102,13 +102,15 @@ def test_a_failed_cpu_allocation_is_an_out_of_memory():
     assert not memory.is_out_of_memory(RuntimeError("shapes cannot be multiplied"))
 
 
-def test_an_evaluation_that_does_not_fit_halves_its_batch_until_it_does():
-    def run(batch: int) -> int:  # a real allocation: a terabyte an image beyond the 4th
-        return torch.empty(max(0, batch - 4) * 2**40, dtype=torch.uint8).numel()
-
-    assert memory.halving_until_it_fits(run, 1024) == (0, 4)
-    with pytest.raises(RuntimeError, match="can't allocate memory"):
-        memory.halving_until_it_fits(lambda batch: torch.empty(2**50, dtype=torch.uint8), 8)
+def test_the_evaluation_batch_halves_until_it_fits():
+    assert memory.largest_halving(1024, lambda size: size <= 100) == 64
+    assert memory.largest_halving(3, lambda size: False) is None
+    AcceleratorState._reset_state(True)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, 3, 32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert memory.eval_fits(model, Accelerator(cpu=True), 8, channels_last=False, flip=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -31,7 +30,6 @@ GIB = 2**30
 # after a trial); on a GPU the caching allocator's fragmentation and cuDNN's workspaces.
 CPU_HEADROOM = 256 * 2**20
 GPU_HEADROOM_SHARE = 0.05
-_T = TypeVar("_T")
 
 
 # How a CPU step reports a failed allocation besides PyTorch's own allocator (which Accelerate's
@@ -194,6 +192,42 @@ def step_fits(
         free_memory()
 
 
+def eval_fits(module: nn.Module, accelerator: Accelerator, size: int, channels_last: bool, flip: bool) -> bool:
+    """Whether an evaluation batch of `size` images fits: one forward (two with the flip) in eval
+    mode without gradients on the unwrapped `module`, with `headroom` held free."""
+    device = accelerator.device
+    try:
+        with untouched(module), torch.no_grad():
+            reserve = torch.empty(headroom(device), dtype=torch.uint8, device=device)
+            images = torch.zeros(size, 3, 32, 32, device=device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            module.eval()
+            with accelerator.autocast():
+                logits = module(images).float()
+                if flip:
+                    logits = logits + module(images.flip(3)).float()
+            del reserve, images, logits
+        return True
+    except BaseException as err:
+        if not is_out_of_memory(err):
+            raise
+        traceback.clear_frames(err.__traceback__)
+        return False
+    finally:
+        module.train()
+        free_memory()
+
+
+def largest_halving(batch: int, fits: Callable[[int], bool]) -> int | None:
+    """`batch`, halved until it `fits` (agreed by the caller across ranks); None when 1 does not."""
+    while not fits(batch):
+        if batch == 1:
+            return None
+        batch //= 2
+    return batch
+
+
 def largest_fitting(batch: int, fits: Callable[[int], bool]) -> int | None:
     """The largest micro-batch for a process's `batch` images that `fits`, in the fewest pieces:
     the pieces double until one fits, then a bisection finds the fewest; None when not even one
@@ -222,17 +256,3 @@ def agreed(accelerator: Accelerator, ok: bool) -> bool:
 def agreed_min(accelerator: Accelerator, value: int) -> int:
     """The smallest `value` of all ranks."""
     return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).min().item())
-
-
-def halving_until_it_fits(run: Callable[[int], _T], batch: int) -> tuple[_T, int]:
-    """`run(batch)`, run again at half the batch after each out of memory; the result and the batch
-    that fitted. An out of memory at one image is raised."""
-    while True:
-        try:
-            return run(batch), batch
-        except BaseException as err:
-            if not is_out_of_memory(err) or batch == 1:
-                raise
-            traceback.clear_frames(err.__traceback__)
-        free_memory()
-        batch //= 2

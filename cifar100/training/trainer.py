@@ -245,6 +245,8 @@ class Trainer:
         else:
             size, how = int(asked), "as train.micro_batch says"
         self.micro_batch = totals.micro_batch = min(size, self.batch)
+        if asked == "auto" and not totals.eval_batch:
+            self._fit_eval_batch()
         self.engine = dataclasses.replace(
             self.engine, rules=dataclasses.replace(self.engine.rules, micro_batch=self.micro_batch)
         )
@@ -254,6 +256,25 @@ class Trainer:
             f"the global batch stays data.batch_size={self.cfg.data.batch_size}",
             flush=True,
         )
+
+    def _fit_eval_batch(self) -> None:
+        """The evaluation batch: data.eval_batch_size, halved until an evaluation forward fits on
+        every process (evaluation scores the same at any batch)."""
+        acc, settings = self.accelerator, self.eval_settings
+        module = acc.unwrap_model(self.model, keep_torch_compile=False)
+        most = max(math.ceil(len(labels) / acc.num_processes) for _, labels in self.eval_sets.values())
+        asked = min(self.eval_batch, most)  # a split never runs a batch larger than its shard
+
+        def fits(size: int) -> bool:
+            ok = memory.eval_fits(module, acc, size, settings.channels_last, settings.tta_flip)
+            return memory.agreed(acc, ok)
+
+        found = memory.largest_halving(asked, fits)
+        if found is None:
+            raise UserError(f"train.micro_batch=auto: not even one image's evaluation fits {self._memory()}")
+        if found < asked:
+            self.eval_batch = self.state.totals.eval_batch = found
+            acc.print(f"evaluation batch {found} images per process: data.eval_batch_size={asked} does not fit")
 
     def _memory(self) -> str:
         return memory.device_memory(self.accelerator.device)
@@ -337,7 +358,7 @@ class Trainer:
         )
 
     def _score(self, model: torch.nn.Module, split: str, images: torch.Tensor, labels: torch.Tensor):
-        """One split's exact scores; under train.micro_batch=auto at a halved batch while it does not fit."""
+        """One split's exact scores, at the evaluation batch `_fit_memory` set."""
 
         def failed() -> str:
             self.writer.wait()
@@ -347,21 +368,9 @@ class Trainer:
                 f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
             )
 
-        def run(batch: int):
-            settings = dataclasses.replace(self.eval_settings, batch_size=batch)
-            return evaluate(model, images, labels, self.accelerator, settings)
-
+        settings = dataclasses.replace(self.eval_settings, batch_size=self.eval_batch)
         with memory.out_of_memory_is_one_line(failed):
-            if self.cfg.train.micro_batch != "auto":
-                return run(self.eval_batch)
-            scores, fitted = memory.halving_until_it_fits(run, self.eval_batch)
-        fitted = memory.agreed_min(self.accelerator, fitted)  # every rank then evaluates alike
-        if fitted < self.eval_batch:
-            self.eval_batch = self.state.totals.eval_batch = fitted
-            self.accelerator.print(
-                f"evaluation batch lowered to {fitted} images per process: the largest halving that fits"
-            )
-        return scores
+            return evaluate(model, images, labels, self.accelerator, settings)
 
     def _warn_if_too_long(self) -> None:
         if self.warned:
