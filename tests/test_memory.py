@@ -135,7 +135,7 @@ HUNGRY = (
     "data.test_limit=100",
     "data.eval_batch_size=100",
 )
-BELOW_PEAK = int(0.4 * 2**30)
+BELOW_PEAK = int(0.25 * 2**30)
 PEAK = "import atexit, runpy, sys; atexit.register(lambda: print([l for l in open('/proc/self/status') if l.startswith('VmPeak')][0], file=sys.stderr)); sys.argv = sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')"  # noqa: E501
 
 

@@ -26,9 +26,11 @@ from cifar100.errors import UserError
 
 GIB = 2**30
 # Held free during a trial step for what the run allocates later and the trial does not: on a CPU the
-# plots, the checkpoint writer's thread and the loader (about 200 MiB of address space measured here
-# after a trial); on a GPU the caching allocator's fragmentation and cuDNN's workspaces.
-CPU_HEADROOM = 256 * 2**20
+# plots, the checkpoint writer's thread, the loader and the batch's own copies (about 250 MiB of
+# address space measured here after a trial at a small batch; 256 MiB let a 3-piece choice fail in
+# epoch 2 of tests/test_memory.py's run); on a GPU the caching allocator's fragmentation and cuDNN's
+# workspaces.
+CPU_HEADROOM = 384 * 2**20
 GPU_HEADROOM_SHARE = 0.05
 
 
@@ -158,6 +160,25 @@ def headroom(device: torch.device) -> int:
     return CPU_HEADROOM
 
 
+def _fits(attempt: Callable[[], None]) -> bool:
+    """True when `attempt()` runs without running out of memory; what it held is freed either way."""
+    try:
+        attempt()
+        return True
+    except BaseException as err:
+        if not is_out_of_memory(err):
+            raise
+        traceback.clear_frames(err.__traceback__)
+        return False
+    finally:
+        free_memory()
+
+
+def _trial_images(size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = torch.zeros(size, 3, 32, 32, device=device)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
 def step_fits(
     module: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator, size: int, channels_last: bool
 ) -> bool:
@@ -168,55 +189,39 @@ def step_fits(
     params = [p for p in module.parameters() if p.requires_grad]
     base = getattr(optimizer, "optimizer", optimizer)
     slots = 0 if base.state else optimizer_state_slots(optimizer)
-    try:
+
+    def attempt() -> None:
         with untouched(module):
             # The state the first step creates, plus one parameter-sized temporary for the update.
             reserve = [torch.empty_like(p) for p in params for _ in range(slots + 1)]
             reserve.append(torch.empty(headroom(device), dtype=torch.uint8, device=device))
-            images = torch.zeros(size, 3, 32, 32, device=device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             module.train()
             with accelerator.autocast():
-                logits = module(images)
-            loss = soft_target_cross_entropy(logits.float(), torch.full_like(logits.float(), 1 / logits.shape[1]))
-            loss.backward()
-            del reserve, images, logits, loss
-        return True
-    except BaseException as err:
-        if not is_out_of_memory(err):
-            raise
-        traceback.clear_frames(err.__traceback__)
-        return False
-    finally:
-        free_memory()
+                logits = module(_trial_images(size, device, channels_last)).float()
+            soft_target_cross_entropy(logits, torch.full_like(logits, 1 / logits.shape[1])).backward()
+
+    return _fits(attempt)
 
 
 def eval_fits(module: nn.Module, accelerator: Accelerator, size: int, channels_last: bool, flip: bool) -> bool:
     """Whether an evaluation batch of `size` images fits: one forward (two with the flip) in eval
     mode without gradients on the unwrapped `module`, with `headroom` held free."""
     device = accelerator.device
-    try:
+
+    def attempt() -> None:
         with untouched(module), torch.no_grad():
-            reserve = torch.empty(headroom(device), dtype=torch.uint8, device=device)
-            images = torch.zeros(size, 3, 32, 32, device=device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            reserve = torch.empty(headroom(device), dtype=torch.uint8, device=device)  # noqa: F841 (held through the trial)
+            images = _trial_images(size, device, channels_last)
             module.eval()
-            with accelerator.autocast():
-                logits = module(images).float()
-                if flip:
-                    logits = logits + module(images.flip(3)).float()
-            del reserve, images, logits
-        return True
-    except BaseException as err:
-        if not is_out_of_memory(err):
-            raise
-        traceback.clear_frames(err.__traceback__)
-        return False
-    finally:
-        module.train()
-        free_memory()
+            try:
+                with accelerator.autocast():
+                    logits = module(images).float()
+                    if flip:
+                        logits = logits + module(images.flip(3)).float()
+            finally:
+                module.train()
+
+    return _fits(attempt)
 
 
 def largest_halving(batch: int, fits: Callable[[int], bool]) -> int | None:
