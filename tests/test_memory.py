@@ -122,10 +122,11 @@ def test_a_micro_batch_of_the_whole_batch_trains_bit_for_bit_as_without(tmp_path
     assert _scores(tmp_path / "plain") == _scores(tmp_path / "whole")
 
 
-# A step of cifarnet_tiny holds about 0.45 MiB per image in fp32 here: 1600 images need about 0.7 GiB
-# beyond what the process has mapped before it trains, a quarter of them a fifth of that. The limit
-# sits below the unlimited run's peak by more than the headroom a trial keeps, and well above what
-# importing, loading the data and a small step need.
+# A step of cifarnet_tiny maps about 0.45 MiB of address space per image in fp32 here: 1600 images about
+# 0.7 GiB beyond what the process has mapped before it trains, and the run maps about 0.25 GiB more
+# after its first step (plots, checkpoint writer). A limit 0.25 GiB below the unlimited run's peak
+# stops the whole batch's first step, and leaves room for a trial of a few hundred images with its
+# 384 MiB headroom, on one process and on each of two (which map about 0.2 GiB more each).
 HUNGRY = (
     "recipe=smoke",
     "data.pipeline=device",
