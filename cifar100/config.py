@@ -183,6 +183,15 @@ class TrainConfig:
     replan: bool = setting(True, doc="with a budget: shorten the schedule once if the machine slows (or lengthen it)")
     precision: str = setting("bf16", choices=("no", "fp16", "bf16"))
     grad_accum: int = setting(1, low=1, high=4096)
+    micro_batch: int | str | None = setting(
+        None,
+        choices=("auto",),
+        low=1,
+        high=65_536,
+        launch=True,  # how a run fits its device, not what it trains: a resume on a smaller one may set it
+        doc="null: each process trains its whole batch at once; N: in micro-batches of N images, gradients "
+        "summed to the same step; auto: the largest micro-batch that fits, found by trying the real step",
+    )
     clip_grad: float | None = setting(None, above=0.0, high=1e6)
     channels_last: bool = True
     compile: bool = setting(False, launch=True)
@@ -688,8 +697,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def _check_rules(key: str, value: Any, result: Any, rule: dict[str, Any]) -> None:
     """A value of the right type, held to the rules `setting` put on its field."""
     choices = rule.get("choices")
-    if choices and result not in choices:
-        raise UserError(f"{key}={shown(value)}: expected one of {', '.join(choices)}")
+    if choices and isinstance(result, str) and result not in choices:  # a number is held to the bounds
+        number = " or a whole number" if rule.get("low") is not None else ""
+        raise UserError(f"{key}={shown(value)}: expected one of {', '.join(choices)}{number}")
     if rule.get("component") and (len(result) > MAX_NAME or not RUN_NAME.fullmatch(result)):
         raise UserError(
             f"{key}={shown(value)}: must name one folder inside log.dir: letters, digits and . _ - + = , @, "

@@ -102,8 +102,12 @@ def test_the_recipes_own_layout_is_measured_when_the_grid_lacks_it(cli, tmp_path
         f"json={tmp_path / 's.json'}",
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads((tmp_path / "s.json").read_text())["step"]
-    assert [(r["channels_last"], r["compile_mode"]) for r in rows] == [(True, None), (False, None)]
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["channels_last"], r["compile_mode"]) for r in result["step"]] == [(True, None), (False, None)]
+    # The memory a step needs per image, measured before the grid, and the batch this machine fits.
+    assert [r["precision"] for r in result["memory"]] == ["bf16", "no"]
+    assert all(0 < r["mib_per_image"] < 5 and r["largest_batch"] > 1000 for r in result["memory"]), result["memory"]
+    assert "mib_per_image" in out.stdout and "largest_batch" in out.stdout
 
 
 def test_compile_modes_are_checked(cli):

@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,7 @@ from cifar100.data.mixing import BatchMixer, soft_target_cross_entropy
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import BackgroundWriter, host_copy, save_checkpoint
 from cifar100.training.engine import Engine, EpochProgress, StepRules
+from cifar100.training.memory import memory_limit
 from cifar100.training.models import build_model, flops_per_image
 from cifar100.training.optim import Schedule, build_optimizer
 
@@ -212,6 +214,59 @@ def host_waits_per_step(run, device: torch.device, steps: int = 4) -> float | No
         return sum("synchroniz" in str(w.message) for w in caught)
 
     return (count(2 * steps) - count(steps)) / steps
+
+
+def _peak_bytes(device: torch.device) -> Callable[[], int]:
+    """Start measuring this process's peak memory on `device`; the returned function reads the peak:
+    CUDA's peak allocation, or on a CPU the peak resident set (VmHWM, reset through clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        return lambda: torch.cuda.max_memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident set starts again from now
+    status = Path("/proc/self/status")
+    return lambda: 1024 * int(next(line for line in status.read_text().splitlines() if "VmHWM" in line).split()[1])
+
+
+def step_memory(cfg: Config, precision: str, sizes: tuple[int, int] = (16, 64)) -> dict:
+    """The memory one training forward and backward of the recipe's model needs per image, from its
+    peak at two batch sizes (what does not grow with the batch cancels out), and the largest batch
+    that fits this device's memory at that rate beside what the step holds at any batch."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = build_model(cfg.model, NUM_CLASSES).to(device, memory_format=memory_format).train()  # type: ignore[call-overload]
+    dtype = _DTYPES[precision]
+
+    def step(n: int) -> None:
+        images, labels = _synthetic(n, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = torch.nn.functional.cross_entropy(model(images.contiguous(memory_format=memory_format)), labels)
+        loss.backward()
+
+    step(sizes[0])  # first-step allocations (the gradients, the kernels' caches) belong to every batch
+    peaks = []
+    for n in sizes:
+        peak = _peak_bytes(device)
+        step(n)
+        _sync(device)
+        peaks.append(peak())
+    per_image = max(peaks[1] - peaks[0], 1) / (sizes[1] - sizes[0])
+    fixed = peaks[0] - sizes[0] * per_image
+    limit, what = memory_limit(device)
+    if what.startswith("address space"):  # the limit counts what is mapped and not resident too (libraries)
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        fixed += 1024 * (int(status["VmSize"].split()[0]) - int(status["VmRSS"].split()[0]))
+    batch, kind = cfg.data.batch_size, "CUDA allocated" if device.type == "cuda" else "resident set"
+    return {
+        "model": cfg.model.name,
+        "precision": precision,
+        "mib_per_image": per_image / 2**20,
+        "fixed_gib": fixed / 2**30,
+        f"batch_{batch}_gib": (fixed + batch * per_image) / 2**30,
+        "device_gib": limit / 2**30,
+        "largest_batch": max(0, int((limit - fixed) / per_image)),
+        "measured_at": f"peak at batch {sizes[0]} and {sizes[1]} ({kind}); device: {what}",
+    }
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -473,6 +528,9 @@ def main(
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; torch {torch.__version__}")
     result: dict = {"device": device}
+    if action == "step":  # first: on a CPU, a peak of the grid's larger steps would hide these
+        result["memory"] = [step_memory(cfg, precision) for precision in ("bf16", "no")]
+        print_table(result["memory"])
     if action in ("step", "recipe"):
         result["step"] = bench_step(
             cfg,

@@ -93,6 +93,11 @@ def _read_pickle(path: Path) -> dict:
         raise
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    except MemoryError:  # a sound file that this process has no room for (`ulimit -v`, a small machine)
+        raise UserError(
+            f"{path}: out of memory while loading the data set, before any training: this process's memory "
+            "(or its ulimit -v) is too small for the libraries and CIFAR-100 together; raise it"
+        ) from None
     except Exception as e:  # any failure while decoding untrusted bytes means a bad file
         reason = f"{type(e).__name__}: {e}"
         raise UserError(f"{path}: not a readable CIFAR-100 pickle, truncated or corrupt ({reason})") from e

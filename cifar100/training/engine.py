@@ -12,6 +12,7 @@ full wait per step.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -104,6 +105,7 @@ class StepRules:
     channels_last: bool = False
     max_bad_steps: int = 0  # non-finite losses skipped in an epoch before NonFiniteLoss
     progress: bool = False  # the progress bar, on the main process
+    micro_batch: int | None = None  # images per forward and backward; None: a process's whole batch at once
 
     @classmethod
     def from_config(cls, cfg: Config) -> StepRules:
@@ -173,11 +175,7 @@ class Engine:
                 images = images.contiguous(memory_format=torch.channels_last)
             stop = False
             with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    logits = model(images)
-                loss = soft_target_cross_entropy(logits.float(), targets)
-                accelerator.backward(loss)
-                steps.count(loss.detach(), logits.detach(), labels)
+                self._forward_backward(images, targets, labels, steps)
                 if accelerator.sync_gradients:
                     stop = steps.optimizer_step(step, stop_requested())
             state.step = step + 1
@@ -205,6 +203,25 @@ class Engine:
             state.seconds,
             tuple(int(n) for n in per_rank[:, 2].tolist()),
         )
+
+    def _forward_backward(
+        self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, steps: _Stepper
+    ) -> None:
+        """Forward and backward of one process's batch, in micro-batches of `rules.micro_batch` (the
+        last may be smaller): each loss weighted by its share of the batch, so the summed gradient is
+        the batch's mean, and gradients all-reduced (under DDP) only after the last."""
+        model, accelerator = self.model, self.accelerator
+        n = images.shape[0]
+        size = self.rules.micro_batch or n
+        pieces = list(zip(images.split(size), targets.split(size), labels.split(size)))
+        for i, (x, t, y) in enumerate(pieces):
+            with accelerator.no_sync(model) if i < len(pieces) - 1 else contextlib.nullcontext():
+                with accelerator.autocast():
+                    logits = model(x)
+                loss = soft_target_cross_entropy(logits.float(), t)
+                # One piece: the loss as it is, so a run without micro-batches is bit-identical.
+                accelerator.backward(loss if len(pieces) == 1 else loss * (y.shape[0] / n))
+            steps.count(loss.detach(), logits.detach(), y)
 
 
 class _Stepper:

@@ -35,6 +35,8 @@ class RunTotals:
     wall_seconds: float = 0.0
     images_per_rank: list[int] = field(default_factory=list)
     wandb_id: str | None = None
+    micro_batch: int | None = None  # images per forward and backward (train.micro_batch), kept on a resume
+    eval_batch: int | None = None  # the evaluation batch that fitted, where train.micro_batch=auto lowered it
 
     @classmethod
     def from_meta(cls, saved: dict) -> RunTotals:

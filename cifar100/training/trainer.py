@@ -8,6 +8,7 @@ A signal or a non-finite loss ends the loop early, after a checkpoint or naming 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from cifar100.runfolder.tracking import (
     summarize,
     write_run_file,
 )
-from cifar100.training import budget
+from cifar100.training import budget, memory
 from cifar100.training.budget import Costs, Plan
 from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import (
@@ -182,7 +183,9 @@ class Trainer:
         the same checkpoint, and only once it has loaded is any file of a run folder changed.
         """
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
+        self.fitted = False  # the micro-batch: set once, before a budget's measurement where there is one
         if cfg.train.budget != "none" and self._starts_afresh():
+            self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
             self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.locate(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = [found.checkpoint and str(found.checkpoint)] if found else [None]  # found (and adopted): on main
@@ -196,6 +199,7 @@ class Trainer:
             best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
             self.plan = Plan.from_dict(snap.meta["plan"]) if snap.meta.get("plan") else None  # replayed, not re-made
         elif cfg.train.budget != "none" and self.plan is None:
+            self._fit_memory()
             self._plan_budget()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
         shared: list[Any] = [str(adopted.run_dir), adopted.rows] if adopted else [None, None]
@@ -244,6 +248,72 @@ class Trainer:
                 if ckpt_path
                 else "new run"
             )
+        if not self.fitted:
+            self._fit_memory()
+
+    def _fit_memory(self) -> None:
+        """Set the micro-batch `train.micro_batch` asks for: none, N images, or (auto) the largest
+        that fits, found on every process by trying the real step on the real model and agreed as
+        the smallest; a resume keeps the size its run found. Evaluations start at data.eval_batch_size
+        (or the batch a resumed run found) and, under auto, halve it when it does not fit."""
+        asked, totals, acc = self.cfg.train.micro_batch, self.state.totals, self.accelerator
+        self.fitted = True
+        self.eval_batch = totals.eval_batch or self.cfg.data.eval_batch_size
+        if asked is None:
+            self.micro_batch = None
+            return
+        if asked == "auto" and totals.micro_batch:
+            size, how = totals.micro_batch, "kept from the run resumed"
+        elif asked == "auto":
+            module = acc.unwrap_model(self.model, keep_torch_compile=False)  # eager: no compile for a trial
+            optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
+
+            def fits(size: int) -> bool:
+                return memory.agreed(acc, memory.step_fits(module, optimizer, acc, size, channels_last))
+
+            found = memory.largest_fitting(self.batch, fits)
+            if found is None:
+                raise UserError(
+                    f"train.micro_batch=auto: not even one image's training step fits {self._memory()}; "
+                    f"choose a smaller model.name, or train.precision=bf16 where the device has it"
+                )
+            size, how = found, "the largest that fits, tried on every process"
+        else:
+            size, how = int(asked), "as train.micro_batch says"
+        self.micro_batch = totals.micro_batch = min(size, self.batch)
+        if asked == "auto" and not totals.eval_batch:
+            self._fit_eval_batch()
+        self.engine = dataclasses.replace(
+            self.engine, rules=dataclasses.replace(self.engine.rules, micro_batch=self.micro_batch)
+        )
+        acc.print(
+            f"train.micro_batch={asked}: {self.micro_batch} images per forward and backward ({how}), "
+            f"{math.ceil(self.batch / self.micro_batch)} per step of {self.batch} images per process; "
+            f"the global batch stays data.batch_size={self.cfg.data.batch_size}",
+            flush=True,
+        )
+
+    def _fit_eval_batch(self) -> None:
+        """The evaluation batch: data.eval_batch_size, halved until an evaluation forward fits on
+        every process (evaluation scores the same at any batch)."""
+        acc, settings = self.accelerator, self.eval_settings
+        module = acc.unwrap_model(self.model, keep_torch_compile=False)
+        most = max(math.ceil(len(labels) / acc.num_processes) for _, labels in self.eval_sets.values())
+        asked = min(self.eval_batch, most)  # a split never runs a batch larger than its shard
+
+        def fits(size: int) -> bool:
+            ok = memory.eval_fits(module, acc, size, settings.channels_last, settings.tta_flip)
+            return memory.agreed(acc, ok)
+
+        found = memory.largest_halving(asked, fits)
+        if found is None:
+            raise UserError(f"train.micro_batch=auto: not even one image's evaluation fits {self._memory()}")
+        if found < asked:
+            self.eval_batch = self.state.totals.eval_batch = found
+            acc.print(f"evaluation batch {found} images per process: data.eval_batch_size={asked} does not fit")
+
+    def _memory(self) -> str:
+        return memory.device_memory(self.accelerator.device)
 
     def _print_header(self, where: str) -> None:
         s, acc = self.splits, self.accelerator
@@ -319,14 +389,9 @@ class Trainer:
         most = max(WARM_STEPS + PROBE_STEPS, 1)
         limit = min(self.steps_per_epoch, 10 * most)  # the probe stays inside one epoch of batches
         probe = Schedule(self.state.optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, limit)
-        engine = Engine(
-            self.model,
-            self.state.optimizer,
-            probe,
-            self.mixer,
-            acc,
-            StepRules(seed=cfg.seed, channels_last=cfg.train.channels_last),
-            self.ema,
+        # The run's own engine (its micro-batches included) on a schedule of the probe's length.
+        engine = dataclasses.replace(
+            self.engine, schedule=probe, rules=dataclasses.replace(self.engine.rules, progress=False)
         )
 
         def enough() -> bool:
@@ -408,14 +473,15 @@ class Trainer:
                 self.checkpoint()
 
         try:
-            return self.engine.train_epoch(
-                state.epoch,
-                batches,
-                state.progress,
-                stop_requested=self.stop.__bool__,
-                after_step=after_step,
-                run_left=self.clock.left_text,
-            )
+            with memory.out_of_memory_is_one_line(self._train_step_failed):
+                return self.engine.train_epoch(
+                    state.epoch,
+                    batches,
+                    state.progress,
+                    stop_requested=self.stop.__bool__,
+                    after_step=after_step,
+                    run_left=self.clock.left_text,
+                )
         except NonFiniteLoss as err:
             self.flush()
             raise UserError(
@@ -473,6 +539,33 @@ class Trainer:
             flush=True,
         )
 
+    def _train_step_failed(self) -> str:
+        """The out-of-memory line of a training step: where, its batch, the memory, the fix."""
+        self.writer.wait()  # the last good checkpoint on disk before this process ends
+        micro = self.micro_batch
+        pieces = f" in micro-batches of {micro}" if micro and micro < self.batch else ""
+        return (
+            f"in the training step (epoch {self.state.epoch}, batch {self.state.progress.step}) with "
+            f"{self.batch} images per process{pieces} on {self._memory()}: "
+            f"{memory.fix_for_train(self.batch, micro, self.cfg.train.grad_accum)}. "
+            f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
+        )
+
+    def _score_split(self, model: torch.nn.Module, split: str, images: torch.Tensor, labels: torch.Tensor):
+        """One split's exact scores, at the evaluation batch `_fit_memory` set."""
+
+        def failed() -> str:
+            self.writer.wait()
+            return (
+                f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {self.eval_batch} "
+                f"images per process on {self._memory()}: {memory.fix_for_eval(self.eval_batch)}. "
+                f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
+            )
+
+        settings = dataclasses.replace(self.eval_settings, batch_size=self.eval_batch)
+        with memory.out_of_memory_is_one_line(failed):
+            return evaluate(model, images, labels, self.accelerator, settings)
+
     def _warn_if_too_long(self) -> None:
         if self.warned:
             return
@@ -511,7 +604,7 @@ class Trainer:
             scored["ema_"] = self.ema.module
         for prefix, model in scored.items():
             for split, (images, labels) in self.eval_sets.items():
-                scores = evaluate(model, images[:size], labels[:size], self.accelerator, self.eval_settings)
+                scores = self._score_split(model, split, images[:size], labels[:size])
                 row.update(
                     {
                         f"{prefix}{split}_loss": scores.loss,
@@ -605,6 +698,8 @@ class Trainer:
             flops_per_image=self.flops,
             best_weights=self.cfg.train.ema.select,
             **({"plan": self._plan_summary()} if self.plan else {}),
+            micro_batch=self.micro_batch or self.batch,
+            eval_batch_size=self.eval_batch,
         )
         if acc.is_main_process:
             write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,263 @@
+"""Fitting a run into its device's memory: an out of memory as one line that says how to fit, and
+the largest micro-batch that fits (`train.micro_batch=auto`), found by trying the real step.
+
+Micro-batches change how a process computes its step, not the step: the global batch, the
+schedule and the images per optimizer step stay the recipe's, and each micro-batch's loss is
+weighted by its share of the process's batch, so the summed gradient is the whole batch's mean.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils.memory import should_reduce_batch_size
+from torch import nn
+
+from cifar100.data.mixing import soft_target_cross_entropy
+from cifar100.errors import UserError
+
+GIB = 2**30
+# Held free during a trial step for what the run allocates later and the trial does not: on a CPU the
+# plots, the checkpoint writer's thread, the loader and the batch's own copies (about 250 MiB of
+# address space measured here after a trial at a small batch; 256 MiB let a 3-piece choice fail in
+# epoch 2 of tests/test_memory.py's run); on a GPU the caching allocator's fragmentation and cuDNN's
+# workspaces.
+CPU_HEADROOM = 384 * 2**20
+GPU_HEADROOM_SHARE = 0.05
+
+
+# How a CPU step reports a failed allocation besides PyTorch's own allocator (which Accelerate's
+# should_reduce_batch_size knows): oneDNN, whose convolutions allocate their own scratch memory (seen
+# here under `ulimit -v`), and C++'s operator new.
+_CPU_ALLOCATION_FAILURES = ("could not create a primitive", "std::bad_alloc")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, a CPU allocation that failed, or Python's MemoryError."""
+    if isinstance(err, MemoryError):
+        return True
+    if not isinstance(err, RuntimeError):
+        return False
+    return should_reduce_batch_size(err) or any(text in str(err) for text in _CPU_ALLOCATION_FAILURES)
+
+
+def free_memory() -> None:
+    """Give back what a failed step held (its tensors die with the traceback's frames)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_limit(device: torch.device) -> tuple[int, str]:
+    """The bytes the run may use and what sets them: a GPU's total, else whichever binds of this
+    process's address-space limit (`ulimit -v`), its cgroup's limit and the machine's memory."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, props.name
+    limits = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append((soft, "address space limited by ulimit -v"))
+    cgroup = Path("/sys/fs/cgroup/memory.max")
+    text = cgroup.read_text().strip() if cgroup.is_file() else "max"
+    if text.isdigit():
+        limits.append((int(text), "memory limited by its cgroup"))
+    total = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line), 0)
+    limits.append((int(total) * 1024, "memory"))
+    return min(limits)
+
+
+def device_memory(device: torch.device) -> str:
+    """The memory the run may use, in words (see memory_limit)."""
+    size, what = memory_limit(device)
+    return f"{what} with {size / GIB:.1f} GiB" if device.type == "cuda" else f"cpu, {size / GIB:.1f} GiB of {what}"
+
+
+@contextmanager
+def out_of_memory_is_one_line(describe: Callable[[], str]) -> Iterator[None]:
+    """Turn an out of memory inside into a UserError of one line: `describe()`, called once the
+    failed step's memory is free, says where, with what batch, and how to fit."""
+    try:
+        yield
+    except BaseException as err:
+        if not is_out_of_memory(err):
+            raise
+        traceback.clear_frames(err.__traceback__)  # the frames hold the step's tensors
+        free_memory()
+        raise UserError(f"out of memory {describe()}") from None
+
+
+def fix_for_train(batch: int, micro: int | None, grad_accum: int) -> str:
+    """What keeps the recipe's global batch and fits a smaller step, for a process's `batch` images
+    per micro-step trained `micro` at a time (None: without train.micro_batch)."""
+    if micro == 1:
+        return "not even one image at a time fits: give the process more memory, or choose a smaller model.name"
+    if micro:
+        return (
+            f"set train.micro_batch={max(1, micro // 2)} (or auto, to find the largest that fits): "
+            "the recipe's global batch stays"
+        )
+    accum = f"train.grad_accum={grad_accum * 2} or " if batch % 2 == 0 else ""
+    return (
+        f"set {accum}train.micro_batch=auto (the largest micro-batch that fits, found by trying the step): "
+        "both keep the recipe's global batch and learning rate"
+    )
+
+
+def fix_for_eval(batch: int) -> str:
+    """What fits an evaluation of `batch` images at a time and scores the same."""
+    return (
+        f"set data.eval_batch_size={max(1, batch // 2)} (evaluation is exact at any batch), or "
+        "train.micro_batch=auto, which halves it until it fits"
+    )
+
+
+def optimizer_state_slots(optimizer: torch.optim.Optimizer) -> int:
+    """How many tensors the size of a parameter the optimizer keeps per parameter (SGD with momentum
+    1, Adam 2), learnt from one step of its twin on a probe parameter."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    device = next((p.device for group in base.param_groups for p in group["params"]), torch.device("cpu"))
+    probe = torch.zeros(3, device=device, requires_grad=True)
+    probe.grad = torch.ones_like(probe)
+    twin = type(base)([probe], **base.defaults)
+    twin.step()
+    return sum(torch.is_tensor(v) and v.shape == probe.shape for v in twin.state[probe].values())
+
+
+@contextmanager
+def untouched(module: nn.Module) -> Iterator[None]:
+    """Whatever a trial forward and backward do, leave the weights' gradients, the norm layers'
+    running statistics and the random generators as they were (the trial takes no optimizer step)."""
+    buffers = [b.detach().clone() for b in module.buffers()]
+    grads = [p.grad for p in module.parameters()]
+    rng_cpu = torch.get_rng_state()
+    rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        for param, grad in zip(module.parameters(), grads):
+            param.grad = grad
+        with torch.no_grad():
+            for buffer, saved in zip(module.buffers(), buffers):
+                buffer.copy_(saved)
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state_all(rng_cuda)
+
+
+def headroom(device: torch.device) -> int:
+    """Bytes a trial step leaves free on `device` for what it does not try (see CPU_HEADROOM)."""
+    if device.type == "cuda":
+        return int(GPU_HEADROOM_SHARE * torch.cuda.get_device_properties(device).total_memory)
+    return CPU_HEADROOM
+
+
+def _fits(attempt: Callable[[], None]) -> bool:
+    """True when `attempt()` runs without running out of memory; what it held is freed either way."""
+    try:
+        attempt()
+        return True
+    except BaseException as err:
+        if not is_out_of_memory(err):
+            raise
+        traceback.clear_frames(err.__traceback__)
+        return False
+    finally:
+        free_memory()
+
+
+def _trial_images(size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = torch.zeros(size, 3, 32, 32, device=device)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def step_fits(
+    module: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator, size: int, channels_last: bool
+) -> bool:
+    """Whether one training forward and backward of `size` images fits, tried for real on `module`
+    (the unwrapped model: no collective runs, so a rank that fails cannot stall the others), with the
+    optimizer's state held as it will be after its first step and `headroom` held free."""
+    device = accelerator.device
+    params = [p for p in module.parameters() if p.requires_grad]
+    base = getattr(optimizer, "optimizer", optimizer)
+    slots = 0 if base.state else optimizer_state_slots(optimizer)
+
+    def attempt() -> None:
+        with untouched(module):
+            # The state the first step creates, plus one parameter-sized temporary for the update.
+            reserve = [torch.empty_like(p) for p in params for _ in range(slots + 1)]
+            reserve.append(torch.empty(headroom(device), dtype=torch.uint8, device=device))
+            module.train()
+            with accelerator.autocast():
+                logits = module(_trial_images(size, device, channels_last)).float()
+            soft_target_cross_entropy(logits, torch.full_like(logits, 1 / logits.shape[1])).backward()
+
+    return _fits(attempt)
+
+
+def eval_fits(module: nn.Module, accelerator: Accelerator, size: int, channels_last: bool, flip: bool) -> bool:
+    """Whether an evaluation batch of `size` images fits: one forward (two with the flip) in eval
+    mode without gradients on the unwrapped `module`, with `headroom` held free."""
+    device = accelerator.device
+
+    def attempt() -> None:
+        with untouched(module), torch.no_grad():
+            reserve = torch.empty(headroom(device), dtype=torch.uint8, device=device)  # noqa: F841 (held through the trial)
+            images = _trial_images(size, device, channels_last)
+            module.eval()
+            try:
+                with accelerator.autocast():
+                    logits = module(images).float()
+                    if flip:
+                        logits = logits + module(images.flip(3)).float()
+            finally:
+                module.train()
+
+    return _fits(attempt)
+
+
+def largest_halving(batch: int, fits: Callable[[int], bool]) -> int | None:
+    """`batch`, halved until it `fits` (agreed by the caller across ranks); None when 1 does not."""
+    while not fits(batch):
+        if batch == 1:
+            return None
+        batch //= 2
+    return batch
+
+
+def largest_fitting(batch: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest micro-batch for a process's `batch` images that `fits`, in the fewest pieces:
+    the pieces double until one fits, then a bisection finds the fewest; None when not even one
+    image fits. `fits` must give every rank the same answer (the caller agrees them)."""
+    pieces, failed = 1, 0
+    while not fits(math.ceil(batch / pieces)):
+        if pieces >= batch:
+            return None
+        failed, pieces = pieces, min(batch, pieces * 2)
+    while pieces - failed > 1:
+        middle = (failed + pieces) // 2
+        size = math.ceil(batch / middle)
+        if size == math.ceil(batch / pieces) or (size != math.ceil(batch / max(failed, 1)) and fits(size)):
+            pieces = middle  # a size already known to fit, or one that fits
+        else:
+            failed = middle  # a size already known not to fit, or one that does not
+    return math.ceil(batch / pieces)
+
+
+def agreed(accelerator: Accelerator, ok: bool) -> bool:
+    """True when `ok` on every rank."""
+    flags = accelerator.gather(torch.tensor([float(ok)], device=accelerator.device))
+    return bool(flags.min().item() > 0)
+
+
+def agreed_min(accelerator: Accelerator, value: int) -> int:
+    """The smallest `value` of all ranks."""
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).min().item())

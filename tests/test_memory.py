@@ -1,0 +1,243 @@
+"""A run that fits its memory: micro-batches give the whole batch's step, a trial step changes nothing,
+and under a real address-space limit (`RLIMIT_AS`, as `ulimit -v` sets) a run either says in one
+line how to fit or, with `train.micro_batch=auto`, fits itself and trains the recipe's global batch."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from conftest import ROOT, clean_environ
+from torch import nn
+
+from cifar100.config import OptimConfig, SchedConfig, load_config
+from cifar100.data.mixing import BatchMixer
+from cifar100.errors import UserError
+from cifar100.training import memory
+from cifar100.training.engine import Engine, EpochProgress, StepRules
+from cifar100.training.optim import Schedule, build_optimizer
+
+
+def test_micro_batch_is_null_auto_or_a_whole_number():
+    assert load_config("smoke", []).train.micro_batch is None
+    assert load_config("smoke", ["train.micro_batch=auto"]).train.micro_batch == "auto"
+    assert load_config("smoke", ["train.micro_batch=16"]).train.micro_batch == 16
+    for bad in ("0", "big", "true", "1.5"):
+        with pytest.raises(UserError, match=r"train\.micro_batch"):
+            load_config("smoke", [f"train.micro_batch={bad}"])
+
+
+def _step_weights(micro: int | None, accum: int, optimizer_name: str = "sgd") -> list[torch.Tensor]:
+    """The weights after one optimizer step over 2 x 10 images (accum micro-steps) of a model with no
+    batch-norm, trained `micro` images at a time."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 10))
+    optimizer = build_optimizer(model, OptimConfig(name=optimizer_name, lr=0.5))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = Schedule(optimizer, OptimConfig(lr=0.5), SchedConfig(name="none"), 1, 1)
+    gen = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(20, 3, 4, 4, generator=gen), torch.randint(0, 10, (20,), generator=gen)
+    batches = list(zip(images.split(20 // accum), labels.split(20 // accum)))
+    rules = StepRules(seed=0, micro_batch=micro)
+    engine = Engine(model, optimizer, schedule, BatchMixer(10, 0, 0, 0, 0, 0), accelerator, rules)
+    result = engine.train_epoch(1, batches, EpochProgress())
+    assert result.images == 20
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_micro_batches_take_the_whole_batch_step(accum):
+    whole = _step_weights(None, accum)
+    assert all(torch.equal(a, b) for a, b in zip(whole, _step_weights(20 // accum, accum)))  # one piece: bit for bit
+    for micro in (3, 4):  # 3 leaves a smaller last piece, weighted by its share
+        pieces = _step_weights(micro, accum)
+        assert not all(torch.equal(a, b) for a, b in zip(whole, pieces))  # the sums are rounded otherwise...
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(whole, pieces))  # ...to the same step
+
+
+def test_a_trial_step_changes_no_weight_statistic_gradient_or_random_state():
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, 3, 32, 32))
+    optimizer = build_optimizer(model, OptimConfig(name="adam", lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert memory.optimizer_state_slots(optimizer) == 2  # Adam's two moments
+    assert memory.step_fits(model, optimizer, accelerator, 8, channels_last=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_the_search_finds_the_fewest_pieces_that_fit():
+    tried = []
+
+    def fits(size: int) -> bool:
+        tried.append(size)
+        return size <= 300
+
+    assert memory.largest_fitting(1600, fits) == 267  # 6 pieces: 5 (320 images) do not fit
+    assert tried[:4] == [1600, 800, 400, 200] and len(tried) == len(set(tried)) <= 7  # no size tried twice
+    assert memory.largest_fitting(1600, lambda size: True) == 1600
+    assert memory.largest_fitting(5, lambda size: False) is None
+    tried.clear()
+    assert memory.largest_fitting(50, lambda size: fits(size) and size < 2) == 1
+    assert len(tried) == len(set(tried)), tried  # 2 failed once: 25 to 49 pieces are not tried again
+
+
+def test_a_failed_cpu_allocation_is_an_out_of_memory():
+    with pytest.raises(RuntimeError) as err:
+        torch.empty(2**50, dtype=torch.uint8)  # a petabyte
+    assert memory.is_out_of_memory(err.value)
+    assert not memory.is_out_of_memory(RuntimeError("shapes cannot be multiplied"))
+
+
+def test_the_evaluation_batch_halves_until_it_fits():
+    assert memory.largest_halving(1024, lambda size: size <= 100) == 64
+    assert memory.largest_halving(3, lambda size: False) is None
+    AcceleratorState._reset_state(True)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, 3, 32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert memory.eval_fits(model, Accelerator(cpu=True), 8, channels_last=False, flip=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+
+
+@pytest.mark.slow
+def test_a_micro_batch_of_the_whole_batch_trains_bit_for_bit_as_without(tmp_path, real_data):
+    common = ["recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}", "train.epochs=1"]
+    for name, micro in (("plain", "null"), ("whole", "50")):
+        out = _run([*common, f"name={name}", f"train.micro_batch={micro}"])
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert _scores(tmp_path / "plain") == _scores(tmp_path / "whole")
+
+
+# A step of cifarnet_tiny maps about 0.45 MiB of address space per image in fp32 here: 1600 images about
+# 0.7 GiB beyond what the process has mapped before it trains, and the run maps about 0.25 GiB more
+# after its first step (plots, checkpoint writer). A limit 0.25 GiB below the unlimited run's peak
+# stops the whole batch's first step, and leaves room for a trial of a few hundred images with its
+# 384 MiB headroom, on one process and on each of two (which map about 0.2 GiB more each).
+HUNGRY = (
+    "recipe=smoke",
+    "data.pipeline=device",
+    "augment.autoaugment=none",
+    "data.batch_size=1600",
+    "data.train_limit=1600",
+    "data.test_limit=100",
+    "data.eval_batch_size=100",
+)
+BELOW_PEAK = int(0.25 * 2**30)
+PEAK = "import atexit, runpy, sys; atexit.register(lambda: print([l for l in open('/proc/self/status') if l.startswith('VmPeak')][0], file=sys.stderr)); sys.argv = sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')"  # noqa: E501
+
+
+def _run(args: list[str], limit: int | None = None, launcher: tuple[str, ...] = ("train.py",)):
+    def limited() -> None:
+        if limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = {**clean_environ(), "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=limited
+    )
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+SCORES = ("lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5")  # not the timings
+
+
+def _scores(run_dir):
+    return [[row[k] for k in SCORES] for row in _rows(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def unlimited(tmp_path_factory, real_data):
+    """The hungry run without a limit, and the address-space limit derived from its peak."""
+    logs = tmp_path_factory.mktemp("unlimited")
+    out = _run([*HUNGRY, f"data.root={real_data}", f"log.dir={logs}", "name=free"], launcher=("-c", PEAK, "train.py"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    peak = int(out.stderr.rsplit("VmPeak:", 1)[1].split()[0]) * 1024
+    return logs / "free", peak - BELOW_PEAK
+
+
+@pytest.mark.slow
+def test_under_a_memory_limit_the_batch_that_does_not_fit_is_one_line(tmp_path, real_data, unlimited):
+    _, limit = unlimited
+    out = _run([*HUNGRY, f"data.root={real_data}", f"log.dir={tmp_path}"], limit)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr
+    assert line.startswith("error: out of memory in the training step (epoch 1, batch 0) with 1600 images per process")
+    assert "address space limited by ulimit -v" in line and "train.grad_accum=2" in line
+    assert "train.micro_batch=auto" in line and "Last good checkpoint: none yet" in line
+
+
+@pytest.mark.slow
+def test_under_the_limit_auto_trains_the_recipes_global_batch(tmp_path, real_data, unlimited):
+    reference, limit = unlimited
+    out = _run([*HUNGRY, f"data.root={real_data}", f"log.dir={tmp_path}", "name=auto", "train.micro_batch=auto"], limit)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    free_summary = json.loads((reference / "summary.json").read_text())
+    micro = summary["micro_batch"]
+    assert 1 <= micro < 1600 and free_summary["micro_batch"] == 1600
+    assert f"train.micro_batch=auto: {micro} images per forward and backward" in out.stdout
+    # The same optimizer steps: the same images per rank and the same rate at each epoch...
+    assert summary["images_per_rank"] == free_summary["images_per_rank"] == [3200]
+    rows, free_rows = _rows(tmp_path / "auto"), _rows(reference)
+    assert [r["lr"] for r in rows] == [r["lr"] for r in free_rows]
+    # ...and the same training, but for batch-norm statistics taken over micro-batches.
+    for row, free in zip(rows, free_rows):
+        assert row["train_loss"] == pytest.approx(free["train_loss"], rel=0.02)
+        assert row["test_loss"] == pytest.approx(free["test_loss"], rel=0.02)
+    # A resume keeps the size its run found (without the limit a search would find 1600), and so
+    # trains epoch 2 again to the same numbers.
+    first = tmp_path / "auto" / "checkpoints" / "step-00000001"
+    again = _run(
+        [
+            *HUNGRY,
+            f"data.root={real_data}",
+            f"log.dir={tmp_path}",
+            "name=auto",
+            "train.micro_batch=auto",
+            f"resume={first}",
+        ]
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        f"train.micro_batch=auto: {micro} images per forward and backward (kept from the run resumed)" in again.stdout
+    )
+    assert _scores(tmp_path / "auto") == [[r[k] for k in SCORES] for r in rows]
+
+
+@pytest.mark.slow
+def test_two_processes_under_the_limit_agree_on_one_size(tmp_path, real_data, unlimited):
+    _, limit = unlimited
+    args = [
+        *HUNGRY,
+        "data.batch_size=3200",  # 1600 images per process, as in the one-process run
+        "data.train_limit=3200",
+        "train.epochs=1",
+        f"data.root={real_data}",
+        f"log.dir={tmp_path}",
+        "name=ddp",
+        "train.micro_batch=auto",
+    ]
+    out = _run(args, limit, launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["images_per_rank"] == [1600, 1600]
+    assert 1 <= summary["micro_batch"] < 1600
+    assert f"{summary['micro_batch']} images per forward and backward" in out.stdout
