@@ -16,7 +16,21 @@ set -u
 
 export PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT  # torchrun keeps TERM, INT and USR1 ignored, as inherited
 trap '' TERM INT USR1
-setsid "$@" &  # not a group leader, so setsid execs in place: $! is the new group's id
+# The image's defaults (data.root=/data log.dir=/runs, in its ENTRYPOINT) yield to the same keys given
+# to `docker run`: the training refuses a key given twice.
+args=()
+for ((i = 1; i <= $#; i++)); do
+  arg=${!i}
+  case $arg in
+    data.root=* | log.dir=*)
+      for later in "${@:i+1}"; do
+        [[ $later == "${arg%%=*}="* ]] && continue 2
+      done
+      ;;
+  esac
+  args+=("$arg")
+done
+setsid "${args[@]}" &  # not a group leader, so setsid execs in place: $! is the new group's id
 job=$!
 
 # shellcheck disable=SC2329  # run by the traps below

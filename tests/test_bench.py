@@ -53,7 +53,7 @@ def test_bench_usage_errors(cli):
 
     assert main(["bench"]) == 2  # the command line's own parsing, here; below as a real command
     bad = cli("bench", "step", "steps=many")
-    assert bad.returncode == 2 and "steps=many: expected a whole number" in bad.stderr
+    assert bad.returncode == 2 and "steps='many': expected a whole number" in bad.stderr
 
 
 def test_bench_checkpoint_times_both_writes_and_leaves_nothing(cli, tmp_path):

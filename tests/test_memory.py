@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import ROOT, clean_environ
+from conftest import ROOT, clean_environ, overridden
 from torch import nn
 
 from cifar100.config import OptimConfig, SchedConfig, load_config
@@ -225,16 +225,18 @@ def test_under_the_limit_auto_trains_the_recipes_global_batch(tmp_path, real_dat
 @pytest.mark.slow
 def test_two_processes_under_the_limit_agree_on_one_size(tmp_path, real_data, unlimited):
     _, limit = unlimited
-    args = [
-        *HUNGRY,
-        "data.batch_size=3200",  # 1600 images per process, as in the one-process run
-        "data.train_limit=3200",
-        "train.epochs=1",
-        f"data.root={real_data}",
-        f"log.dir={tmp_path}",
-        "name=ddp",
-        "train.micro_batch=auto",
-    ]
+    args = overridden(
+        list(HUNGRY),
+        [
+            "data.batch_size=3200",  # 1600 images per process, as in the one-process run
+            "data.train_limit=3200",
+            "train.epochs=1",
+            f"data.root={real_data}",
+            f"log.dir={tmp_path}",
+            "name=ddp",
+            "train.micro_batch=auto",
+        ],
+    )
     out = _run(args, limit, launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py"))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())

@@ -313,9 +313,9 @@ def test_docker_stop_reaches_the_training_through_the_entrypoint_as_pid_1(tmp_pa
     wait_for(tmp_path / "box" / EPOCH_1, proc)
     os.kill(init, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    # The training stopped with 143; `accelerate launch --quiet` reports a failed child as 1,
-    # the entrypoint passes it on.
-    assert proc.returncode == 1, err[-3000:]
+    # The training stopped with 143 and the entrypoint passes the launcher's status on: accelerate 1.16
+    # (what `pip install` brings now) exits 143 itself on SIGTERM; older releases reported 1.
+    assert proc.returncode in (143, 1), err[-3000:]
     assert_clean_stop(err, tmp_path / "box", "preempted: stopped by SIGTERM")
     assert not group(proc.pid) and not Path(f"/proc/{init}").exists()  # the namespace ended with its PID 1
     assert_resumes_exactly(real_data, tmp_path, "box", reference, launcher=container)

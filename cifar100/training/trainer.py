@@ -425,7 +425,8 @@ class Trainer:
         step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm) if warm > 0 else scored - written
         scale = batches / min(batches, PROBE_EVAL_BATCHES)
         epoch_end = (evaluated - scored) * scale + (done - evaluated) + (copied - began)
-        finish = (written - copied) + budget.FINISH_SECONDS
+        tracking = budget.WANDB_FINISH_SECONDS if cfg.log.wandb.mode != "disabled" else budget.FINISH_SECONDS
+        finish = (written - copied) + tracking
         figures = [self._since_start(), step, epoch_end, finish]
         broadcast_object_list(figures)
         return Costs(*figures)
