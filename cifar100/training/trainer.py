@@ -386,7 +386,7 @@ class Trainer:
             save_checkpoint(scratch, "probe", start.weights, start.state, {**start.meta, "config": {}}, ema=start.ema)
         written = time.perf_counter()
         stamps: list[float] = []
-        most = max(WARM_STEPS + PROBE_STEPS, 1)
+        most = WARM_STEPS + PROBE_STEPS
         limit = min(self.steps_per_epoch, 10 * most)  # the probe stays inside one epoch of batches
         probe = Schedule(self.state.optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, limit)
         # The run's own engine (its micro-batches included) on a schedule of the probe's length.
