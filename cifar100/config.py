@@ -180,7 +180,7 @@ class TrainConfig:
         doc="none | auto (a Slurm job's time left) | a duration (90s, 10m, 2h30m, 1.5h): the steps are planned "
         "to end the whole run in it, train.epochs (or train.steps) capping them",
     )
-    replan: bool = setting(True, doc="with a budget: shorten the schedule once if the machine slows (or lengthen it)")
+    replan: bool = setting(True, doc="with a budget: re-plan the rest of the schedule when the machine changes speed")
     precision: str = setting("bf16", choices=("no", "fp16", "bf16"))
     grad_accum: int = setting(1, low=1, high=4096)
     micro_batch: int | str | None = setting(

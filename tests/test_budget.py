@@ -79,23 +79,28 @@ def test_the_plan_fits_steps_and_epoch_ends_into_the_budget():
         budget.make_plan(15.0, costs, steps_per_epoch=20, cap=10_000)
 
 
-def test_replan_shortens_when_late_a_few_times_and_lengthens_once_when_early():
+def test_replan_follows_the_machine_both_ways_and_leaves_a_plan_inside_its_band_alone():
     costs = Costs(start=0.0, step=1.0, epoch_end=0.0, finish=0.0)
     plan = Plan(100.0, 99, costs, capped=False)
     on_time = budget.project(plan, 99, 10, 10, elapsed=10.0, step_seconds=1.0, epoch_end_seconds=0.0)
     assert budget.replan(plan, on_time, 99, 10, 10, cap=1000) is None
+    inside = budget.project(plan, 99, 10, 10, elapsed=10.0, step_seconds=0.97, epoch_end_seconds=0.0)
+    assert inside.total > 95 and budget.replan(plan, inside, 99, 10, 10, cap=1000) is None  # 97 %: kept
     late = budget.project(plan, 99, 10, 10, elapsed=10.0, step_seconds=2.0, epoch_end_seconds=0.0)
     steps = budget.replan(plan, late, 99, 10, 10, cap=1000)
-    assert steps == 10 + math.floor((99 - 10) / 2) and plan.replans[-1]["direction"] == "shorter"
-    for rate in (4.0, 8.0)[: budget.SHORTENINGS - 1]:  # a machine that keeps slowing down is followed
+    assert steps == 10 + math.floor((98 - 10) / 2) and plan.replans[-1]["direction"] == "shorter"
+    for rate in (4.0, 8.0, 16.0):  # a machine that keeps slowing down is followed every time
         slower = budget.project(plan, steps, 20, 10, elapsed=40.0, step_seconds=rate, epoch_end_seconds=0.0)
         steps = budget.replan(plan, slower, steps, 20, 10, cap=1000)
-        assert steps is not None
-    slower = budget.project(plan, steps, 20, 10, elapsed=40.0, step_seconds=16.0, epoch_end_seconds=0.0)
-    assert budget.replan(plan, slower, steps, 20, 10, cap=1000) is None  # then no more
-    early = budget.project(plan, steps, 12, 10, elapsed=13.0, step_seconds=0.5, epoch_end_seconds=0.0)
-    assert budget.replan(plan, early, steps, 12, 10, cap=1000) > steps
-    assert [r["direction"] for r in plan.replans] == ["shorter"] * budget.SHORTENINGS + ["longer"]
+        assert steps == 20 + math.floor((98 - 40) / rate)
+    # ...and one that speeds up again, even late in the run, fills what is left of the budget (at most the cap).
+    early = budget.project(plan, steps, 80, 10, elapsed=60.0, step_seconds=0.5, epoch_end_seconds=0.0)
+    assert budget.replan(plan, early, steps, 80, 10, cap=1000) == 80 + math.floor((98 - 60) / 0.5)
+    fast = budget.project(plan, 156, 100, 10, elapsed=70.0, step_seconds=0.1, epoch_end_seconds=0.0)
+    assert budget.replan(plan, fast, 156, 100, 10, cap=200) == 200 and plan.steps == 200
+    capped = budget.project(plan, 200, 150, 10, elapsed=75.0, step_seconds=0.1, epoch_end_seconds=0.0)
+    assert budget.replan(plan, capped, 200, 150, 10, cap=200) is None
+    assert [r["direction"] for r in plan.replans] == ["shorter"] * 4 + ["longer"] * 2
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("1:59", 119), ("1:02:03", 3723), ("2-00:00:01", 172_801)])
@@ -141,12 +146,14 @@ def _args(real_data, log_dir, *extra) -> list[str]:
         ("5s", "at least 10s"),
         ("9999h", "at most 366 days"),
         ("auto", "not a Slurm job"),
-        ("10s", "is too short for this run"),
+        # A model whose start and first steps alone pass 10 s on any machine: refused when its measurement
+        # ends, without evaluating. (A budget its measured costs do not fit: test_the_plan_fits_steps_...)
+        ("10s model.name=resnet50", "is too short for this run"),
     ],
 )
 def test_bad_budgets_are_one_line_before_any_folder(real_data, tmp_path, value, says):
     env = {"SLURM_JOB_ID": ""} if value == "auto" else None
-    out = _train(real_data, tmp_path / "runs", f"train.budget={value}", env=env)
+    out = _train(real_data, tmp_path / "runs", *f"train.budget={value}".split(), env=env)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and lines[-1].startswith("error: ") and says in lines[-1], out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
@@ -167,10 +174,10 @@ def test_a_budget_run_ends_on_time_with_its_schedule_finished(real_data, tmp_pat
     plan = _summary(tmp_path / "b")["plan"]
     assert out.stdout.count("budget 45s: measured") == 1, out.stdout
     eval_seconds = max(r["eval_seconds"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()))
-    # The issue's bound is 2 % of the budget plus one evaluation, which by-hand runs here meet (42.9 s and
-    # 44.8 s); in the suite the other test worker shares the 2 cores and can slow this run several-fold at
-    # any moment (it once ended at 56.9 s, after its shortenings), so the suite holds it to 30 %.
-    assert plan["ended_seconds"] <= 45 * 1.3 + eval_seconds, (plan, out.stdout[-2000:])
+    # The issue's bound is 2 % of the budget plus one evaluation, which runs here meet alone and beside one
+    # or two other trainings (42.3 to 45.96 s); in the suite the other test worker can slow this run
+    # several-fold in its last seconds, after its last re-plan, so the suite holds it to 10 %.
+    assert plan["ended_seconds"] <= 45 * 1.1 + eval_seconds, (plan, out.stdout[-2000:])
     assert plan["ended_seconds"] >= 45 * 0.9 or plan["capped"], (plan, out.stdout[-2000:])
     assert wall >= plan["ended_seconds"] - 1  # it counted from the process's start, not from the trainer's
     assert plan["last_step_lr"] == 0.0
@@ -183,7 +190,7 @@ def test_a_budget_run_killed_and_resumed_equals_its_plan_run_uninterrupted(real_
     """SIGTERM to the process group, then kill -9, each after a checkpoint; every resume replays the
     plan (no second measurement) and the metrics equal those of `train.steps=<planned>` run whole."""
     argv = _args(
-        real_data, tmp_path, "name=r", "train.budget=60s", "train.replan=false", "train.checkpoint_every_steps=5"
+        real_data, tmp_path, "name=r", "train.budget=30s", "train.replan=false", "train.checkpoint_every_steps=5"
     )
     proc = start((sys.executable, "train.py"), argv)
     wait_for(tmp_path / "r" / "checkpoints" / "step-00000010" / "COMPLETE", proc)
@@ -196,7 +203,7 @@ def test_a_budget_run_killed_and_resumed_equals_its_plan_run_uninterrupted(real_
     wait_for(tmp_path / "r" / "checkpoints" / "step-00000025" / "COMPLETE", proc)
     kill_9(proc)
     out = run_cmd([sys.executable, "train.py", *argv, "resume=auto"])
-    assert out.returncode == 0 and "budget 60s: measured" not in out.stdout, out.stderr[-3000:]
+    assert out.returncode == 0 and "budget 30s: measured" not in out.stdout, out.stderr[-3000:]
     summary = _summary(tmp_path / "r")
     assert summary["plan"]["steps"] == plan["steps"] and summary["plan"]["last_step_lr"] == 0.0
 
@@ -206,22 +213,22 @@ def test_a_budget_run_killed_and_resumed_equals_its_plan_run_uninterrupted(real_
 
 
 @pytest.mark.slow
-def test_a_stalled_run_shortens_its_schedule_once_and_still_ends_on_time(real_data, tmp_path):
+def test_a_stalled_run_shortens_what_is_left_and_still_ends_on_time(real_data, tmp_path):
     """The machine stops the run for a quarter of its budget (SIGSTOP, as a throttled or shared machine
     does) after its first epoch: the projection passes the budget, what is left of the schedule is
-    shortened once, and the run still ends on time at the final rate."""
-    proc = start((sys.executable, "train.py"), _args(real_data, tmp_path, "name=s", "train.budget=60s"))
+    shortened, and the run still ends on time at the final rate."""
+    proc = start((sys.executable, "train.py"), _args(real_data, tmp_path, "name=s", "train.budget=40s"))
     wait_for(tmp_path / "s" / "checkpoints" / "last", proc, timeout=60)
     proc.send_signal(signal.SIGSTOP)
-    time.sleep(15)
+    time.sleep(10)
     proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     plan = _summary(tmp_path / "s")["plan"]
-    assert 1 <= [r["direction"] for r in plan["replans"]].count("shorter") <= budget.SHORTENINGS, (plan, out[-2000:])
+    assert "shorter" in [r["direction"] for r in plan["replans"]], (plan, out[-2000:])
     assert "budget: the run was heading for" in out
     eval_seconds = max(r["eval_seconds"] for r in map(json.loads, (tmp_path / "s" / "metrics.jsonl").open()))
-    assert plan["ended_seconds"] <= 60 * 1.02 + eval_seconds and plan["last_step_lr"] == 0.0, (plan, out[-2000:])
+    assert plan["ended_seconds"] <= 40 * 1.02 + eval_seconds and plan["last_step_lr"] == 0.0, (plan, out[-2000:])
 
 
 def test_plateau_lays_its_warmup_over_the_plan_and_decays_by_evaluations():

@@ -25,10 +25,10 @@ SAFETY = 0.01  # the plan aims 1 % before the budget's end: the measured rates a
 # The finish besides the last checkpoint's write: the summary and plots (a fraction of a second
 # here), and the end of W&B tracking when it runs (its offline sync: seconds), reserved with room to spare.
 FINISH_SECONDS, WANDB_FINISH_SECONDS = 1.0, 4.0
-LATE = 0.995  # re-plan shorter when the projected end passes 99.5 % of the budget (the plan aimed at 99 %)
-# A machine that slowed down may slow down again: up to this many shortenings, each aimed at 98 %.
-SHORTENINGS = 3
-EARLY = 0.95  # ...or longer, once, while the run would use less than 95 % of it
+# A re-plan aims at 98 % of the budget; it is made when the projected end passes 99.5 % of it (the
+# plan aimed at 99 %) or falls below 95 %. The gap between the two keeps a noisy rate from swinging
+# the plan back and forth, and the trainer re-plans only on a window of steps timed since the last one.
+LATE, EARLY = 0.995, 0.95
 # train.budget=auto plans to end this long before the Slurm job's end. launch/slurm/job.sh holds the
 # job's warning back until its last AUTO_STOP_SECONDS (20), a late run's time to checkpoint, exit and
 # requeue; the other 25 s let a run end that much later than planned (a loaded machine, the one
@@ -141,18 +141,11 @@ def project(
 def replan(
     plan: Plan, projection: Projection, total_steps: int, done_steps: int, steps_per_epoch: int, cap: int
 ) -> int | None:
-    """The new total of optimizer steps when the run's projection has drifted out of its budget
-    (later than `LATE` of it, up to SHORTENINGS times; earlier than `EARLY` of it once, in the run's
-    first half), else None.
+    """The new total of optimizer steps when the run's projection has drifted out of its budget (later
+    than `LATE` of it, or earlier than `EARLY` of it while the cap allows more steps), else None.
     The decision is recorded in `plan.replans`."""
-    directions = [r["direction"] for r in plan.replans]
-    late = projection.total > plan.budget_seconds * LATE and directions.count("shorter") < SHORTENINGS
-    early = (
-        projection.total < plan.budget_seconds * EARLY
-        and "longer" not in directions
-        and total_steps < cap
-        and done_steps < total_steps / 2
-    )
+    late = projection.total > plan.budget_seconds * LATE
+    early = projection.total < plan.budget_seconds * EARLY and total_steps < cap
     if not (late or early):
         return None
     # Aimed a little earlier than the first plan: a machine that slowed down once may do so again.

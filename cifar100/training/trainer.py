@@ -220,6 +220,7 @@ class Trainer:
             self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
         self.epoch_end_seconds: float | None = None  # measured at each epoch's end, for the budget's projection
+        self._timed_at_replan = 0  # the clock's timed steps at the last re-plan
         # Drift control; a requeued Slurm job (auto) replays its plan in a fresh job window as it is.
         self.replans = self.plan is not None and cfg.train.replan and not (ckpt_path and cfg.train.budget == "auto")
         # The projection warning: once, by the main process; a budget run's length is its budget.
@@ -394,7 +395,9 @@ class Trainer:
             self.engine, schedule=probe, rules=dataclasses.replace(self.engine.rules, progress=False)
         )
 
-        def enough() -> bool:
+        def enough() -> bool:  # every process's answer counts: the engine stops them all at one step
+            if self._since_start() >= seconds:  # the budget is spent before the measurement is done
+                return True
             timed = stamps[-1] - stamps[WARM_STEPS - 1] if len(stamps) > WARM_STEPS else 0.0
             return len(stamps) >= most and timed >= min(PROBE_SHARE * seconds, 30.0)
 
@@ -406,6 +409,15 @@ class Trainer:
             after_step=lambda _: stamps.append(time.perf_counter()),
         )
         getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
+        spent = [self._since_start()]
+        broadcast_object_list(spent)
+        if spent[0] >= seconds:  # no need to measure the rest: not even the start fits
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise UserError(
+                f"train.budget={budget.budget_text(seconds)} is too short for this run: {spent[0]:.1f} s had passed "
+                f"when its measurement of the rate ended ({len(stamps)} optimizer steps), before its evaluation "
+                "and before any training; give it several times that"
+            )
         scored = time.perf_counter()
         row: dict = {"epoch": 1, "lr": probe.lr}
         # A few batches of each split stand for the whole evaluation, whose cost is per batch.
@@ -497,14 +509,14 @@ class Trainer:
         return max(1, self.state.schedule.total_steps // 200)
 
     def _keep_to_budget(self) -> None:
-        """Re-plan once when the projected end has drifted out of the budget (every process the same way:
-        the main process's projection decides)."""
+        """Re-plan when the projected end has drifted out of the budget (every process the same way: the
+        main process's projection decides)."""
         assert self.plan is not None
         schedule, acc = self.state.schedule, self.accelerator
         timed = self.clock.recent_step_seconds
-        # Not on the first steps' noise: a full window of timed steps, and a measured epoch's end once one
-        # has come (the plan's own figure before).
-        if timed is None or len(self.clock.recent) < RECENT_STEPS:
+        # Not on the first steps' noise, nor on steps the last re-plan already judged: a full window of
+        # steps timed since then, and a measured epoch's end once one has come (the plan's figure before).
+        if timed is None or self.clock.timed_steps - self._timed_at_replan < RECENT_STEPS:
             return
         cap = self.cfg.train.steps or self.steps_per_epoch * self.cfg.train.epochs
         decision: list = [None]
@@ -527,6 +539,7 @@ class Trainer:
         if not decision[0]:
             return
         replanned = decision[0]
+        self._timed_at_replan = self.clock.timed_steps
         if not acc.is_main_process:
             self.plan.replans.append(replanned)
             self.plan.steps = replanned["steps"]
