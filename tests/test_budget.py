@@ -79,6 +79,18 @@ def test_the_plan_fits_steps_and_epoch_ends_into_the_budget():
         budget.make_plan(15.0, costs, steps_per_epoch=20, cap=10_000)
 
 
+def test_on_an_epochs_last_step_its_end_is_still_to_pay():
+    """The drift check runs after each step: on the last step of an epoch its evaluation is still ahead
+    (a run once lengthened itself there into a new epoch whose end it had not counted, and ended late)."""
+    costs = Costs(start=0.0, step=1.0, epoch_end=10.0, finish=0.0)
+    plan = Plan(100.0, 20, costs, capped=False)
+    at_the_end = budget.project(plan, 20, 20, 20, elapsed=40.0, step_seconds=1.0, epoch_end_seconds=10.0)
+    assert at_the_end.total == 40 + 10  # epoch 1's end, then the finish
+    assert budget.fitting_steps(55.0, costs, 20, done_steps=20, cap=1000) == 45  # 25 steps, the ends of 1, 2, 3
+    assert budget.fitting_steps(15.0, costs, 20, done_steps=20, cap=1000) == 20  # only its own end fits
+    assert [budget.ended_epochs(d, 20) for d in (0, 1, 19, 20, 21, 40)] == [0, 0, 0, 0, 1, 1]
+
+
 def test_replan_follows_the_machine_both_ways_and_leaves_a_plan_inside_its_band_alone():
     costs = Costs(start=0.0, step=1.0, epoch_end=0.0, finish=0.0)
     plan = Plan(100.0, 99, costs, capped=False)

@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import run_cmd
 
-from cifar100.training.eta import TIMED_STEPS, RunClock, duration_text, too_long
+from cifar100.training.eta import RECENT_WINDOW, TIMED_STEPS, RunClock, duration_text, too_long
 
 
 def test_forecast_appears_after_the_timed_steps_and_counts_the_evaluations_left():
@@ -30,6 +30,21 @@ def test_forecast_appears_after_the_timed_steps_and_counts_the_evaluations_left(
     time.sleep(0.05)
     clock.step(5)  # the gap before an epoch's first step (evaluation, loader start) is not a step's time
     assert clock.step_seconds == per_step
+
+
+def test_the_current_rate_is_the_median_of_the_latest_steps_so_a_stall_does_not_move_it():
+    clock = RunClock(total_steps=100, epochs=1, done_steps=0, done_epochs=0)
+    clock.start_epoch()
+    clock.step(1)
+    pauses = [0.01] * 9 + [0.3] + [0.01] * 9  # one stall of 30 steps' time among 19 steps
+    for step, pause in enumerate(pauses, start=2):
+        time.sleep(pause)
+        clock.step(step)
+    assert 0.01 <= clock.recent_step_seconds < 0.03  # a mean would read 0.025 s or more
+    for step in range(21, 21 + RECENT_WINDOW):  # a machine that slowed down for a whole window is followed
+        time.sleep(0.04)
+        clock.step(step)
+    assert clock.recent_step_seconds >= 0.04 and len(clock.recent) == RECENT_WINDOW
 
 
 def test_durations_read_in_days_for_runs_of_weeks():

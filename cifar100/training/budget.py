@@ -77,10 +77,16 @@ def epochs_of(steps: int, steps_per_epoch: int) -> int:
     return math.ceil(steps / steps_per_epoch)
 
 
+def ended_epochs(done_steps: int, steps_per_epoch: int) -> int:
+    """Epochs whose end is paid when optimizer step `done_steps` has just been taken: not the one that
+    step belongs to, even as its last step (its evaluation comes next)."""
+    return max(epochs_of(done_steps, steps_per_epoch) - 1, 0)
+
+
 def fitting_steps(seconds: float, costs: Costs, steps_per_epoch: int, *, done_steps: int, cap: int) -> int:
     """The most optimizer steps in all (at least `done_steps`, at most `cap`) whose remaining steps and
     epoch ends cost no more than `seconds`; `done_steps` when not even one more fits."""
-    done_epochs = done_steps // steps_per_epoch  # the epoch under way still has its end to pay
+    done_epochs = ended_epochs(done_steps, steps_per_epoch)
 
     def cost(total: int) -> float:
         ends = epochs_of(total, steps_per_epoch) - done_epochs
@@ -133,7 +139,7 @@ def project(
 ) -> Projection:
     """The whole run's projected seconds: `elapsed`, the steps left at `step_seconds`, the epoch ends
     left (the current one included) and the finish."""
-    ends = epochs_of(total_steps, steps_per_epoch) - done_steps // steps_per_epoch
+    ends = epochs_of(total_steps, steps_per_epoch) - ended_epochs(done_steps, steps_per_epoch)
     total = elapsed + (total_steps - done_steps) * step_seconds + ends * epoch_end_seconds + plan.costs.finish
     return Projection(total, elapsed, step_seconds, epoch_end_seconds)
 

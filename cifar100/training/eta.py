@@ -3,13 +3,17 @@ bar and the epoch lines show, and the one warning a run far too long for its har
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 
 # Optimizer steps timed before an estimate is shown; the first step of each epoch is never timed
 # (it pays the loader's start, and the first one compilation and autotuning).
 TIMED_STEPS = 3
-RECENT_STEPS = 20  # the steps whose mean is the current rate (a budget run's projection)
+# A budget run's current rate: the median of up to RECENT_WINDOW of the latest timed steps, judged
+# once RECENT_STEPS are in. A median ignores a one-off stall (the elapsed time already holds it) and a
+# noisy neighbour's bursts, and moves once most of the window runs at a new speed.
+RECENT_STEPS, RECENT_WINDOW = 20, 60
 # ...or fewer, once they add up to this long: on a machine that takes a minute a step, the user
 # hears what the run will cost after two steps, not four.
 ENOUGH_SECONDS = 30.0
@@ -35,7 +39,7 @@ class RunClock:
         self.total_steps, self.epochs = total_steps, epochs
         self.done_steps, self.done_epochs = done_steps, done_epochs
         self.timed_steps, self.timed_seconds, self.eval_seconds = 0, 0.0, 0.0
-        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.recent: deque[float] = deque(maxlen=RECENT_WINDOW)
         self._last: float | None = None
 
     def start_epoch(self) -> None:
@@ -64,8 +68,8 @@ class RunClock:
 
     @property
     def recent_step_seconds(self) -> float | None:
-        """Seconds per optimizer step over the last RECENT_STEPS timed (None before TIMED_STEPS)."""
-        return sum(self.recent) / len(self.recent) if len(self.recent) >= TIMED_STEPS else None
+        """The median seconds per optimizer step of the latest timed steps (None before TIMED_STEPS)."""
+        return statistics.median(self.recent) if len(self.recent) >= TIMED_STEPS else None
 
     def seconds_left(self) -> float | None:
         """The forecast of the rest of the run: its steps, and its evaluations at the last one's cost."""

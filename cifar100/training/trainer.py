@@ -220,7 +220,6 @@ class Trainer:
             self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
         self.epoch_end_seconds: float | None = None  # measured at each epoch's end, for the budget's projection
-        self._timed_at_replan = 0  # the clock's timed steps at the last re-plan
         # Drift control; a requeued Slurm job (auto) replays its plan in a fresh job window as it is.
         self.replans = self.plan is not None and cfg.train.replan and not (ckpt_path and cfg.train.budget == "auto")
         # The projection warning: once, by the main process; a budget run's length is its budget.
@@ -514,9 +513,9 @@ class Trainer:
         assert self.plan is not None
         schedule, acc = self.state.schedule, self.accelerator
         timed = self.clock.recent_step_seconds
-        # Not on the first steps' noise, nor on steps the last re-plan already judged: a full window of
-        # steps timed since then, and a measured epoch's end once one has come (the plan's figure before).
-        if timed is None or self.clock.timed_steps - self._timed_at_replan < RECENT_STEPS:
+        # Not on the first steps' noise, nor on steps the last re-plan already judged (it empties the
+        # window): RECENT_STEPS timed since, and a measured epoch's end once one has come (the plan's before).
+        if timed is None or len(self.clock.recent) < RECENT_STEPS:
             return
         cap = self.cfg.train.steps or self.steps_per_epoch * self.cfg.train.epochs
         decision: list = [None]
@@ -539,7 +538,7 @@ class Trainer:
         if not decision[0]:
             return
         replanned = decision[0]
-        self._timed_at_replan = self.clock.timed_steps
+        self.clock.recent.clear()
         if not acc.is_main_process:
             self.plan.replans.append(replanned)
             self.plan.steps = replanned["steps"]
