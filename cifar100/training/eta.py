@@ -66,6 +66,10 @@ class RunClock:
         ready = self.timed_steps >= TIMED_STEPS or (self.timed_steps and self.timed_seconds >= ENOUGH_SECONDS)
         return self.timed_seconds / self.timed_steps if ready else None
 
+    def restart_window(self) -> None:
+        """Forget the latest steps' times: a re-plan has judged them."""
+        self.recent.clear()
+
     @property
     def recent_step_seconds(self) -> float | None:
         """The median seconds per optimizer step of the latest timed steps (None before TIMED_STEPS)."""

@@ -538,7 +538,7 @@ class Trainer:
         if not decision[0]:
             return
         replanned = decision[0]
-        self.clock.recent.clear()
+        self.clock.restart_window()
         if not acc.is_main_process:
             self.plan.replans.append(replanned)
             self.plan.steps = replanned["steps"]
