@@ -43,7 +43,8 @@ commands:
             weights=ema scores a checkpoint's averaged weights (train.ema)
   predict   predict run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [eval.tta=flip] [topk=5]
             [out=FILE.csv|FILE.json] IMAGE_OR_FOLDER ...: top-k classes and the superclass of image
-            files (PNG, JPEG, WebP, BMP, GIF); model=FILE.onnx|FILE.pt2 instead of run= takes an export
+            files (PNG, JPEG, WebP, BMP, GIF); model=FILE.onnx|FILE.pt2 [timeout=300] instead of run= takes
+            an export, checked before it is loaded, each batch given timeout= seconds
   export    export run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [format=onnx|pt2|all] [out=DIR]:
             an ONNX file and a torch.export program (.pt2), each checked against PyTorch on test images,
             and a JSON of the normalisation and class names (default out: <run>/export)
@@ -169,7 +170,7 @@ def cmd_predict(args: list[str]) -> None:
     inputs = [a for a in args if "=" not in a or os.path.exists(a)]
     rest = [a for a in args if a not in inputs]
     named = {}
-    for key in ("run", "model", "checkpoint", "weights", "topk", "out"):
+    for key in ("run", "model", "checkpoint", "weights", "topk", "out", "timeout"):
         named[key], rest = take(rest, key)
     recipe, overrides = split_args(rest)
     if recipe is not None:
@@ -177,9 +178,16 @@ def cmd_predict(args: list[str]) -> None:
     if not inputs:
         raise UserError(
             "usage: cifar100 predict run=FOLDER|model=FILE.onnx|FILE.pt2 [checkpoint=best|last|PATH] [weights=ema] "
-            "[eval.tta=flip] [topk=5] [out=FILE.csv|FILE.json] IMAGE_OR_FOLDER ..."
+            "[eval.tta=flip] [topk=5] [out=FILE.csv|FILE.json] [timeout=SECONDS] IMAGE_OR_FOLDER ..."
         )
-    run_predict(overrides=overrides, inputs=inputs, which=named.pop("weights"), topk_text=named.pop("topk"), **named)
+    run_predict(
+        overrides=overrides,
+        inputs=inputs,
+        which=named.pop("weights"),
+        topk_text=named.pop("topk"),
+        timeout_text=named.pop("timeout"),
+        **named,
+    )
 
 
 def cmd_export(args: list[str]) -> None:
@@ -202,7 +210,8 @@ def cmd_export(args: list[str]) -> None:
 
 
 def cmd_report(args: list[str]) -> None:
-    from cifar100.commands.report import make_report, markdown_table, table
+    from cifar100.commands.report import make_report
+    from cifar100.commands.report_page import markdown_table, table
 
     paths, own = [], []
     for arg in args:

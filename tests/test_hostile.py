@@ -148,7 +148,7 @@ def test_no_file_of_a_run_folder_is_written_through_a_symbolic_link(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").symlink_to(outside)
-    with pytest.raises(UserError, match=r"\.lock: a symbolic link; the files of a run folder are never written"):
+    with pytest.raises(UserError, match=r"\.lock: a symbolic link; the project never writes through one"):
         lock(run)
     (run / "metrics.jsonl").symlink_to(outside)
     with pytest.raises(UserError, match=r"metrics\.jsonl: a symbolic link"):
@@ -160,7 +160,7 @@ def test_no_file_of_a_run_folder_is_written_through_a_symbolic_link(tmp_path):
     assert outside.read_text() == "precious\n"
     assert (run / "summary.json").read_text() == "{}\n" and not (run / "config.yaml").is_symlink()
     os.mkfifo(run / "fifo")
-    with pytest.raises(UserError, match="fifo: not a plain file"):
+    with pytest.raises(UserError, match="fifo: a FIFO; the project never writes through one"):
         append_metrics(run / "fifo", {"epoch": 1})
 
 
