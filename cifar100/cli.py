@@ -43,8 +43,7 @@ commands:
             weights=ema scores a checkpoint's averaged weights (train.ema)
   predict   predict run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [eval.tta=flip] [topk=5]
             [out=FILE.csv|FILE.json] IMAGE_OR_FOLDER ...: top-k classes and the superclass of image
-            files (PNG, JPEG, WebP, BMP, GIF); model=FILE.onnx|FILE.pt2 [timeout=300] instead of run= takes
-            an export, checked before it is loaded, each batch given timeout= seconds
+            files (PNG, JPEG, WebP, BMP, GIF); model=FILE.onnx|FILE.pt2 instead of run= takes an export
   export    export run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [format=onnx|pt2|all] [out=DIR]:
             an ONNX file and a torch.export program (.pt2), each checked against PyTorch on test images,
             and a JSON of the normalisation and class names (default out: <run>/export)

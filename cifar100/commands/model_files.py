@@ -98,10 +98,16 @@ def check_program(data: bytes, path: Path) -> None:
     except (zipfile.BadZipFile, ValueError, EOFError) as err:
         raise UserError(f"{path}: not a torch.export program ({first_line(err)})") from None
     with archive:
-        records = _pt2_records(archive, data, path)
+        records = _pt2_records(archive, path)
         for name in records:
             if not PT2_RECORDS.fullmatch(name):
                 raise _refused(path, f"it holds {clip(name)}, not a record cifar100 export writes")
+        try:
+            listed = set(torch._C.PyTorchFileReader(io.BytesIO(data)).get_all_records())
+        except RuntimeError as err:
+            raise UserError(f"{path}: not a torch.export program ({first_line(err)})") from None
+        if listed != set(records):  # torch would read other records than the ones checked
+            raise _refused(path, "torch reads other records in it than a zip reader does")
         if records.get("data/sample_inputs/model.pt", zipfile.ZipInfo()).file_size:
             raise _refused(path, "it holds pickled example inputs (data/sample_inputs/model.pt)")
 
@@ -118,23 +124,15 @@ def check_program(data: bytes, path: Path) -> None:
         _check_graph(path, read_json("models/model.json"))
 
 
-def _pt2_records(archive: zipfile.ZipFile, data: bytes, path: Path) -> dict[str, zipfile.ZipInfo]:
-    """The archive's records by their name below its one root folder, each stored plain and listed
-    once, and the same records torch's own reader finds."""
+def _pt2_records(archive: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    """The archive's records by their name below its one root folder, each stored plain and listed once."""
     members = archive.infolist()
     names = [m.filename for m in members]
     if len({n.split("/", 1)[0] for n in names}) != 1 or len(set(names)) != len(names) or "/" not in names[0]:
         raise UserError(f"{path}: not a torch.export program (one root folder, each record once)")
     if any(m.compress_type != zipfile.ZIP_STORED for m in members):
         raise _refused(path, "it holds compressed records (cifar100 export stores them plain)")
-    records = {m.filename.split("/", 1)[1]: m for m in members}
-    try:
-        listed = set(torch._C.PyTorchFileReader(io.BytesIO(data)).get_all_records())
-    except RuntimeError as err:
-        raise UserError(f"{path}: not a torch.export program ({first_line(err)})") from None
-    if listed != set(records):  # torch would read other records than the ones checked
-        raise _refused(path, "torch reads other records in it than a zip reader does")
-    return records
+    return {m.filename.split("/", 1)[1]: m for m in members}
 
 
 def _check_payloads(path: Path, config: Any, records: dict[str, Any], folder: str, prefix: str) -> None:

@@ -41,6 +41,7 @@ from cifar100.training.runtime import device_type, resolve_precision, usable_cor
 EXPORTED_BATCH = 256  # images per call of an exported model
 BAR_FROM = 256  # a progress bar for more images than this
 OUT_SUFFIXES = (".csv", ".json")
+Runner = Callable[[torch.Tensor], torch.Tensor]  # normalised images -> logits
 TIMEOUT = 300.0  # seconds an exported model may take for one batch (timeout= changes it)
 
 
@@ -90,12 +91,17 @@ def run_predictor(run: str | None, checkpoint: str, which: str, overrides: list[
 
 def file_predictor(model_file: str, overrides: list[str], timeout: float = TIMEOUT) -> Predictor:
     """An exported model (.onnx through onnxruntime, .pt2 through torch.export), checked by
-    `model_files` before it is loaded, with its sidecar JSON; each batch given `timeout` seconds."""
+    `model_files` before anything else is read or loaded, with its sidecar JSON; loading it and each
+    batch given `timeout` seconds."""
     path = Path(model_file)
     kind = path.suffix.lower()
     if kind not in (".onnx", ".pt2"):
         raise UserError(f"model={model_file}: expected a .onnx or .pt2 file written by cifar100 export")
     data = model_files.read_model_file(path)
+    # What the file holds decides, whatever the JSON beside it says.
+    external = kind == ".onnx" and model_files.check_onnx(data, path)
+    if kind == ".pt2":
+        model_files.check_program(data, path)
     info = model_files.read_sidecar(path)
     tta = info.get("tta", "none")
     for item in overrides:
@@ -103,11 +109,24 @@ def file_predictor(model_file: str, overrides: list[str], timeout: float = TIMEO
         if key != "eval.tta" or value not in ("none", "flip"):
             raise UserError(f"{item}: model= takes no training config; its only setting is eval.tta=none|flip")
         tta = value
-    if kind == ".onnx":
-        model_files.require_onnx()  # its imports take seconds, outside the deadline
     with _deadline(path, "loading it", timeout):  # onnxruntime computes a graph's constant parts as it loads it
-        run = _onnx_runner(data, path, info) if kind == ".onnx" else _program_runner(data, path)
-    mean, std = info["mean"], info["std"]
+        run = _onnx_runner(data, path, info, external) if kind == ".onnx" else _program_runner(data, path)
+    describe = {"model": str(path.resolve()), "checkpoint": info.get("checkpoint"), "tta": tta}
+    return Predictor(
+        describe,
+        _exported_logits(run, path, info, tta, timeout),
+        EXPORTED_BATCH,
+        tuple(info["classes"]),
+        tuple(info["superclasses"]),
+        np.asarray(info["fine_to_coarse"]),
+    )
+
+
+def _exported_logits(
+    run: Runner, path: Path, info: dict[str, Any], tta: str, timeout: float
+) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """`Predictor.logits` of an exported model: the sidecar's normalisation, each batch within
+    `timeout` and checked to be 100 logits per image."""
 
     def checked(x: torch.Tensor) -> torch.Tensor:
         with _deadline(path, f"a batch of {len(x)} images", timeout):
@@ -122,22 +141,13 @@ def file_predictor(model_file: str, overrides: list[str], timeout: float = TIMEO
         return scores
 
     def logits(batch: torch.Tensor, pad: bool) -> torch.Tensor:
-        x = normalize_batch(batch, mean, std)
+        x = normalize_batch(batch, info["mean"], info["std"])
         return (checked(x) + checked(x.flip(3))) / 2 if tta == "flip" else checked(x)
 
-    describe = {"model": str(path.resolve()), "checkpoint": info.get("checkpoint"), "tta": tta}
-    return Predictor(
-        describe,
-        logits,
-        EXPORTED_BATCH,
-        tuple(info["classes"]),
-        tuple(info["superclasses"]),
-        np.asarray(info["fine_to_coarse"]),
-    )
+    return logits
 
 
-def _onnx_runner(data: bytes, path: Path, info: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    external = model_files.check_onnx(data, path)
+def _onnx_runner(data: bytes, path: Path, info: dict[str, Any], external: bool) -> Runner:
     import onnxruntime
 
     wanted = ["CUDAExecutionProvider"] if device_type() == "cuda" else []
@@ -151,7 +161,7 @@ def _onnx_runner(data: bytes, path: Path, info: dict[str, Any]) -> Callable[[tor
     return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
 
 
-def _program_runner(data: bytes, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def _program_runner(data: bytes, path: Path) -> Runner:
     device = torch.device(device_type())
     module = model_files.load_program(data, path, device)
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save
 
 from cifar100.errors import UserError, clip
 from cifar100.runfolder.records import meta_problem, train_state_problem
-from cifar100.runfolder.safe_files import TEXT_BYTES, WEIGHTS_BYTES, read_json, require_regular
+from cifar100.runfolder.safe_files import TEXT_BYTES, WEIGHTS_BYTES, link_atomic, read_json, require_regular
 
 MARKER = "COMPLETE"
 EMA_FILE = "ema.safetensors"
@@ -230,10 +230,7 @@ def save_checkpoint(
 
 def point_link(ckpt_dir: Path, link: str, tag: str) -> None:
     """Make `checkpoints/<link>` (last, best) a link to `tag`, swapped in atomically: never absent."""
-    tmp = ckpt_dir / f".{link}-link"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(tag)
-    os.replace(tmp, ckpt_dir / link)
+    link_atomic(ckpt_dir / link, tag)
 
 
 def save_best(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import stat
 import tempfile
 from pathlib import Path
@@ -100,6 +101,23 @@ def write_all_atomic(files: dict[Path, bytes]) -> None:
         raise
 
 
+def link_atomic(path: Path, target: str) -> None:
+    """Make `path` a symbolic link to `target`, swapped in with a rename (never absent), built under a
+    temporary name unique to this writer (`symlink` never follows what is there: it fails instead)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            tmp.symlink_to(target)
+            break
+        except FileExistsError:
+            continue
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def check_writable(folder: Path, what: str) -> None:
     """Refuse, before any long work, a folder that cannot take files: a probe of this writer's own
     (a unique name, removed again) is made in it."""
@@ -129,8 +147,9 @@ def make_folders(base: Path, *names: str) -> Path:
 
 
 def run_folder_of(path: Path) -> Path | None:
-    """The run folder that `path` lies in (its own folder or any above), links resolved; None outside any."""
-    for folder in Path(os.path.realpath(path)).parents:
+    """The run folder that `path` lies in (its own folder or any above), the links to its folder
+    resolved (a link at `path` itself is replaced by a write, never followed); None outside any."""
+    for folder in (Path(os.path.realpath(path.parent)) / path.name).parents:
         if (folder / "config.yaml").is_file() and any(os.path.lexists(folder / m) for m in RUN_MARKS):
             return folder
     return None
@@ -141,9 +160,10 @@ def refuse_run_folder(path: Path, what: str) -> None:
     run's (and eval's and export's), and one written over cannot be had back."""
     run = run_folder_of(path)
     if run is not None:
+        shown = os.path.relpath(run)
         raise UserError(
-            f"{what}: inside the run folder {run}, whose files belong to its run; nothing was written: "
-            "give a place outside run folders"
+            f"{what}: inside the run folder {run if shown.startswith('..') else shown}, whose files belong to its "
+            "run; nothing was written: give a place outside run folders"
         )
 
 
