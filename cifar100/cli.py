@@ -146,6 +146,7 @@ def cmd_train(args: list[str]) -> None:
 
 def cmd_eval(args: list[str]) -> None:
     from cifar100.commands.evaluation import run_eval  # heavy imports only when evaluating
+    from cifar100.training.runtime import fresh_process_state
 
     run, args = take(args, "run")
     checkpoint, args = take(args, "checkpoint")
@@ -159,11 +160,13 @@ def cmd_eval(args: list[str]) -> None:
         raise UserError(
             "usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] [key=value ...]"
         )
-    run_eval(run, checkpoint or "best", overrides, which or "model")
+    with fresh_process_state():
+        run_eval(run, checkpoint or "best", overrides, which or "model")
 
 
 def cmd_predict(args: list[str]) -> None:
     from cifar100.commands.predict import run_predict  # heavy imports only when predicting
+    from cifar100.training.runtime import fresh_process_state
 
     # An argument is an image or folder when it has no `=`, or when it names one that exists.
     inputs = [a for a in args if "=" not in a or os.path.exists(a)]
@@ -179,14 +182,9 @@ def cmd_predict(args: list[str]) -> None:
             "usage: cifar100 predict run=FOLDER|model=FILE.onnx|FILE.pt2 [checkpoint=best|last|PATH] [weights=ema] "
             "[eval.tta=flip] [topk=5] [out=FILE.csv|FILE.json] [timeout=SECONDS] IMAGE_OR_FOLDER ..."
         )
-    run_predict(
-        overrides=overrides,
-        inputs=inputs,
-        which=named.pop("weights"),
-        topk_text=named.pop("topk"),
-        timeout_text=named.pop("timeout"),
-        **named,
-    )
+    which, topk, timeout = named.pop("weights"), named.pop("topk"), named.pop("timeout")
+    with fresh_process_state():
+        run_predict(overrides=overrides, inputs=inputs, which=which, topk_text=topk, timeout_text=timeout, **named)
 
 
 def cmd_export(args: list[str]) -> None:
@@ -322,6 +320,7 @@ def cmd_data(args: list[str]) -> None:
 
 def cmd_bench(args: list[str]) -> None:
     from cifar100.commands import bench
+    from cifar100.training.runtime import fresh_process_state
 
     if not args or args[0] not in ("step", "data", "recipe", "checkpoint"):
         raise UserError(
@@ -341,15 +340,16 @@ def cmd_bench(args: list[str]) -> None:
     if eager not in (None, "true", "false"):
         raise UserError(f"eager={clip(eager)}: expected true or false")
     recipe, overrides = split_args(rest)
-    bench.main(
-        args[0],
-        load_config(recipe, overrides),
-        json_path=json_path,
-        compile_modes=bench.compile_modes(modes),
-        eager_grid=eager != "false",
-        profile_path=profile_path,
-        **numbers,
-    )
+    with fresh_process_state():
+        bench.main(
+            args[0],
+            load_config(recipe, overrides),
+            json_path=json_path,
+            compile_modes=bench.compile_modes(modes),
+            eager_grid=eager != "false",
+            profile_path=profile_path,
+            **numbers,
+        )
 
 
 # W&B's documented variables, and the keys they set when the command line does not: over a recipe's

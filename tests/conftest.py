@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,12 +42,116 @@ SERIAL_GROUPS = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--shuffle",
+        type=int,
+        metavar="SEED",
+        help="run the tests in an order shuffled by SEED (the same in every xdist worker): the suite's "
+        "results must not depend on order",
+    )
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seed = config.getoption("--shuffle")
+    if seed is not None:
+        random.Random(seed).shuffle(items)
     for item in items:
         group = SERIAL_GROUPS.get(item.path.name)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+# Set by pytest around each test; everything else in the environment must be as the test found it.
+_PYTEST_VARIABLES = ("PYTEST_CURRENT_TEST",)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGCONT)
+_ACCELERATE_SINGLETONS = ("PartialState", "AcceleratorState", "GradientState")
+
+
+def process_state() -> dict[str, Any]:
+    """What one test could change for every test after it in this process: the environment, the working
+    directory, signal handlers, torch's threads and defaults, and Accelerate's process-wide state (each
+    library's only once it is imported: before, nothing of it can have changed)."""
+    state: dict[str, Any] = {
+        "environment": {k: v for k, v in os.environ.items() if k not in _PYTEST_VARIABLES},
+        "working directory": os.getcwd(),
+        "signal handlers": {s.name: signal.getsignal(s) for s in _SIGNALS},
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        state["torch"] = {
+            "threads": torch.get_num_threads(),
+            "default dtype": torch.get_default_dtype(),
+            "grad enabled": torch.is_grad_enabled(),
+            "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn benchmark": torch.backends.cudnn.benchmark,
+            "float32 matmul precision": torch.get_float32_matmul_precision(),
+        }
+    accelerate_state = sys.modules.get("accelerate.state")
+    if accelerate_state is not None:
+        state["Accelerate"] = {
+            f"{name} made": bool(getattr(accelerate_state, name)._shared_state) for name in _ACCELERATE_SINGLETONS
+        }
+    return state
+
+
+def _fresh(what: str) -> dict[str, Any]:
+    """A library's part of `process_state` in a fresh process that has just imported it."""
+    if what == "torch":
+        torch = sys.modules["torch"]
+        return {
+            "threads": int(os.environ["OMP_NUM_THREADS"]),
+            "default dtype": torch.float32,
+            "grad enabled": True,
+            "deterministic algorithms": False,
+            "cudnn benchmark": False,
+            "float32 matmul precision": "highest",
+        }
+    return {f"{name} made": False for name in _ACCELERATE_SINGLETONS}
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_process_state():
+    """Fail a test that leaves process-wide state behind: whatever ran before it in this xdist worker (in
+    any order, however xdist shares the tests out), the next test must find the process as it found it,
+    and torch and Accelerate as a fresh process has them."""
+    before = process_state()
+    yield
+    changed = []
+    for what, now in process_state().items():
+        was = _fresh(what) if what in ("torch", "Accelerate") else before[what]
+        if was == now:
+            continue
+        if isinstance(was, dict):
+            keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+            changed.append(f"{what} ({', '.join(f'{k}: {was.get(k)!r} -> {now.get(k)!r}' for k in keys)})")
+        else:
+            changed.append(f"{what} ({was!r} -> {now!r})")
+    assert not changed, "the test left process-wide state behind: " + "; ".join(changed)
+
+
+@pytest.fixture
+def accelerate_state():
+    """For a test that makes Accelerators itself: Accelerate's state starts empty and is released after
+    it, and torch's thread count put back, as every command does for itself."""
+    from cifar100.training.runtime import fresh_process_state
+
+    with fresh_process_state():
+        yield
+
+
+@pytest.fixture
+def wandb_in_process(monkeypatch, accelerate_state):
+    """For a test that runs W&B in this process (through an Accelerator's tracker): quiet, with a W&B
+    service of its own that ends with the test (its WANDB_SERVICE variable too)."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    yield
+    import wandb
+
+    wandb.teardown()
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:

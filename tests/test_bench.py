@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Slow, and some tests make Accelerators (and so Accelerate's process-wide state) themselves.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("accelerate_state")]
 
 
 def test_bench_recipe_measures_step_data_and_projects(cli, tmp_path, real_data):

@@ -81,7 +81,7 @@ def test_a_skipped_step_leaves_every_finite_value_exactly_as_it_was():
     assert not torch.equal(ema.module[0].weight, before["0.weight"])
 
 
-def test_sync_on_one_process_changes_nothing():
+def test_sync_on_one_process_changes_nothing(accelerate_state):
     from accelerate import Accelerator
 
     model = small_model()

@@ -20,6 +20,9 @@ from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import Engine, EpochProgress, NonFiniteLoss, StepRules
 from cifar100.training.optim import Schedule, build_optimizer
 
+# The tests make Accelerators (and so Accelerate's process-wide state) themselves.
+pytestmark = pytest.mark.usefixtures("accelerate_state")
+
 BATCH = 8
 
 

@@ -23,6 +23,9 @@ from cifar100.training import memory
 from cifar100.training.engine import Engine, EpochProgress, StepRules
 from cifar100.training.optim import Schedule, build_optimizer
 
+# The tests make Accelerators (and so Accelerate's process-wide state) themselves.
+pytestmark = pytest.mark.usefixtures("accelerate_state")
+
 
 def test_micro_batch_is_null_auto_or_a_whole_number():
     assert load_config("smoke", []).train.micro_batch is None

@@ -243,13 +243,12 @@ def test_report_html_renders_in_chromium(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_run_records_checkpoints_as_a_model_artifact(runs, tmp_path, capsys, monkeypatch):
+def test_offline_run_records_checkpoints_as_a_model_artifact(runs, tmp_path, capsys, wandb_in_process):
     from accelerate import Accelerator
     from wandb.proto.wandb_internal_pb2 import ArtifactRecord
 
     from cifar100.runfolder.tracking import finish_tracking, start_wandb
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "smoke-s0"
     shutil.copytree(runs / "smoke-s0", run_dir, symlinks=True, ignore=shutil.ignore_patterns("wandb"))
     config = to_dict(load_config("smoke", []))

@@ -262,16 +262,12 @@ def test_the_wandb_agents_exact_arguments_are_accepted_by_train(capsys):
         assert shown["log"]["wandb"]["mode"] == "online" and shown["model"]["name"] == "seresnet50"
 
 
-def test_wandb_groups_a_sweeps_runs_by_its_name_with_the_overrides_in_the_config(tmp_path, monkeypatch):
+def test_wandb_groups_a_sweeps_runs_by_its_name_with_the_overrides_in_the_config(tmp_path, wandb_in_process):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     from cifar100.runfolder.tracking import start_wandb
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     run = load_sweep(ROOT / "sweeps" / "side.yaml", []).runs[3]
-    AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True, log_with="wandb")
     start_wandb(accelerator, "cifar100-tests", None, "offline", tmp_path, run.name, to_dict(run.config))
     try:

@@ -5,16 +5,12 @@ from __future__ import annotations
 import os
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from cifar100.config import load_config, to_dict
 from cifar100.runfolder.tracking import start_wandb
 
 
-def test_wandb_run_is_grouped_by_recipe_and_tagged(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)
-    AcceleratorState._reset_state(True)
+def test_wandb_run_is_grouped_by_recipe_and_tagged(tmp_path, wandb_in_process):
     accelerator = Accelerator(cpu=True, log_with="wandb")
     config = to_dict(load_config("best", []))
     run_id = start_wandb(accelerator, "cifar100-tests", None, "offline", tmp_path, "r1", config)

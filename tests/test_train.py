@@ -16,7 +16,8 @@ from cifar100.runfolder.checkpoint import apply_weights, is_complete, load_weigh
 from cifar100.training.engine import EvalSettings, evaluate
 from cifar100.training.models import build_model
 
-pytestmark = pytest.mark.slow
+# Slow, and the smoke test scores a run with an Accelerator of its own.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("accelerate_state")]
 
 METRIC_KEYS = {
     "epoch",

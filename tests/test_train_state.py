@@ -17,6 +17,9 @@ from cifar100.training.models import build_model
 from cifar100.training.optim import Schedule, build_optimizer
 from cifar100.training.train_state import RunTotals, TrainState
 
+# The tests make Accelerators (and so Accelerate's process-wide state) themselves.
+pytestmark = pytest.mark.usefixtures("accelerate_state")
+
 
 def _state(seed: int = 0) -> TrainState:
     torch.manual_seed(seed)

@@ -1,5 +1,5 @@
-"""Where and how the arithmetic runs: the device type, the precision that really runs there, and
-whether the processes a launcher started form one job."""
+"""Where and how the arithmetic runs: the device type, the precision that really runs there,
+whether the processes a launcher started form one job, and each command's own process-wide state."""
 
 from __future__ import annotations
 
@@ -7,14 +7,40 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from cifar100.config import DataConfig
 from cifar100.errors import UserError
 
 REFUSAL_GRACE_SECONDS = 10.0  # a refused launch: how long ranks other than 0 wait before they exit
+
+
+@contextmanager
+def fresh_process_state() -> Iterator[None]:
+    """One command's use of what a process holds once: Accelerate's state (its precision, its gradient
+    accumulation; one per process, and a second Accelerator with another precision is refused) starts
+    empty and is emptied again after, and torch's CPU thread count and cuDNN autotuner flag are put
+    back, so that a command called again from the same Python process, in any order, starts as it
+    would in a fresh one."""
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    _release_accelerate()
+    try:
+        yield
+    finally:
+        _release_accelerate()
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _release_accelerate() -> None:
+    # Accelerate's own tests reset its singletons this way; the process group, where one was made,
+    # outlives them (Accelerator.end_training destroys it).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def device_type() -> str:

@@ -61,7 +61,14 @@ from cifar100.training.engine import (
 from cifar100.training.eta import RECENT_STEPS, RunClock, too_long
 from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.training.optim import Schedule, build_optimizer
-from cifar100.training.runtime import capped_workers, device_name, device_type, require_one_job, resolve_precision
+from cifar100.training.runtime import (
+    capped_workers,
+    device_name,
+    device_type,
+    fresh_process_state,
+    require_one_job,
+    resolve_precision,
+)
 from cifar100.training.train_state import TrainState
 
 WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
@@ -73,10 +80,11 @@ PROBE_EVAL_BATCHES = 2  # evaluation batches of each split the measurement times
 
 def train(cfg: Config) -> Path:
     """Train as `cfg` says; returns the run folder (the same path on every process)."""
-    trainer = Trainer(cfg)
-    trainer.restore()
-    trainer.train()
-    return trainer.finish()
+    with fresh_process_state():  # one process may train several runs (seeds, a sweep, a notebook)
+        trainer = Trainer(cfg)
+        trainer.restore()
+        trainer.train()
+        return trainer.finish()
 
 
 class Trainer:
