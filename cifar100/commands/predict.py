@@ -97,18 +97,19 @@ def file_predictor(model_file: str, overrides: list[str], timeout: float = TIMEO
     kind = path.suffix.lower()
     if kind not in (".onnx", ".pt2"):
         raise UserError(f"model={model_file}: expected a .onnx or .pt2 file written by cifar100 export")
+    tta = None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key != "eval.tta" or value not in ("none", "flip"):
+            raise UserError(f"{item}: model= takes no training config; its only setting is eval.tta=none|flip")
+        tta = value
     data = model_files.read_model_file(path)
     # What the file holds decides, whatever the JSON beside it says.
     external = kind == ".onnx" and model_files.check_onnx(data, path)
     if kind == ".pt2":
         model_files.check_program(data, path)
     info = model_files.read_sidecar(path)
-    tta = info.get("tta", "none")
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key != "eval.tta" or value not in ("none", "flip"):
-            raise UserError(f"{item}: model= takes no training config; its only setting is eval.tta=none|flip")
-        tta = value
+    tta = tta or info.get("tta", "none")
     with _deadline(path, "loading it", timeout):  # onnxruntime computes a graph's constant parts as it loads it
         run = _onnx_runner(data, path, info, external) if kind == ".onnx" else _program_runner(data, path)
     describe = {"model": str(path.resolve()), "checkpoint": info.get("checkpoint"), "tta": tta}

@@ -36,6 +36,7 @@ from cifar100.runfolder.safe_files import TEXT_BYTES, WEIGHTS_BYTES, link_atomic
 
 MARKER = "COMPLETE"
 EMA_FILE = "ema.safetensors"
+CHECKPOINT_FILES = ("model.safetensors", "train_state.pt", EMA_FILE, "meta.json", MARKER)  # all a checkpoint holds
 PREFIX = "step-"
 
 

@@ -21,8 +21,8 @@ from typing import Any, cast
 import torch
 
 from cifar100.errors import UserError
-from cifar100.runfolder.checkpoint import is_complete, point_link
-from cifar100.runfolder.safe_files import METRICS_BYTES, open_no_follow, read_text
+from cifar100.runfolder.checkpoint import CHECKPOINT_FILES, is_complete, point_link
+from cifar100.runfolder.safe_files import METRICS_BYTES, WEIGHTS_BYTES, open_no_follow, read_text, require_regular
 from cifar100.runfolder.tracking import read_metrics, rewrite_metrics, write_run_file
 
 LOCK = ".lock"
@@ -142,14 +142,24 @@ def _copy_history(source: Path, checkpoint: Path, run_dir: Path) -> None:
     for folder in copies:
         tmp = ckpt_dir / f".tmp-{folder.name}"  # complete or absent, as a checkpoint written here
         try:
-            shutil.copytree(folder, tmp)
+            tmp.mkdir()
+            for name in CHECKPOINT_FILES:  # what a checkpoint holds, and nothing else it may have beside
+                if os.path.lexists(folder / name):
+                    _copy_regular(folder / name, tmp / name)
             os.replace(tmp, ckpt_dir / folder.name)
-        except OSError as err:
+        except (OSError, UserError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"{folder}: not copied into {ckpt_dir} ({err}); the fork stops here") from None
     point_link(ckpt_dir, "last", checkpoint.name)
     if len(copies) == 2:
         point_link(ckpt_dir, "best", best.name)
+
+
+def _copy_regular(source: Path, target: Path) -> None:
+    """`shutil.copy2` of a regular file within the weights' bound (links followed): a FIFO or a device
+    in a checkpoint folder would make the copy hang or never end."""
+    require_regular(source, WEIGHTS_BYTES, "checkpoint file")
+    shutil.copy2(source, target)
 
 
 def _set_aside(checkpoint: Path, newer: tuple[Path, ...]) -> None:
