@@ -129,8 +129,8 @@ def test_predict_answers_in_a_table_csv_and_json_from_the_run_and_its_exports(ex
     assert list(rows[0])[:5] == ["file", "superclass", "superclass_probability", "class_1", "probability_1"]
 
 
-def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_dir, tmp_path, capsys):
-    bad = tmp_path / "bad"
+def bad_pictures(bad: Path) -> Path:
+    """Pictures that cannot be read, in `bad`, beside one good one (returned)."""
     bad.mkdir()
     good = bad / "good.png"
     Image.new("RGB", (32, 32), (9, 99, 199)).save(good)
@@ -141,60 +141,95 @@ def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_
     (bad / "empty.png").write_bytes(b"")
     Image.new("1", (10_000, 10_000)).save(bad / "bomb.png")  # 100 M pixels in 12 kB, over PIL's limit
     Image.new("1", (14_000, 14_000)).save(bad / "bigger-bomb.png")  # more than twice the limit
-    os.mkfifo(fifo := tmp_path / "fifo.png")
+    os.mkfifo(bad / "fifo.png")
+    return good
+
+
+def bad_models(folder: Path, exported: Path) -> None:
+    """Model files that are not models, or not classifiers, in `folder`, with the JSON beside each."""
+    sidecar = exported / "tiny-best.json"
+    (folder / "fake.onnx").write_bytes(b"\x08\x07 not a protobuf of a model")
+    (folder / "lonely.onnx").write_bytes((exported / "tiny-best.onnx").read_bytes())
+    (folder / "program.pt2").write_bytes(b"PK\x03\x04 not a zip")
+    for name, shape in (("vector", ["N", 10]), ("identity", ["N", 3, 32, 32])):  # real models, not classifiers
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], name, [x], [y])
+        onnx.save(
+            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), folder / f"{name}.onnx"
+        )
+    for name in ("fake", "program", "vector", "identity"):
+        shutil.copy(sidecar, folder / f"{name}.json")
+
+
+def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    good = bad_pictures(bad)
     (empty := tmp_path / "no-images").mkdir()
     (empty / "readme.txt").write_text("no pictures here")
     (unfinished := tmp_path / "unfinished").mkdir()
     shutil.copy(exported_run / "config.yaml", unfinished)
     other = tmp_path / "other"
     shutil.copytree(exported_run, other, symlinks=True)
-    (fake := tmp_path / "fake.onnx").write_bytes(b"\x08\x07 not a protobuf of a model")
-    shutil.copy(exported_run / "export" / "tiny-best.json", tmp_path / "fake.json")
-    (lonely := tmp_path / "lonely.onnx").write_bytes((exported_run / "export" / "tiny-best.onnx").read_bytes())
-    (fake_program := tmp_path / "program.pt2").write_bytes(b"PK\x03\x04 not a zip")
-    shutil.copy(exported_run / "export" / "tiny-best.json", tmp_path / "program.json")
-    for name, shape in (("vector", ["N", 10]), ("identity", ["N", 3, 32, 32])):  # real models, not classifiers
-        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
-        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)
-        graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], name, [x], [y])
-        onnx.save(
-            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), tmp_path / f"{name}.onnx"
-        )
-        shutil.copy(exported_run / "export" / "tiny-best.json", tmp_path / f"{name}.json")
     out = tmp_path / "results"
-    out.mkdir()
     run = f"run={exported_run}"
     before = run_files(exported_run)
-    cases = {
-        (run, str(bad / "notes.png")): "not an image PIL can read",
-        (run, str(bad / "truncated.jpg")): "image file is truncated",
-        (run, str(bad / "empty.png")): "an empty file",
-        (run, str(bad / "bomb.png")): "10,000 x 10,000 = 100,000,000 pixels, more than the 89,478,485 pixels",
-        (run, str(bad / "bigger-bomb.png")): "refused, more than twice the 89,478,485 pixels predict decodes",
-        (run, str(bad / "notes.png"), str(bad / "empty.png")): "none of the 2 images could be read",
-        (run, str(fifo)): "fifo.png: not a regular file",
-        (run, f"out={exported_run / 'summary.json'}", str(good)): "inside the run folder",
-        (run, f"out={exported_run / 'checkpoints' / 'best' / 'meta.json'}", str(good)): "inside the run folder",
-        (run, f"out={exported_run / 'export' / 'tiny-best.json'}", str(good)): "inside the run folder",
-        (run, f"out={exported_run / 'predictions.csv'}", str(good)): "inside the run folder",
-        (run, str(empty)): "no image files in this folder",
-        (run, str(tmp_path / "missing.png")): "no such file or folder",
-        (f"run={unfinished}", str(good)): "no checkpoints/best",
-        (run, f"checkpoint={other / 'checkpoints' / 'best'}", str(good)): "belongs to run",
-        (run, "weights=ema", str(good)): "weights=ema needs",
-        (run, f"out={read_only_dir / 'p.csv'}", str(good)): "cannot write there",
-        (run, f"out={good / 'p.csv'}", str(good)): "cannot write there",
-        (run, f"out={out / 'p.txt'}", str(good)): "expected a .csv or .json file",
-        (run, "topk=0", str(good)): "topk=0",
-        (f"model={fake}", str(good)): "not an ONNX model",
-        (f"model={lonely}", str(good)): "no lonely.json beside it",
-        (f"model={fake_program}", str(good)): "not a torch.export program",
-        (f"model={tmp_path / 'vector.onnx'}", str(good)): "takes input ['N', 10], not a batch of [3, 32, 32] images",
-        (f"model={tmp_path / 'identity.onnx'}", str(good)): "gave outputs of shape (1, 3, 32, 32), not 1 x 100 logits",
-        (f"model={fake}", "optim.lr=1", str(good)): "model= takes no training config",
-        (f"model={fake}", run, str(good)): "give it alone",
-        (run, "recipe=smoke", str(good)): "drop recipe=",
-    }
+    assert_refused(
+        {
+            (run, str(bad / "notes.png")): "not an image PIL can read",
+            (run, str(bad / "truncated.jpg")): "image file is truncated",
+            (run, str(bad / "empty.png")): "an empty file",
+            (run, str(bad / "bomb.png")): "10,000 x 10,000 = 100,000,000 pixels, more than the 89,478,485 pixels",
+            (run, str(bad / "bigger-bomb.png")): "refused, more than twice the 89,478,485 pixels predict decodes",
+            (run, str(bad / "notes.png"), str(bad / "empty.png")): "none of the 2 images could be read",
+            (run, str(bad / "fifo.png")): "fifo.png: not a regular file",
+            (run, f"out={exported_run / 'summary.json'}", str(good)): "inside the run folder",
+            (run, f"out={exported_run / 'checkpoints' / 'best' / 'meta.json'}", str(good)): "inside the run folder",
+            (run, f"out={exported_run / 'export' / 'tiny-best.json'}", str(good)): "inside the run folder",
+            (run, f"out={exported_run / 'predictions.csv'}", str(good)): "inside the run folder",
+            (run, str(empty)): "no image files in this folder",
+            (run, str(tmp_path / "missing.png")): "no such file or folder",
+            (f"run={unfinished}", str(good)): "no checkpoints/best",
+            (run, f"checkpoint={other / 'checkpoints' / 'best'}", str(good)): "belongs to run",
+            (run, "weights=ema", str(good)): "weights=ema needs",
+            (run, f"out={read_only_dir / 'p.csv'}", str(good)): "cannot write there",
+            (run, f"out={good / 'p.csv'}", str(good)): "cannot write there",
+            (run, f"out={out / 'p.txt'}", str(good)): "expected a .csv or .json file",
+            (run, "topk=0", str(good)): "topk=0",
+            (run, "recipe=smoke", str(good)): "drop recipe=",
+        },
+        out,
+        capsys,
+        read_only_dir,
+    )
+    assert run_files(exported_run) == before
+    assert main(["predict", run, str(good), f"out={out / 'p.json'}"]) == 0  # and the good file alone is fine
+    assert [p.name for p in out.iterdir()] == ["p.json"]
+
+
+def test_every_bad_model_file_is_one_line_and_writes_nothing(exported_run, tmp_path, capsys):
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(good := tmp_path / "good.png")
+    bad_models(tmp_path, exported_run / "export")
+    fake = tmp_path / "fake.onnx"
+    assert_refused(
+        {
+            (f"model={fake}", str(good)): "not an ONNX model",
+            (f"model={tmp_path / 'lonely.onnx'}", str(good)): "no lonely.json beside it",
+            (f"model={tmp_path / 'program.pt2'}", str(good)): "not a torch.export program",
+            (f"model={tmp_path / 'vector.onnx'}", str(good)): "takes input ['N', 10], not a batch of [3, 32, 32]",
+            (f"model={tmp_path / 'identity.onnx'}", str(good)): "gave outputs of shape (1, 3, 32, 32), not 1 x 100",
+            (f"model={fake}", "optim.lr=1", str(good)): "model= takes no training config",
+            (f"model={fake}", f"run={exported_run}", str(good)): "give it alone",
+        },
+        tmp_path / "results",
+        capsys,
+    )
+
+
+def assert_refused(cases: dict[tuple[str, ...], str], out: Path, capsys, *untouched: Path) -> None:
+    """Each case's predict ends in one `error:` line holding its message (after a warning per refused
+    picture), and nothing is written to `out` (default `out=`) or the `untouched` folders."""
+    out.mkdir()
     for args, message in cases.items():
         if not any(a.startswith("out=") for a in args):
             args = (*args, f"out={out / 'p.json'}")
@@ -202,10 +237,7 @@ def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_
         err = capsys.readouterr().err.splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], (args, err)
         assert all(line.startswith("warning: ") for line in err[:-1]), (args, err)  # each refused image
-        assert not list(out.iterdir()) and not list(read_only_dir.iterdir()), args
-    assert run_files(exported_run) == before
-    assert main(["predict", run, str(good), f"out={out / 'p.json'}"]) == 0  # and the good file alone is fine
-    assert [p.name for p in out.iterdir()] == ["p.json"]
+        assert not list(out.iterdir()) and not any(list(u.iterdir()) for u in untouched), args
 
 
 def run_files(run: Path) -> dict[str, bytes]:
