@@ -174,9 +174,32 @@ def _check_graph(path: Path, program: Any) -> None:
         raise _refused(path, "its graph holds custom objects")
     for node in graph.get("nodes") or []:
         target = node.get("target") if isinstance(node, dict) else None
-        if not (isinstance(target, str) and (ATEN_OPERATOR.fullmatch(target) or target == "_operator.getitem")):
+        if target == "_operator.getitem":
+            continue
+        if not (isinstance(target, str) and ATEN_OPERATOR.fullmatch(target)):
             raise _refused(path, f"its graph calls {clip(str(target))}, not an ATen operator")
+        _check_operator(path, target, _aten(target))
     _check_values(path, program)
+
+
+def _aten(target: str) -> Any:
+    """The ATen operator a graph's `torch.ops.aten.<name>.<overload>` names (None when there is none)."""
+    _, _, _, name, overload = target.split(".")
+    try:
+        return getattr(getattr(torch.ops.aten, name), overload)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _check_operator(path: Path, target: str, operator: Any) -> None:
+    """An operator that reaches nothing but tensors: no file mapped (`from_file`, which with `shared`
+    also writes it), no storage set, nothing printed."""
+    if operator is None:
+        raise UserError(f"{path}: not a torch.export program (no ATen operator {clip(target)})")
+    schema = operator._schema
+    outside = any(a.name == "filename" or "Storage" in str(a.type) for a in schema.arguments)
+    if outside or schema.name == "aten::_print":
+        raise _refused(path, f"its graph calls {clip(target)}, which reaches files, storages or the terminal")
 
 
 def _plain_bounds(bounds: Any) -> bool:
@@ -242,6 +265,8 @@ def _check_loaded(path: Path, program: Any) -> None:
             raise _refused(path, f"its graph calls {clip(str(target))}")
         if node.op in ("call_module", "call_method"):
             raise _refused(path, f"its graph calls {node.op} {clip(str(target))}")
+        if aten:
+            _check_operator(path, f"torch.ops.{target}", target)
 
 
 # --- .onnx ------------------------------------------------------------------------------------
