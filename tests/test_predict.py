@@ -135,6 +135,8 @@ def bad_pictures(bad: Path) -> Path:
     good = bad / "good.png"
     Image.new("RGB", (32, 32), (9, 99, 199)).save(good)
     (bad / "notes.png").write_text("a shopping list, not a picture\n")
+    Image.new("RGB", (32, 32)).save(bad / "tiff.png", format="TIFF")  # PIL reads it, predict does not
+    Image.new("RGB", (32, 32)).save(bad / "script.jpg", format="EPS")  # PIL would hand it to Ghostscript
     whole = bad / "whole.jpg"
     Image.effect_noise((200, 200), 60).convert("RGB").save(whole)
     (bad / "truncated.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
@@ -176,7 +178,9 @@ def test_every_bad_input_is_one_line_and_writes_nothing(exported_run, read_only_
     before = run_files(exported_run)
     assert_refused(
         {
-            (run, str(bad / "notes.png")): "not an image PIL can read",
+            (run, str(bad / "notes.png")): "not a PNG, JPEG, WEBP, BMP, GIF picture",
+            (run, str(bad / "tiff.png")): "tiff.png: not a PNG, JPEG, WEBP, BMP, GIF picture",
+            (run, str(bad / "script.jpg")): "script.jpg: not a PNG, JPEG, WEBP, BMP, GIF picture",
             (run, str(bad / "truncated.jpg")): "image file is truncated",
             (run, str(bad / "empty.png")): "an empty file",
             (run, str(bad / "bomb.png")): "10,000 x 10,000 = 100,000,000 pixels, more than the 89,478,485 pixels",
@@ -258,7 +262,7 @@ def test_each_picture_that_cannot_be_read_is_its_own_line_and_the_others_are_ans
     assert main(["predict", f"model={model}", str(photos), f"out={tmp_path / 'p.json'}"]) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
-        f"warning: {photos / 'c.png'}: not an image PIL can read",
+        f"warning: {photos / 'c.png'}: not a PNG, JPEG, WEBP, BMP, GIF picture",
         f"warning: {photos / 'd.png'}: refused, 10,000 x 10,000 = 100,000,000 pixels, more than the 89,478,485 "
         "pixels predict decodes (PIL's decompression-bomb limit)",
         f"warning: {photos / 'e.jpg'}: unreadable image (Truncated File Read)",

@@ -10,9 +10,9 @@ How a picture becomes a 32 x 32 RGB image (docs/using-a-model.md says the same):
 
 A picture of more than `MAX_PIXELS` pixels (PIL's own decompression-bomb limit, 89,478,485: a
 picture of 9,459 x 9,459) is refused before it is decoded. Each picture is refused alone, with a
-`UserError` naming it: one PIL cannot read, a truncated one, one over the limit, or one that does
-not fit in memory. A pool of threads decodes at most `MAX_PIXELS` pixels at once, so several large
-pictures never decode side by side.
+`UserError` naming it: one not in `FORMATS` (whatever its name says), a truncated one, one over
+the limit, or one that does not fit in memory. A pool of threads decodes at most `MAX_PIXELS`
+pixels at once, so several large pictures never decode side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from cifar100.errors import UserError, shown_path
 
 SIZE = 32
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # PIL's names; the only ones decoded, whatever a file's suffix
 RESIZE = (
     "the largest centred square crop, resized to 32 x 32 with PIL's antialiasing bicubic filter "
     "(PIL.ImageOps.fit(image, (32, 32), Image.Resampling.BICUBIC)); transparency over white"
@@ -115,7 +116,7 @@ def read_image(path: Path, budget: PixelBudget | None = None) -> np.ndarray:
     except MemoryError:
         raise UserError(f"{name}: refused, out of memory decoding {pixels} pixels") from None
     except UnidentifiedImageError:
-        what = "an empty file" if path.stat().st_size == 0 else "not an image PIL can read"
+        what = "an empty file" if path.stat().st_size == 0 else f"not a {', '.join(FORMATS)} picture"
         raise UserError(f"{name}: {what}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # what PIL's decoders raise for broken files
         raise UserError(f"{name}: unreadable image ({' '.join(str(err).split()) or type(err).__name__})") from None
@@ -123,10 +124,11 @@ def read_image(path: Path, budget: PixelBudget | None = None) -> np.ndarray:
 
 
 def _open(path: Path) -> Image.Image:
-    """PIL's image of a regular file (a FIFO would block PIL's read)."""
+    """PIL's image of a regular file (a FIFO would block PIL's read) in one of the formats predict
+    reads, whatever its name: PIL would hand an EPS file to Ghostscript, a program of its own."""
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError("not a regular file")
-    return Image.open(path)
+    return Image.open(path, formats=FORMATS)
 
 
 def _to_rgb(picture: Image.Image) -> Image.Image:
