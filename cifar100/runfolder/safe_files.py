@@ -1,5 +1,5 @@
-"""Reading and writing files without being led astray by what lies on disk: the one place every
-command's reads and writes go through.
+"""Reading and writing files without being led astray by what lies on disk: the one place through
+which the run folder's files are read and written, and the commands write their `out=` files.
 
 - Writes never go through a symbolic link: a file is built under a temporary name unique to its
   writer (`O_EXCL`, so a link or file planted at that name is never opened) and renamed into place,
