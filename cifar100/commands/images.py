@@ -92,22 +92,19 @@ def read_image(path: Path, budget: PixelBudget | None = None) -> np.ndarray:
     docstring); decoded within `budget` when given. A picture that cannot be one is a `UserError`."""
     name, pixels = shown_path(path), "its"
     try:
-        with warnings.catch_warnings():
-            # PIL warns between its limit and twice that; MAX_PIXELS is checked here, PIL's errors above it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open(path) as picture:
-                width, height = picture.size
-                pixels = f"{width:,} x {height:,}"
-                if width * height > MAX_PIXELS:
-                    raise UserError(
-                        f"{name}: refused, {pixels} = {width * height:,} pixels, more than the "
-                        f"{MAX_PIXELS:,} pixels predict decodes (PIL's decompression-bomb limit)"
-                    )
-                with budget.hold(width * height) if budget else contextlib.nullcontext():
-                    picture.seek(0)
-                    picture.load()
-                    rgb = _to_rgb(ImageOps.exif_transpose(picture))
-                    square = ImageOps.fit(rgb, (SIZE, SIZE), method=Image.Resampling.BICUBIC)
+        with _open(path) as picture:
+            width, height = picture.size
+            pixels = f"{width:,} x {height:,}"
+            if width * height > MAX_PIXELS:  # PIL only warns up to twice its limit (`quiet_pil` below)
+                raise UserError(
+                    f"{name}: refused, {pixels} = {width * height:,} pixels, more than the "
+                    f"{MAX_PIXELS:,} pixels predict decodes (PIL's decompression-bomb limit)"
+                )
+            with budget.hold(width * height) if budget else contextlib.nullcontext():
+                picture.seek(0)
+                picture.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(picture))
+                square = ImageOps.fit(rgb, (SIZE, SIZE), method=Image.Resampling.BICUBIC)
     except Image.DecompressionBombError as err:
         raise UserError(
             f"{name}: refused, more than twice the {MAX_PIXELS:,} pixels predict decodes (PIL's decompression-bomb "
@@ -121,6 +118,16 @@ def read_image(path: Path, budget: PixelBudget | None = None) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # what PIL's decoders raise for broken files
         raise UserError(f"{name}: unreadable image ({' '.join(str(err).split()) or type(err).__name__})") from None
     return np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+@contextlib.contextmanager
+def quiet_pil() -> Iterator[None]:
+    """Silence PIL's decompression-bomb warning (`read_image` refuses such pictures itself) while the
+    block runs. Warning filters are the process's: the thread that starts the decoding threads
+    sets them, as a `catch_warnings` in each thread would undo another's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def _open(path: Path) -> Image.Image:

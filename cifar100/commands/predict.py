@@ -224,7 +224,7 @@ def batches(paths: list[Path], size: int, refused: list[dict[str, str]]) -> Iter
         except UserError as err:
             return str(err)
 
-    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
+    with images.quiet_pil(), ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         for start in range(0, len(paths), size):
             chunk = paths[start : start + size]
             decoded = list(pool.map(read, chunk))
