@@ -172,7 +172,7 @@ def cmd_predict(args: list[str]) -> None:
     inputs = [a for a in args if "=" not in a or os.path.exists(a)]
     rest = [a for a in args if a not in inputs]
     named = {}
-    for key in ("run", "model", "checkpoint", "weights", "topk", "out"):
+    for key in ("run", "model", "checkpoint", "weights", "topk", "out", "timeout"):
         named[key], rest = take(rest, key)
     recipe, overrides = split_args(rest)
     if recipe is not None:
@@ -180,11 +180,11 @@ def cmd_predict(args: list[str]) -> None:
     if not inputs:
         raise UserError(
             "usage: cifar100 predict run=FOLDER|model=FILE.onnx|FILE.pt2 [checkpoint=best|last|PATH] [weights=ema] "
-            "[eval.tta=flip] [topk=5] [out=FILE.csv|FILE.json] IMAGE_OR_FOLDER ..."
+            "[eval.tta=flip] [topk=5] [out=FILE.csv|FILE.json] [timeout=SECONDS] IMAGE_OR_FOLDER ..."
         )
-    which, topk = named.pop("weights"), named.pop("topk")
+    which, topk, timeout = named.pop("weights"), named.pop("topk"), named.pop("timeout")
     with fresh_process_state():
-        run_predict(overrides=overrides, inputs=inputs, which=which, topk_text=topk, **named)
+        run_predict(overrides=overrides, inputs=inputs, which=which, topk_text=topk, timeout_text=timeout, **named)
 
 
 def cmd_export(args: list[str]) -> None:
@@ -207,7 +207,8 @@ def cmd_export(args: list[str]) -> None:
 
 
 def cmd_report(args: list[str]) -> None:
-    from cifar100.commands.report import make_report, markdown_table, table
+    from cifar100.commands.report import make_report
+    from cifar100.commands.report_page import markdown_table, table
 
     paths, own = [], []
     for arg in args:

@@ -3,6 +3,7 @@ messages quote what the user gave."""
 
 from __future__ import annotations
 
+import os
 import reprlib
 from typing import Any
 
@@ -28,3 +29,15 @@ def clip(text: str, limit: int = SHOWN) -> str:
         return text
     half = (limit - 1) // 2
     return f"{text[:half]}…{text[-half:]}"
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on (newlines, escape sequences, other
+    controls and invisible format characters) written as its backslash escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A file name as a message shows it: `printable`, each byte that is not UTF-8 as `\\xNN`,
+    cut to about `SHOWN` characters. A name can neither break a line nor drive the terminal."""
+    return clip(printable(os.fsencode(path).decode("utf-8", "backslashreplace")))

@@ -183,16 +183,21 @@ def test_export_mistakes_are_one_line(exported_run, read_only_dir, tmp_path, cap
         (f"run={exported_run}", "format=tflite"): "expected onnx, pt2 or all",
         (f"run={exported_run}", "weights=ema"): "weights=ema needs",
         (f"run={exported_run}", f"out={read_only_dir}"): "cannot write there",
-        (f"run={exported_run}", f"out={exported_run / 'config.yaml' / 'x'}"): "cannot write there",
+        (f"run={exported_run}", f"out={tmp_path / 'a-file' / 'x'}"): "cannot write there",
+        (f"run={exported_run}", f"out={exported_run}"): "inside the run folder",
+        (f"run={exported_run}", f"out={exported_run / 'checkpoints' / 'best'}"): "inside the run folder",
         (f"run={tmp_path}",): "not a run folder",
         (f"run={exported_run}", "recipe=smoke"): "drop recipe=",
         ("format=onnx",): "usage: cifar100 export",
     }
+    (tmp_path / "a-file").write_text("not a folder\n")
+    before = {p: p.read_bytes() for p in exported_run.rglob("*") if p.is_file()}
     for args, message in cases.items():
         assert main(["export", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
-    assert list(read_only_dir.iterdir()) == [] and list(tmp_path.iterdir()) == [read_only_dir]
+    assert list(read_only_dir.iterdir()) == [] and sorted(tmp_path.iterdir()) == [tmp_path / "a-file", read_only_dir]
+    assert {p: p.read_bytes() for p in exported_run.rglob("*") if p.is_file()} == before
 
 
 def test_the_docs_onnx_snippet_runs_alone_and_answers_as_predict(exported_run, real_data, tmp_path):

@@ -4,12 +4,14 @@ existing run changed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -148,7 +150,7 @@ def test_no_file_of_a_run_folder_is_written_through_a_symbolic_link(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").symlink_to(outside)
-    with pytest.raises(UserError, match=r"\.lock: a symbolic link; the files of a run folder are never written"):
+    with pytest.raises(UserError, match=r"\.lock: a symbolic link; the project never writes through one"):
         lock(run)
     (run / "metrics.jsonl").symlink_to(outside)
     with pytest.raises(UserError, match=r"metrics\.jsonl: a symbolic link"):
@@ -160,7 +162,7 @@ def test_no_file_of_a_run_folder_is_written_through_a_symbolic_link(tmp_path):
     assert outside.read_text() == "precious\n"
     assert (run / "summary.json").read_text() == "{}\n" and not (run / "config.yaml").is_symlink()
     os.mkfifo(run / "fifo")
-    with pytest.raises(UserError, match="fifo: not a plain file"):
+    with pytest.raises(UserError, match="fifo: a FIFO; the project never writes through one"):
         append_metrics(run / "fifo", {"epoch": 1})
 
 
@@ -244,3 +246,142 @@ def test_every_folder_name_the_project_makes_passes_to_report_and_eval(tmp_path,
     evaluated = run_cmd([*CLI, "eval", f"run={log / 'a$$b'}", f"data.root={real_data}"], cwd=ROOT)
     assert evaluated.returncode == 0 and (log / "a$$b" / "eval-best-confusion.png").is_file(), evaluated.stderr[-3000:]
     shutil.rmtree(log)
+
+
+NO_LINK = "a symbolic link, not a folder; nothing is written through one: remove it and run again"
+
+
+def plant(run: Path, name: str, kind: str) -> None:
+    """Replace `run/name` by a hostile file: a FIFO, a link to /dev/zero, or a line of 200 MB."""
+    (run / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(run / name)
+    elif kind == "zero":
+        (run / name).symlink_to("/dev/zero")
+    else:
+        with open(run / name, "wb") as file:  # one line, no newline: what a runaway writer leaves
+            for _ in range(200):
+                file.write(b"9" * 2**20)
+
+
+def edited(run: Path, name: str, change) -> None:
+    path = run / name
+    if name.endswith(".jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        change(rows)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+
+
+@pytest.mark.slow
+def test_report_reads_only_regular_files_within_bounds_and_notes_each_odd_one(tmp_path, exported_run):
+    runs = tmp_path / "runs"
+    cases = {
+        "fifo": (lambda r: plant(r, "metrics.jsonl", "fifo"), "metrics.jsonl: a FIFO, not a metrics file"),
+        "zero": (lambda r: plant(r, "metrics.jsonl", "zero"), "metrics.jsonl: a character device, not a metrics file"),
+        "long": (lambda r: plant(r, "metrics.jsonl", "long"), "metrics.jsonl: 200 MiB, more than the 64 MiB"),
+        "huge": (
+            lambda r: edited(r, "metrics.jsonl", lambda rows: rows[0].update(test_top1=1e308) or rows.append(rows[0])),
+            "metrics.jsonl: line 1 unreadable (test_top1 is 1e+308, not an accuracy from 0 to 1)",
+        ),
+        "time": (
+            lambda r: edited(r, "summary.json", lambda s: s.update(wall_seconds=1e308)),
+            "summary.json: unreadable (wall_seconds is 1e+308, more than 1e+09)",
+        ),
+        "config-fifo": (lambda r: plant(r, "config.yaml", "fifo"), "config.yaml: a FIFO, not a run's config"),
+        "config-empty": (lambda r: (r / "config.yaml").write_text(""), "config.yaml: holds no config"),
+        "config-list": (
+            lambda r: (r / "config.yaml").write_text("- 1\n"),
+            "config.yaml: a run's config must be a mapping",
+        ),
+        "summary-fifo": (lambda r: plant(r, "summary.json", "fifo"), "summary.json: a FIFO, not a run's summary"),
+    }
+    for name, (make, _) in cases.items():
+        make(copy_run(exported_run, runs, name))
+    copy_run(exported_run, runs, "good")
+    began = time.monotonic()
+    out = run_cmd([*CLI, "report", *sorted(str(p) for p in runs.iterdir()), f"out={tmp_path / 'report'}"])
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert time.monotonic() - began < 120
+    for name, (_, note) in cases.items():
+        assert f"skipped {runs / name}/{note}" in out.stdout, (name, out.stdout)
+    assert "1 run(s) in 1 column(s)" in out.stdout
+    (runs / "long" / "metrics.jsonl").unlink()
+
+
+@pytest.mark.slow
+def test_eval_export_and_resume_take_odd_run_files_in_one_line(tmp_path, real_data, finished):  # noqa: F811
+    run = copy_run(finished, tmp_path)
+    plant(run, "metrics.jsonl", "fifo")
+    argv = ["recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}", "name=A", "train.epochs=3"]
+    line = refused("train", *argv, "train.checkpoint_every_steps=3", "resume=auto", seconds=90)
+    assert line == f"error: {run / 'metrics.jsonl'}: a FIFO, not a metrics file; it is not read"
+    meta = run / "checkpoints" / "best" / "meta.json"
+    original = meta.read_text()
+    plant(meta.parent, "meta.json", "fifo")
+    line = refused("eval", f"run={run}", f"data.root={real_data}", seconds=60)
+    assert line == f"error: {meta}: a FIFO, not a checkpoint's meta.json; it is not read"
+    meta.unlink()
+    meta.write_text(original)
+    edited(meta.parent, "meta.json", lambda m: m["config"].update(model=5))
+    line = refused("eval", f"run={run}", f"data.root={real_data}", seconds=60)
+    assert line.startswith(f"error: {meta}: its config is not one this version can use (model must be a mapping")
+    meta.write_text(original)
+    out = run_cmd([*CLI, "export", f"run={run}", "format=onnx"], timeout=300)  # its metrics file is still a FIFO
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "export" / "A-best.json").read_text())["test_top1"] is None
+
+
+@pytest.mark.slow
+def test_export_writes_through_no_link_and_removes_nothing_of_the_users(tmp_path, exported_run):
+    run = copy_run(exported_run, tmp_path, "tiny")
+    outside = tmp_path / "outside"
+    outside.write_text("precious\n")
+    for planted in (".tiny-best.tmp.onnx", ".tiny-best.tmp.json", ".tiny-best.probe"):  # older exporters' names
+        (run / "export" / planted).symlink_to(outside)
+    out = run_cmd([*CLI, "export", f"run={run}", "format=onnx"], timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert outside.read_text() == "precious\n"
+    assert sorted(p.name for p in (run / "export").iterdir()) == sorted(
+        [
+            ".tiny-best.tmp.onnx",
+            ".tiny-best.tmp.json",
+            ".tiny-best.probe",
+            "tiny-best.onnx",
+            "tiny-best.pt2",
+            "tiny-best.json",
+        ]
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(run / "export")
+    (run / "export").symlink_to(elsewhere)
+    line = refused("export", f"run={run}", "format=onnx", seconds=120)
+    assert line == f"error: {run / 'export'}: {NO_LINK}"
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_report_writes_through_no_link_and_nowhere_in_a_run_folder(tmp_path, exported_run, capsys):
+    from cifar100.cli import main
+
+    run = copy_run(exported_run, tmp_path / "runs", "tiny")
+    before = contents(run)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "runs").symlink_to(elsewhere)
+    (out / "report.md").symlink_to(run / "summary.json")  # replaced by the report, never written through
+    assert main(["report", str(run), f"out={out}"]) == 2
+    assert capsys.readouterr().err == f"error: {out / 'runs'}: {NO_LINK}\n"
+    (out / "runs").unlink()
+    assert main(["report", str(run), f"out={out}"]) == 0
+    assert not (out / "report.md").is_symlink() and list(elsewhere.iterdir()) == []
+    for target in (run, run / "checkpoints", tmp_path):  # tmp_path: its runs/tiny/ would be the run's own plots
+        assert main(["report", str(run), f"out={target}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: out=") and f"inside the run folder {run}" in err, err
+    assert contents(run) == before

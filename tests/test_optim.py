@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100.commands.report import optimizer_text, scheduler_text
+from cifar100.commands.report_page import optimizer_text, scheduler_text
 from cifar100.config import Config, OptimConfig, SchedConfig
 from cifar100.errors import UserError
 from cifar100.training.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer

@@ -120,7 +120,15 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
         (rows_text(1, 1, 2), "line 2 unreadable (epoch 1 after epoch 1)"),
         ("[]\n" + rows_text(1), "line 1 unreadable (expected an object, found list)"),
         (rows_text(0, 1), "line 1 unreadable (epoch is 0, not an epoch number)"),
-        (json.dumps({"epoch": 1, **ROW, "test_top1": "high"}) + "\n" + rows_text(2), "test_top1 not numbers"),
+        (json.dumps({"epoch": 1, **ROW, "test_top1": "high"}) + "\n" + rows_text(2), "test_top1 is str, not a number"),
+        (json.dumps({"epoch": 1, **ROW, "test_top1": 1e308}) + "\n" + rows_text(2), "not an accuracy from 0 to 1"),
+        (json.dumps({"epoch": 1, **ROW, "test_loss": -1}) + "\n" + rows_text(2), "not a loss a run computes"),
+        (json.dumps({"epoch": 1, **ROW, "test_loss": 1e308}) + "\n" + rows_text(2), "not a loss a run computes"),
+        (json.dumps({"epoch": 1, **ROW, "lr": float("inf")}) + "\n" + rows_text(2), "lr is inf, not a finite number"),
+        (json.dumps({"epoch": 1, **ROW, "epoch_seconds": [1]}) + "\n" + rows_text(2), "epoch_seconds is list"),
+        (json.dumps({"epoch": 10**20, **ROW}) + "\n" + rows_text(2), "not an epoch number"),
+        (json.dumps({"epoch": 1, **ROW, "test_top5": None}) + "\n" + rows_text(2), "test_top5 is null"),
+        ('{"epoch": ' + "1" * 5000 + "}\n" + rows_text(2), "line 1 unreadable (not JSON"),
     ],
 )
 def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path, text, problem):
@@ -145,8 +153,23 @@ def test_summary_of_the_wrong_shape_is_named():
         "device": "cpu",
     }
     assert summary_problem(good) is None
-    assert summary_problem([]) == "expected an object, found list"
-    assert summary_problem({**good, "final_test_top1": None}) == "final_test_top1 missing or of the wrong type"
-    assert summary_problem({**good, "best_selected_on": "val"}) == (
-        "best_val_top1, best_val_epoch, test_top1_at_best_val missing or of the wrong type"
-    )
+    assert summary_problem({**good, "train_loss_nan": float("nan")}) is None  # what it does not read is not judged
+    cases = {
+        "[]": ([], "expected an object, found list"),
+        "null": ({**good, "final_test_top1": None}, "final_test_top1 is null, not a number"),
+        "val keys": (
+            {**good, "best_selected_on": "val"},
+            "best_val_top1, test_top1_at_best_val, best_val_epoch missing",
+        ),
+        "ema keys": ({**good, "best_weights": "ema"}, "best_ema_test_top1, best_ema_epoch missing"),
+        "huge": ({**good, "final_test_top1": 1e308}, "final_test_top1 is 1e+308, not an accuracy from 0 to 1"),
+        "NaN": ({**good, "best_test_top1": float("nan")}, "best_test_top1 is nan, not an accuracy from 0 to 1"),
+        "years": ({**good, "wall_seconds": 1e308}, "wall_seconds is 1e+308, more than 1e+09"),
+        "no time": ({**good, "wall_seconds": float("nan")}, "wall_seconds is nan, not a finite number >= 0"),
+        "zero": ({**good, "world_size": 0}, "world_size is 0, not a count"),
+        "float": ({**good, "epochs": 2.5}, "epochs is 2.5, not a count"),
+        "split": ({**good, "best_selected_on": "train"}, "best_selected_on 'train' or best_weights 'model'"),
+        "device": ({**good, "device": "x" * 1000}, "device is 'xxx"),
+    }
+    for name, (summary, problem) in cases.items():
+        assert problem in (summary_problem(summary) or ""), name

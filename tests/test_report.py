@@ -21,8 +21,11 @@ from conftest import ROOT, run_cmd
 from PIL import Image
 
 from cifar100.cli import main
-from cifar100.commands.report import duration_text, find_runs, group_runs, make_report, markdown_table, table
+from cifar100.commands.report import make_report
+from cifar100.commands.report_page import markdown_table, table
+from cifar100.commands.report_runs import find_runs, group_runs
 from cifar100.config import load_config, to_dict, to_yaml
+from cifar100.training.eta import duration_text
 
 CHROMIUM = shutil.which("chromium")
 

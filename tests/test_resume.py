@@ -405,7 +405,7 @@ def test_a_checkpoint_that_resume_auto_finds_is_read_once(tmp_path, monkeypatch)
     for name in ("load_weights", "load_train_state"):
         real = getattr(checkpoint, name)
         monkeypatch.setattr(checkpoint, name, lambda path, real=real, name=name: reads.append(name) or real(path))
-    found = resume.locate("auto", str(tmp_path), "r")
+    found = resume.start_point("auto", str(tmp_path), "r")
     loaded = resume.load(found.checkpoint, {}, found.read)
     assert found.checkpoint.name == "step-00000003" and sorted(reads) == ["load_train_state", "load_weights"]
     assert loaded.weights.keys() == model.state_dict().keys()

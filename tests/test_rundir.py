@@ -13,19 +13,31 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import fill, overridden, run_cmd, shared_folder
 from test_resume import DDP_ENV, ONE, TWO, finish, metrics, start, wait_for
 from test_resume import args as resume_args
 
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import save_checkpoint
-from cifar100.runfolder.rundir import lock
+from cifar100.runfolder.rundir import Located, adopt, lock
 from cifar100.runfolder.tracking import append_metrics, plot_run, write_run_file
 
 EPOCH_3_STEP_5 = "step-00000021"
+ROW = {
+    "epoch": 1,
+    "lr": 0.1,
+    "train_loss": 4.6,
+    "train_top1": 0.01,
+    "test_loss": 4.6,
+    "test_top1": 0.01,
+    "test_top5": 0.05,
+}
+META = {"epoch": 2, "step_in_epoch": 0, "global_step": 4, "config": {}, "totals": {"epochs_done": 1}}
 
 
 def args(real_data, log_dir, name, *extra):
@@ -186,17 +198,7 @@ def assert_nothing_temporary(folder: Path) -> None:
 
 def test_every_write_on_a_full_disk_is_one_line_and_leaves_the_old_file(small_disk):
     metrics_file = small_disk / "metrics.jsonl"
-    row = {
-        "epoch": 1,
-        "lr": 0.1,
-        "train_loss": 4.6,
-        "train_top1": 0.01,
-        "test_loss": 4.6,
-        "test_top1": 0.01,
-        "test_top5": 0.05,
-        "epoch_seconds": 1.0,
-        "images_per_second": 400.0,
-    }
+    row = ROW | {"epoch_seconds": 1.0, "images_per_second": 400.0}
     lines = [json.dumps(row | {"epoch": e}) + "\n" for e in range(1, 40)]
     metrics_file.write_text("".join(lines[: 4000 // len(lines[-1])]))  # ends within its first 4 KiB block
     write_run_file(small_disk / "summary.json", "{}\n")
@@ -258,3 +260,18 @@ def test_a_summary_that_does_not_fit_is_written_by_resume_auto_later(small_disk,
     assert json.loads((run / "summary.json").read_text()) | {"wall_seconds": 0} == json.loads(
         (finished / "summary.json").read_text()
     ) | {"wall_seconds": 0}
+
+
+def test_a_fork_copies_a_checkpoints_files_and_nothing_odd_beside_them(tmp_path):
+    source = tmp_path / "A"
+    ckpt = save_checkpoint(source / "checkpoints", "step-00000004", {"w": torch.zeros(2)}, {"optimizer": {}}, META)
+    (source / "config.yaml").write_text("name: A\n")
+    (source / "metrics.jsonl").write_text(json.dumps(ROW) + "\n")
+    os.mkfifo(ckpt / "pipe")  # copied, it would hang the fork
+    (ckpt / "everything").symlink_to("/")  # copied, it would copy the whole disk
+    began = time.monotonic()
+    adopted = adopt(Located(None, ckpt, fork_of=source), str(tmp_path), "F", epochs_done=1)
+    assert time.monotonic() - began < 5 and adopted.forked
+    copied = tmp_path / "F" / "checkpoints" / "step-00000004"
+    assert sorted(p.name for p in copied.iterdir()) == ["COMPLETE", "meta.json", "model.safetensors", "train_state.pt"]
+    assert [r["epoch"] for r in adopted.rows] == [1]

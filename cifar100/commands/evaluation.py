@@ -11,6 +11,7 @@ which every number in the JSON can be recomputed.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from cifar100.commands.trained import load_trained
+from cifar100.config import Config
 from cifar100.data import cifar as cifar_data
-from cifar100.runfolder.tracking import write_atomic, write_json_atomic
+from cifar100.errors import shown_path
+from cifar100.runfolder.safe_files import write_atomic
 from cifar100.training.engine import EvalSettings, evaluate
 from cifar100.training.runtime import device_type, resolve_precision
 
@@ -42,11 +45,9 @@ def split_metrics(
     """Loss, top-1/top-5, per class, per superclass and the most confused pairs of one split."""
     n, num_classes = logits.shape
     scores = torch.from_numpy(logits).double()
-    targets = torch.from_numpy(labels)
-    loss = float(F.cross_entropy(scores, targets))
+    loss = float(F.cross_entropy(scores, torch.from_numpy(labels)))
     top5 = scores.topk(min(5, num_classes), dim=1).indices.numpy()
     predicted = top5[:, 0]
-    correct = predicted == labels
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     per_class = {}
@@ -58,6 +59,22 @@ def split_metrics(
             "images": seen,
             "top1": int(confusion[c, c]) / seen if seen else None,
         }
+    return {
+        "images": n,
+        "loss": loss,
+        "top1": float((predicted == labels).mean()),
+        "top5": float((top5 == labels[:, None]).any(1).mean()),
+        "per_class": per_class,
+        "per_superclass": _per_superclass(labels, predicted, coarse_of, superclasses),
+        "confused_pairs": _confused_pairs(confusion, classes),
+    }
+
+
+def _per_superclass(
+    labels: np.ndarray, predicted: np.ndarray, coarse_of: np.ndarray, superclasses: tuple[str, ...]
+) -> dict[str, Any]:
+    """Per superclass: the exact class right (top1) and a class of the right superclass (superclass_top1)."""
+    correct = predicted == labels
     true_coarse, predicted_coarse = coarse_of[labels], coarse_of[predicted]
     per_superclass = {}
     for s, name in enumerate(superclasses):
@@ -66,18 +83,21 @@ def split_metrics(
         per_superclass[name] = {
             "index": s,
             "images": seen,
-            "top1": float(correct[mine].mean()) if seen else None,  # the exact class right
-            "superclass_top1": float((predicted_coarse[mine] == s).mean())
-            if seen
-            else None,  # a class of the right superclass
+            "top1": float(correct[mine].mean()) if seen else None,
+            "superclass_top1": float((predicted_coarse[mine] == s).mean()) if seen else None,
         }
+    return per_superclass
+
+
+def _confused_pairs(confusion: np.ndarray, classes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The `TOP_PAIRS` most frequent (true, predicted) mistakes."""
     off_diagonal = confusion.copy()
     np.fill_diagonal(off_diagonal, 0)
     # Most frequent first; ties in (true, predicted) index order, so the list is reproducible.
     order = np.lexsort((np.arange(off_diagonal.size), -off_diagonal.ravel()))
     pairs = []
     for flat in order[:TOP_PAIRS]:
-        true, pred = divmod(int(flat), num_classes)
+        true, pred = divmod(int(flat), len(classes))
         if off_diagonal[true, pred] == 0:
             break
         pairs.append(
@@ -88,15 +108,7 @@ def split_metrics(
                 "share_of_true": int(off_diagonal[true, pred]) / int(confusion[true].sum()),
             }
         )
-    return {
-        "images": n,
-        "loss": loss,
-        "top1": float(correct.mean()),
-        "top5": float((top5 == labels[:, None]).any(1).mean()),
-        "per_class": per_class,
-        "per_superclass": per_superclass,
-        "confused_pairs": pairs,
-    }
+    return pairs
 
 
 def plot_confusion(
@@ -185,16 +197,34 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
     with the test-time augmentation of its config's `eval.tta` (an override may change it);
     returns the eval JSON's path (None on processes other than the main one)."""
     trained = load_trained(run, checkpoint, overrides, which)
-    ckpt, out_dir, cfg, meta = trained.checkpoint, trained.out_dir, trained.cfg, trained.meta
-    tta = cfg.eval.tta
-    tag = trained.tag + ("-flip" if tta == "flip" else "")
+    cfg = trained.cfg
+    tag = trained.tag + ("-flip" if cfg.eval.tta == "flip" else "")
 
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision, device_type()))
     with accelerator.main_process_first():
         dataset = cifar_data.load(cfg.data.root, cfg.data.download)
-    splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
     model = trained.placed(accelerator.device)
+    arrays, metrics = _score_splits(model, dataset, cfg, accelerator)
+    if not accelerator.is_main_process:
+        return None
+    facts = {
+        "run": trained.out_dir.name,
+        "checkpoint": str(trained.checkpoint.resolve()),
+        "checkpoint_tag": tag,
+        "epoch": trained.meta.get("epoch"),
+        "weights": "ema" if which == "ema" else trained.meta.get("weights", "model"),
+        "tta": cfg.eval.tta,
+        "world_size": accelerator.num_processes,
+    }
+    return _write_outputs(trained.out_dir, facts, arrays, metrics, dataset.superclasses)
 
+
+def _score_splits(
+    model: torch.nn.Module, dataset: cifar_data.Cifar100, cfg: Config, accelerator: Accelerator
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every logit of the held-out splits training scored (val when the run held images out, test),
+    in dataset order, and each split's metrics."""
+    splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
     settings = EvalSettings.from_config(cfg)
     coarse_of = cifar_data.fine_to_coarse(dataset)
     chosen = {"val": (dataset.train, splits.val), "test": (dataset.test, splits.test)}
@@ -220,9 +250,18 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
         metrics[name] = split_metrics(
             arrays[f"{name}_logits"], labels, coarse_of, dataset.classes, dataset.superclasses
         )
-    if not accelerator.is_main_process:
-        return None
+    return arrays, metrics
 
+
+def _write_outputs(
+    out_dir: Path,
+    facts: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    superclasses: tuple[str, ...],
+) -> Path:
+    """eval-<tag>.json and .md, the logits (.npz) and the confusion matrix (.png) in `out_dir`."""
+    tag = facts["checkpoint_tag"]
     files = {"predictions": f"eval-{tag}-predictions.npz", "confusion_matrix": f"eval-{tag}-confusion.png"}
     packed = io.BytesIO()
     # mypy matches **arrays against savez's allow_pickle: bool too; no array here has that name.
@@ -231,31 +270,21 @@ def run_eval(run: str | None, checkpoint: str, overrides: list[str], which: str 
     plot_confusion(
         arrays["test_logits"],
         arrays["test_labels"],
-        coarse_of,
-        dataset.superclasses,
+        arrays["fine_to_coarse"],
+        superclasses,
         out_dir / files["confusion_matrix"],
         f"{out_dir.name}, {tag}: test confusion matrix",
     )
-    result = {
-        "run": out_dir.name,
-        "checkpoint": str(ckpt.resolve()),
-        "checkpoint_tag": tag,
-        "epoch": meta.get("epoch"),
-        "weights": "ema" if which == "ema" else meta.get("weights", "model"),
-        "tta": tta,
-        "world_size": accelerator.num_processes,
-        **files,
-        "splits": metrics,
-    }
+    result = {**facts, **files, "splits": metrics}
     json_path = out_dir / f"eval-{tag}.json"
-    write_json_atomic(json_path, result)
+    write_atomic(json_path, (json.dumps(result, indent=2) + "\n").encode())
     write_atomic(out_dir / f"eval-{tag}.md", to_markdown(result).encode())
     scores = " | ".join(
         f"{name} top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} ({m['images']} images)" for name, m in metrics.items()
     )
     print(
-        f"{out_dir.name} {tag} (epoch {meta.get('epoch')}): {scores} | "
-        f"wrote {json_path} and {json_path.with_suffix('.md')}",
+        f"{shown_path(out_dir.name)} {shown_path(tag)} (epoch {facts['epoch']}): {scores} | "
+        f"wrote {shown_path(json_path)} and {shown_path(json_path.with_suffix('.md'))}",
         flush=True,
     )
     return json_path

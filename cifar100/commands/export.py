@@ -4,10 +4,13 @@ against the PyTorch model before it is declared written, and the JSON a caller n
 Both are exported from a fresh fp32 copy of the model in eval mode, on the CPU and in the default
 memory format, so neither bf16 nor channels_last training reaches the files. The batch dimension is
 dynamic (traced on an example of several images: one would freeze it at 1). The check runs the
-written file (onnxruntime's CPU session; `torch.export.load(...).module()`) on real test images
-at batch sizes `CHECK_BATCHES` and asks for every logit within `RELATIVE_TOLERANCE` of the largest
-|logit| of PyTorch's and for the same top-1 class on every image. The files are built under
-temporary names and renamed into place only when every check passed; a failed one leaves nothing.
+file's bytes as predict runs a file it is given (onnxruntime's CPU session; the `.pt2` through
+`model_files`' checks, then `torch.export.load(...).module()`) on real test images at batch sizes
+`CHECK_BATCHES` and asks for every logit within `RELATIVE_TOLERANCE` of the largest |logit| of
+PyTorch's and for the same top-1 class on every image. The `.pt2` holds no pickled record: its
+weights are raw tensor records and it keeps no example inputs. The files are made in memory and
+written (under temporary names, renamed into place) only when every check passed; a failed one
+leaves nothing. `out=` may not lie inside a run folder other than the run's own `export/`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import dataclasses
 import io
 import itertools
 import json
-import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -29,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.export.passes import move_to_device_pass
 
-from cifar100.commands import images
+from cifar100.commands import images, model_files
 from cifar100.commands.trained import load_trained
 from cifar100.data import cifar as cifar_data
 from cifar100.data.reference import normalize_batch
 from cifar100.errors import UserError
+from cifar100.runfolder.safe_files import check_writable, make_folders, refuse_run_folder, write_all_atomic
 
 FORMATS = ("onnx", "pt2")
 CHECK_BATCHES = (1, 2, 37)  # one, two and an odd number of real test images, each batch its own
@@ -43,17 +45,8 @@ EXAMPLE_BATCH = 4  # traced with this many images: the batch dimension stays dyn
 RELATIVE_TOLERANCE = 1e-4  # of the largest |logit| the PyTorch model gives on the check images
 OPSET = 18  # the first with Mish as an ONNX operator
 INPUT, OUTPUT = "images", "logits"
-EXTRA_HINT = 'pip install -e ".[export]"'
 SIDECAR_VERSION = 1
-
-
-def require_onnx() -> None:
-    """Refuse ONNX work in one line when the optional packages are missing."""
-    for name in ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            __import__(name)
-        except ImportError:
-            raise UserError(f"ONNX needs the {name} package, part of the export extra: {EXTRA_HINT}") from None
+Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def run_export(run: str | None, checkpoint: str, which: str, fmt: str, out: str | None, overrides: list[str]) -> Path:
@@ -63,7 +56,7 @@ def run_export(run: str | None, checkpoint: str, which: str, fmt: str, out: str 
         raise UserError(f"format={fmt}: expected onnx, pt2 or all")
     formats = FORMATS if fmt == "all" else (fmt,)
     if "onnx" in formats:
-        require_onnx()
+        model_files.require_onnx()
     trained = load_trained(run, checkpoint, overrides, which)
     cfg = trained.cfg
     dataset = cifar_data.load(cfg.data.root, cfg.data.download)
@@ -96,13 +89,23 @@ def run_export(run: str | None, checkpoint: str, which: str, fmt: str, out: str 
         if test_top1 is None
         else f"by training at epoch {trained.meta.get('epoch')} on {tested} test images, eval.tta={cfg.eval.tta}",
     }
-    out_dir = Path(out) if out is not None else trained.out_dir / "export"
     stem = f"{trained.out_dir.name}-{trained.tag}"
+    out_dir = _out_folder(out, trained.out_dir, stem)
     written = export_model(trained.model(), formats, out_dir, stem, check_batches(dataset, cfg.augment), sidecar)
     for path in written[:-1]:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     print(f"wrote {written[-1]} (input size, normalisation, class names; `cifar100 predict model={written[0]} ...`)")
     return written[-1]
+
+
+def _out_folder(out: str | None, out_dir: Path, stem: str) -> Path:
+    """Where the files go: `<run>/export` (never through a link planted there), or `out=` when it
+    lies outside every run folder."""
+    default = out_dir / "export"
+    if out is None or os.path.realpath(out) == os.path.realpath(default):
+        return make_folders(out_dir, "export")
+    refuse_run_folder(Path(out) / stem, f"out={out}")
+    return Path(out)
 
 
 def check_batches(dataset: cifar_data.Cifar100, augment: Any) -> list[torch.Tensor]:
@@ -125,40 +128,30 @@ def export_model(
     model = _fp32_copy(model)
     with torch.no_grad():
         reference = [model(x) for x in batches]
-    probe = out_dir / f".{stem}.probe"
     try:  # before minutes of exporting: can the folder take files?
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
     except OSError as err:
         raise UserError(f"out={out_dir}: cannot write there ({err.strerror or err})") from None
+    check_writable(out_dir, f"out={out_dir}")
     finals = [out_dir / f"{stem}.{fmt}" for fmt in formats] + [out_dir / f"{stem}.json"]
-    temps = [path.with_name(f".{path.stem}.tmp{path.suffix}") for path in finals]
+    example = torch.cat(batches)[:EXAMPLE_BATCH]
+    files: dict[Path, bytes] = {}
     checks: dict[str, Any] = {}
+    for fmt, final in zip(formats, finals):
+        writer = _onnx_bytes if fmt == "onnx" else _program_bytes
+        files[final], runner = writer(model, example, final)
+        checks[fmt] = check(fmt, runner, batches, reference)
+    data = {**sidecar, "files": {fmt: path.name for fmt, path in zip(formats, finals)}, "checks": checks}
+    data["versions"] = {name: _version(name) for name in ("torch", "onnxscript", "onnxruntime")}
+    files[finals[-1]] = (json.dumps(data, indent=2) + "\n").encode()
     try:
-        example = torch.cat(batches)[:EXAMPLE_BATCH]
-        for fmt, tmp in zip(formats, temps):
-            runner = _write_onnx(model, example, tmp) if fmt == "onnx" else _write_program(model, example, tmp)
-            checks[fmt] = check(fmt, runner, batches, reference)
-        data = {**sidecar, "files": {fmt: path.name for fmt, path in zip(formats, finals)}, "checks": checks}
-        data["versions"] = {name: _version(name) for name in ("torch", "onnxscript", "onnxruntime")}
-        temps[-1].write_text(json.dumps(data, indent=2) + "\n")
-        for tmp, final in zip(temps, finals):
-            os.replace(tmp, final)
+        write_all_atomic(files)
     except OSError as err:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
         raise UserError(f"out={out_dir}: cannot write there ({err.strerror or err}); nothing written") from None
-    except BaseException:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        raise
     return finals
 
 
-def check(
-    fmt: str, runner: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], reference: list[torch.Tensor]
-) -> dict[str, Any]:
+def check(fmt: str, runner: Runner, batches: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, Any]:
     """Compare the exported model's logits with PyTorch's on every batch; raises on a miss, else
     returns what was compared (batch sizes, largest difference, tolerance)."""
     scale = max(float(r.abs().max()) for r in reference)
@@ -197,114 +190,43 @@ def _quiet(what: str, action: Callable[[], Any]) -> Any:
             warnings.simplefilter("ignore")
             return action()
     except Exception as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise UserError(f"{what} failed: {type(err).__name__}: {first.strip()}") from None
+        raise UserError(f"{what} failed: {type(err).__name__}: {model_files.first_line(err)}") from None
 
 
 def _dynamic_batch() -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    _quiet(
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[bytes, Runner]:
+    """The ONNX file's bytes (one self-contained model, made in memory) and a runner of them,
+    through the same checks predict makes of a file it is given."""
+    program = _quiet(
         "ONNX export",
         lambda: torch.onnx.export(
             model,
             (example,),
-            str(path),
+            None,
             dynamo=True,
             dynamic_shapes=_dynamic_batch(),
             input_names=[INPUT],
             output_names=[OUTPUT],
             opset_version=OPSET,
-            external_data=False,  # one self-contained file
         ),
     )
-    session = onnx_session(path)
-    return lambda x: torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
+    data = program.model_proto.SerializeToString()
+    session = model_files.onnx_session(data, path, model_files.check_onnx(data, path))
+    return data, lambda x: torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
 
 
-def _write_program(model: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def _program_bytes(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[bytes, Runner]:
+    """The `.pt2` archive's bytes, with no example inputs (torch saves them as a pickle), and a
+    runner of them loaded as predict loads a file it is given."""
     program = _quiet("torch.export", lambda: torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch()))
-    _quiet("torch.export.save", lambda: torch.export.save(program, str(path)))
-    loaded = load_program(path)
-    return lambda x: loaded(x).detach()
-
-
-def onnx_session(path: Path, providers: list[str] | None = None) -> Any:
-    """An onnxruntime session of the file, or a one-line refusal of a file that is not an ONNX model."""
-    require_onnx()
-    import onnxruntime
-
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-    except Exception as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise UserError(f"{path}: not an ONNX model onnxruntime can load ({first.strip()[:200]})") from None
-
-
-def load_program(path: Path, device: torch.device | None = None) -> nn.Module:
-    """The module of a saved `torch.export` program (moved to `device` by torch's own pass), or a
-    one-line refusal."""
-    logger = logging.getLogger("torch.export")  # it logs a traceback before it raises
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.load(str(path))
-            if device is not None and device.type != "cpu":
-                program = move_to_device_pass(program, device)
-            return program.module()
-    except Exception as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise UserError(f"{path}: not a torch.export program ({type(err).__name__}: {first.strip()[:200]})") from None
-    finally:
-        logger.setLevel(level)
-
-
-def read_sidecar(model_file: Path) -> dict[str, Any]:
-    """The JSON `export` wrote beside `model_file` (<stem>.json), checked for what predict needs."""
-    path = model_file.with_suffix(".json")
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"{model_file}: no {path.name} beside it (cifar100 export writes one: the normalisation and class names)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable ({err})") from None
-    problem = _sidecar_problem(data)
-    if problem:
-        raise UserError(f"{path}: not an export's description ({problem})")
-    return data
-
-
-def _sidecar_problem(data: Any) -> str | None:
-    if not isinstance(data, dict):
-        return "expected an object"
-    for key, count in (("mean", 3), ("std", 3)):
-        value = data.get(key)
-        if not (isinstance(value, list) and len(value) == count and all(isinstance(v, (int, float)) for v in value)):
-            return f"{key} must be {count} numbers"
-    if any(v <= 0 for v in data["std"]):
-        return "std must be positive"
-    for key, count in (("classes", cifar_data.NUM_CLASSES), ("superclasses", 20)):
-        value = data.get(key)
-        if not (isinstance(value, list) and len(value) == count and all(isinstance(v, str) for v in value)):
-            return f"{key} must list {count} names"
-    coarse = data.get("fine_to_coarse")
-    if not (
-        isinstance(coarse, list)
-        and len(coarse) == cifar_data.NUM_CLASSES
-        and all(isinstance(c, int) and 0 <= c < 20 for c in coarse)
-    ):
-        return "fine_to_coarse must give each of the 100 classes a superclass 0..19"
-    if data.get("input_size") != [3, images.SIZE, images.SIZE]:
-        return f"input_size must be [3, {images.SIZE}, {images.SIZE}]"
-    if data.get("tta", "none") not in ("none", "flip"):
-        return "tta must be none or flip"
-    return None
+    program.example_inputs = None
+    buffer = io.BytesIO()
+    _quiet("torch.export.save", lambda: torch.export.save(program, buffer))
+    loaded = model_files.load_program(buffer.getvalue(), path)
+    return buffer.getvalue(), lambda x: loaded(x).detach()
 
 
 def _version(name: str) -> str | None:

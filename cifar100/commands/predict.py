@@ -3,17 +3,21 @@
 The model is a run's checkpoint (`run=`, `checkpoint=`, `weights=`), scored exactly as `cifar100 eval`
 scores the test set: the same normalisation, memory format, precision, batch size and test-time
 flip (`engine.score_batch`), so the test images written out as PNG files get eval's top-1. Or it is a
-file `cifar100 export` wrote (`model=FILE.onnx|FILE.pt2`), run by onnxruntime or torch with the
-normalisation and class names of the JSON beside it. Images are read as `images.py` says, in
-batches, on the best device there is. The answer is a table on the terminal or, with `out=`, a CSV
-or JSON file written whole or not at all.
+file `cifar100 export` wrote (`model=FILE.onnx|FILE.pt2`), checked by `model_files` before it is
+loaded, run by onnxruntime or torch with the normalisation and class names of the JSON beside it,
+each batch within `timeout=` seconds. Images are read as `images.py` says, in batches, on the best
+device there is; a picture that cannot be read is refused in one line of its own and the others
+are answered. The answer is a table on the terminal or, with `out=`, a CSV or JSON file written
+whole or not at all (`predictions.py`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import contextlib
+import os
+import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,18 +28,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cifar100.commands import export, images
+from cifar100.commands import images, model_files
+from cifar100.commands.predictions import file_text, to_csv, to_json, to_table
 from cifar100.commands.trained import load_trained
 from cifar100.data import cifar as cifar_data
 from cifar100.data.reference import normalize_batch
-from cifar100.errors import UserError
-from cifar100.runfolder.tracking import write_atomic
+from cifar100.errors import UserError, clip
+from cifar100.runfolder.safe_files import check_writable, refuse_run_folder, write_atomic
 from cifar100.training.engine import EvalSettings, score_batch
 from cifar100.training.runtime import device_type, resolve_precision, usable_cores
 
 EXPORTED_BATCH = 256  # images per call of an exported model
 BAR_FROM = 256  # a progress bar for more images than this
 OUT_SUFFIXES = (".csv", ".json")
+Runner = Callable[[torch.Tensor], torch.Tensor]  # normalised images -> logits
+TIMEOUT = 300.0  # seconds an exported model may take for one batch (timeout= changes it)
 
 
 @dataclass(frozen=True)
@@ -82,66 +89,33 @@ def run_predictor(run: str | None, checkpoint: str, which: str, overrides: list[
     )
 
 
-def file_predictor(model_file: str, overrides: list[str]) -> Predictor:
-    """An exported model (.onnx through onnxruntime, .pt2 through torch.export) with its sidecar JSON."""
+def file_predictor(model_file: str, overrides: list[str], timeout: float = TIMEOUT) -> Predictor:
+    """An exported model (.onnx through onnxruntime, .pt2 through torch.export), checked by
+    `model_files` before anything else is read or loaded, with its sidecar JSON; loading it and each
+    batch given `timeout` seconds."""
     path = Path(model_file)
     kind = path.suffix.lower()
     if kind not in (".onnx", ".pt2"):
         raise UserError(f"model={model_file}: expected a .onnx or .pt2 file written by cifar100 export")
-    if not path.is_file():
-        raise UserError(f"model={model_file}: no such file")
-    info = export.read_sidecar(path)
-    tta = info.get("tta", "none")
+    tta = None
     for item in overrides:
         key, _, value = item.partition("=")
         if key != "eval.tta" or value not in ("none", "flip"):
             raise UserError(f"{item}: model= takes no training config; its only setting is eval.tta=none|flip")
         tta = value
-    device = torch.device(device_type())
-    run: Callable[[torch.Tensor], torch.Tensor]
-    if kind == ".onnx":
-        export.require_onnx()
-        import onnxruntime
-
-        wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else []
-        providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
-        session = export.onnx_session(path, providers)
-        inputs = session.get_inputs()
-        if len(inputs) != 1 or list(inputs[0].shape[1:]) != info["input_size"]:
-            shapes = ", ".join(str(i.shape) for i in inputs)
-            raise UserError(f"{path}: takes input {shapes}, not a batch of {info['input_size']} images")
-        name = inputs[0].name
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
-
-    else:
-        module = export.load_program(path, device)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return module(x.to(device)).float().cpu()
-
-    mean, std = info["mean"], info["std"]
-
-    def checked(x: torch.Tensor) -> torch.Tensor:
-        try:
-            scores = run(x)
-        except Exception as err:  # a file that loads but is not a CIFAR-100 classifier
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise UserError(f"{path}: failed on a batch of {len(x)} images ({first.strip()[:200]})") from None
-        if tuple(scores.shape) != (len(x), len(info["classes"])):
-            raise UserError(f"{path}: gave outputs of shape {tuple(scores.shape)}, not {len(x)} x 100 logits")
-        return scores
-
-    def logits(batch: torch.Tensor, pad: bool) -> torch.Tensor:
-        x = normalize_batch(batch, mean, std)
-        return (checked(x) + checked(x.flip(3))) / 2 if tta == "flip" else checked(x)
-
+    data = model_files.read_model_file(path)
+    # What the file holds decides, whatever the JSON beside it says.
+    external = kind == ".onnx" and model_files.check_onnx(data, path)
+    if kind == ".pt2":
+        model_files.check_program(data, path)
+    info = model_files.read_sidecar(path)
+    tta = tta or info.get("tta", "none")
+    with _deadline(path, "loading it", timeout):  # onnxruntime computes a graph's constant parts as it loads it
+        run = _onnx_runner(data, path, info, external) if kind == ".onnx" else _program_runner(data, path)
     describe = {"model": str(path.resolve()), "checkpoint": info.get("checkpoint"), "tta": tta}
     return Predictor(
         describe,
-        logits,
+        _exported_logits(run, path, info, tta, timeout),
         EXPORTED_BATCH,
         tuple(info["classes"]),
         tuple(info["superclasses"]),
@@ -149,8 +123,83 @@ def file_predictor(model_file: str, overrides: list[str]) -> Predictor:
     )
 
 
+def _exported_logits(
+    run: Runner, path: Path, info: dict[str, Any], tta: str, timeout: float
+) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """`Predictor.logits` of an exported model: the sidecar's normalisation, each batch within
+    `timeout` and checked to be 100 logits per image."""
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        with _deadline(path, f"a batch of {len(x)} images", timeout):
+            try:
+                scores = run(x)
+            except Exception as err:  # a file that loads but is not a CIFAR-100 classifier
+                raise UserError(
+                    f"{path}: failed on a batch of {len(x)} images ({model_files.first_line(err)})"
+                ) from None
+        if tuple(scores.shape) != (len(x), len(info["classes"])):
+            raise UserError(f"{path}: gave outputs of shape {tuple(scores.shape)}, not {len(x)} x 100 logits")
+        return scores
+
+    def logits(batch: torch.Tensor, pad: bool) -> torch.Tensor:
+        x = normalize_batch(batch, info["mean"], info["std"])
+        return (checked(x) + checked(x.flip(3))) / 2 if tta == "flip" else checked(x)
+
+    return logits
+
+
+def _onnx_runner(data: bytes, path: Path, info: dict[str, Any], external: bool) -> Runner:
+    import onnxruntime
+
+    wanted = ["CUDAExecutionProvider"] if device_type() == "cuda" else []
+    providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
+    session = model_files.onnx_session(data, path, external, providers)
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or list(inputs[0].shape[1:]) != info["input_size"]:
+        shapes = ", ".join(str(i.shape) for i in inputs)
+        raise UserError(f"{path}: takes input {shapes}, not a batch of {info['input_size']} images")
+    name = inputs[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+
+
+def _program_runner(data: bytes, path: Path) -> Runner:
+    device = torch.device(device_type())
+    module = model_files.load_program(data, path, device)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x.to(device)).float().cpu()
+
+    return run
+
+
+@contextlib.contextmanager
+def _deadline(path: Path, doing: str, seconds: float) -> Iterator[None]:
+    """Run the block, or end the process in one line when it takes longer than `seconds`: a model
+    file's graph may run for hours, and neither onnxruntime nor torch can be stopped in the middle
+    of an operator. Nothing is lost: predict writes its answer only at the end."""
+
+    def expire() -> None:
+        print(
+            f"error: {path}: {doing} took longer than timeout={seconds:g} s; predict stops (nothing was written): "
+            "a file from cifar100 export answers in seconds; give a larger timeout= for a slower one",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def check_out(out: str | None) -> Path | None:
-    """The `out=` file, refused before any work when its suffix is wrong or its folder cannot take it."""
+    """The `out=` file, refused before any work when its suffix is wrong, it lies inside a run folder
+    (whose files are the run's) or its folder cannot take it."""
     if out is None:
         return None
     path = Path(out)
@@ -158,35 +207,52 @@ def check_out(out: str | None) -> Path | None:
         raise UserError(f"out={out}: expected a .csv or .json file")
     if path.is_dir():
         raise UserError(f"out={out}: is a folder; give a file name ending in .csv or .json")
-    probe = path.with_name(f".{path.name}.tmp")
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"out={out}: cannot write there ({err.strerror or err})") from None
+    refuse_run_folder(path, f"out={out}")
+    check_writable(path.parent, f"out={out}")
     return path
 
 
-def batches(paths: list[Path], size: int) -> Iterator[torch.Tensor]:
-    """The images of `paths` in order as uint8 (B, 3, 32, 32) tensors, decoded by a pool of threads
-    (PIL decodes and resizes with the GIL released)."""
-    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
+def batches(paths: list[Path], size: int, refused: list[dict[str, str]]) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """The images of `paths` in order, `size` at a time, as (their paths, uint8 (B, 3, 32, 32)),
+    decoded by a pool of threads (PIL decodes and resizes with the GIL released) within one pixel
+    budget. A picture that cannot be read is left out and added to `refused` with why."""
+    budget = images.PixelBudget()
+
+    def read(path: Path) -> np.ndarray | str:
+        try:
+            return images.read_image(path, budget)
+        except UserError as err:
+            return str(err)
+
+    with images.quiet_pil(), ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         for start in range(0, len(paths), size):
             chunk = paths[start : start + size]
-            yield torch.from_numpy(np.stack(list(pool.map(images.read_image, chunk))))
+            decoded = list(pool.map(read, chunk))
+            refused += [{"file": file_text(p), "reason": why} for p, why in zip(chunk, decoded) if isinstance(why, str)]
+            kept = [(path, image) for path, image in zip(chunk, decoded) if not isinstance(image, str)]
+            if kept:
+                yield [path for path, _ in kept], torch.from_numpy(np.stack([image for _, image in kept]))
 
 
 def predict(predictor: Predictor, paths: list[Path], topk: int) -> dict[str, Any]:
-    """Top-k classes (with probabilities) and the superclass of each image: the JSON `out=` writes."""
+    """Top-k classes (with probabilities) and the superclass of each image that could be read, and
+    the refused ones with why: the JSON `out=` writes. Refusing them all is one line."""
     rows: list[dict[str, Any]] = []
+    refused: list[dict[str, str]] = []
     pad = len(paths) > predictor.batch_size  # as eval pads: every batch of one shape
     with tqdm(total=len(paths), unit="img", disable=len(paths) <= BAR_FROM, leave=False) as bar:
-        for batch in batches(paths, predictor.batch_size):
+        for kept, batch in batches(paths, predictor.batch_size, refused):
             probs = torch.softmax(predictor.logits(batch, pad).double(), dim=1).numpy()
-            done = len(rows)
-            rows += [_answer(paths[done + i], row, topk, predictor) for i, row in enumerate(probs)]
+            rows += [_answer(path, row, topk, predictor) for path, row in zip(kept, probs)]
             bar.update(len(batch))
-    return {**predictor.describe, "topk": topk, "images": len(rows), "predictions": rows}
+    if len(paths) == 1 and refused:
+        raise UserError(refused[0]["reason"])
+    for refusal in refused:
+        warnings.warn(refusal["reason"], stacklevel=2)
+    if not rows:
+        raise UserError(f"none of the {len(paths)} images could be read (each is named above); nothing was written")
+    result = {**predictor.describe, "topk": topk, "images": len(rows), "predictions": rows}
+    return result | ({"refused": refused} if refused else {})
 
 
 def _answer(path: Path, probs: np.ndarray, topk: int, predictor: Predictor) -> dict[str, Any]:
@@ -194,47 +260,10 @@ def _answer(path: Path, probs: np.ndarray, topk: int, predictor: Predictor) -> d
     superclass = int(predictor.fine_to_coarse[top[0]])  # the top-1 class's superclass ...
     share = float(probs[predictor.fine_to_coarse == superclass].sum())  # ... and its classes' summed probability
     return {
-        "file": str(path),
+        "file": file_text(path),
         "top": [{"class": predictor.classes[i], "index": int(i), "probability": float(probs[i])} for i in top],
         "superclass": {"name": predictor.superclasses[superclass], "index": superclass, "probability": share},
     }
-
-
-def to_csv(result: dict[str, Any]) -> str:
-    """One row per image: file, superclass and its probability, then class and probability for each of the top k."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    ks = range(1, result["topk"] + 1)
-    writer.writerow(
-        ["file", "superclass", "superclass_probability", *[f"{w}_{k}" for k in ks for w in ("class", "probability")]]
-    )
-    for row in result["predictions"]:
-        tops = [value for t in row["top"] for value in (t["class"], f"{t['probability']:.6f}")]
-        writer.writerow([row["file"], row["superclass"]["name"], f"{row['superclass']['probability']:.6f}", *tops])
-    return text.getvalue()
-
-
-def to_table(result: dict[str, Any]) -> str:
-    """The terminal's table: file, superclass, then the top k classes, each with its probability."""
-    rows = result["predictions"]
-    file_width = max(len("file"), *(len(r["file"]) for r in rows))
-    super_width = max(len(r["superclass"]["name"]) for r in rows)
-    class_width = max(len(t["class"]) for r in rows for t in r["top"])
-    head = [f"{'file':<{file_width}}", f"{'superclass':<{super_width + 7}}"]
-    head += [f"{f'top-{k}':<{class_width + 7}}" for k in range(1, len(rows[0]["top"]) + 1)]
-    lines = ["  ".join(head).rstrip()]
-    for r in rows:
-        cells = [
-            f"{r['file']:<{file_width}}",
-            _cell(r["superclass"]["name"], r["superclass"]["probability"], super_width),
-        ]
-        cells += [_cell(t["class"], t["probability"], class_width) for t in r["top"]]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def _cell(name: str, probability: float, width: int) -> str:
-    return f"{name:<{width}} {probability:>6.1%}"
 
 
 def run_predict(
@@ -246,22 +275,21 @@ def run_predict(
     out: str | None,
     overrides: list[str],
     inputs: list[str],
+    timeout_text: str | None = None,
 ) -> dict[str, Any]:
     """The whole command: check the arguments and `out=`, find the images, predict, write or print."""
-    try:
-        topk = int(topk_text) if topk_text is not None else 5
-    except ValueError:
-        raise UserError(f"topk={topk_text}: expected a whole number from 1 to 100") from None
-    if not 1 <= topk <= cifar_data.NUM_CLASSES:
-        raise UserError(f"topk={topk_text}: expected a whole number from 1 to 100")
+    topk = _whole_number("topk", topk_text, 5, cifar_data.NUM_CLASSES)
+    timeout = float(_whole_number("timeout", timeout_text, int(TIMEOUT), 10**6))
     if model is not None and (run is not None or checkpoint is not None or which is not None):
         raise UserError("model= is an exported file: give it alone, or run= [checkpoint=] [weights=] instead")
     if model is None and run is None and checkpoint is None:
         raise UserError("predict needs run=<run folder> (or checkpoint=PATH) or model=FILE.onnx|FILE.pt2")
+    if timeout_text is not None and model is None:
+        raise UserError("timeout= bounds an exported model file's batches: give it with model= only")
     target = check_out(out)
     paths = images.find_images(inputs)
     predictor = (
-        file_predictor(model, overrides)
+        file_predictor(model, overrides, timeout)
         if model is not None
         else run_predictor(run, checkpoint or "best", which or "model", overrides)
     )
@@ -269,13 +297,22 @@ def run_predict(
     if target is None:
         print(to_table(result))
         return result
-    text = json.dumps(result, indent=2) + "\n" if target.suffix.lower() == ".json" else to_csv(result)
+    text = to_json(result) if target.suffix.lower() == ".json" else to_csv(result)
     try:
         write_atomic(target, text.encode())
     except OSError as err:
         raise UserError(f"out={out}: not written ({err.strerror or err})") from None
-    print(f"{len(paths)} image(s) predicted ({_source(result)}): wrote {target}")
+    refused = f", {len(result['refused'])} refused (named above)" if "refused" in result else ""
+    print(f"{result['images']} image(s) predicted{refused} ({_source(result)}): wrote {target}")
     return result
+
+
+def _whole_number(key: str, text: str | None, default: int, most: int) -> int:
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= most):
+        raise UserError(f"{key}={clip(text)}: expected a whole number from 1 to {most}")
+    return int(text)
 
 
 def _source(result: dict[str, Any]) -> str:

@@ -5,7 +5,6 @@ and export alike.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar100.config import Config, apply_overrides
+from cifar100.config import Config, apply_overrides, from_dict
 from cifar100.data import cifar as cifar_data
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import EMA_FILE, apply_weights, load_ema, load_weights, read_meta
+from cifar100.runfolder.rundir import run_of
+from cifar100.runfolder.tracking import read_metrics
 from cifar100.training.models import build_model
 
 WEIGHTS_CHOICES = ("model", "ema")
@@ -55,25 +56,20 @@ class Trained:
             return None
         key = "ema_test_top1" if self.averaged else "test_top1"
         try:
-            lines = (self.out_dir / "metrics.jsonl").read_text().splitlines()
-        except OSError:
-            return None
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("epoch") == epoch and isinstance(row.get(key), (int, float)):
-                return float(row[key])
-        return None
+            rows = read_metrics(self.out_dir / "metrics.jsonl")
+        except UserError:
+            return None  # the export goes on without the figure
+        return next((float(row[key]) for row in rows if row["epoch"] == epoch and key in row), None)
 
 
-def locate(run: str | None, checkpoint: str) -> tuple[Path, Path, str]:
+def resolve_checkpoint(run: str | None, checkpoint: str) -> tuple[Path, Path, str]:
     """(checkpoint folder, output folder, tag) for `run=` and `checkpoint=best|last|<path>`.
 
-    The tag names the outputs (`eval-<tag>.json`): best, last, or the given folder's name. A
-    checkpoint path that lies in a run folder other than `run=` is refused: outputs about one run's
-    weights would land in another's folder under its name.
+    The tag names the outputs (`eval-<tag>.json`): best, last, or the given folder's name. The output
+    folder is the run folder the checkpoint lies in (a set-aside one in `checkpoints/abandoned/`
+    too), or the checkpoint folder itself outside any run. A checkpoint path that lies in a run
+    folder other than `run=` is refused: outputs about one run's weights would land in another's
+    folder under its name.
     """
     run_dir = Path(run) if run is not None else None
     if run_dir is not None and not (run_dir / "config.yaml").is_file():
@@ -93,22 +89,22 @@ def locate(run: str | None, checkpoint: str) -> tuple[Path, Path, str]:
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint={checkpoint}: expected best, last or a checkpoint folder")
-    owner = ckpt.resolve().parent.parent  # <run>/checkpoints/<tag>
-    in_a_run = (owner / "config.yaml").is_file()
+    owner = run_of(ckpt.resolve())
+    in_a_run = owner is not None and (owner / "config.yaml").is_file()
     if run_dir is not None:
         if in_a_run and owner != run_dir.resolve():
             raise UserError(
                 f"checkpoint={checkpoint} belongs to run {owner}, not run={run}: give run={owner} or drop run="
             )
         return ckpt, run_dir, ckpt.name
-    return ckpt, owner if in_a_run else ckpt, ckpt.name
+    return ckpt, owner if in_a_run and owner is not None else ckpt, ckpt.name
 
 
 def load_trained(run: str | None, checkpoint: str, overrides: list[str], which: str = "model") -> Trained:
     """The checkpoint `run=`/`checkpoint=` name, with the model's weights or (`which="ema"`) the averaged ones."""
     if which not in WEIGHTS_CHOICES:
         raise UserError(f"weights={which!r}: expected one of {', '.join(WEIGHTS_CHOICES)}")
-    ckpt, out_dir, tag = locate(run, checkpoint)
+    ckpt, out_dir, tag = resolve_checkpoint(run, checkpoint)
     weights = load_weights(ckpt)  # checks COMPLETE first: a half-written checkpoint is refused
     meta = read_meta(ckpt)
     if which == "ema":
@@ -123,5 +119,9 @@ def load_trained(run: str | None, checkpoint: str, overrides: list[str], which: 
         tag += "-ema"
     if "config" not in meta:
         raise UserError(f"{ckpt / 'meta.json'}: no config recorded, cannot rebuild the model")
+    try:
+        from_dict(meta["config"])
+    except UserError as err:
+        raise UserError(f"{ckpt / 'meta.json'}: its config is not one this version can use ({err})") from None
     cfg = apply_overrides(meta["config"], overrides)
     return Trained(ckpt, out_dir, tag, meta, cfg, weights, which == "ema" or meta.get("weights") == "ema")

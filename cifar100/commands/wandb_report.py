@@ -13,7 +13,8 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifar100.commands.report import TITLE, Column
+from cifar100.commands.report_page import TITLE
+from cifar100.commands.report_runs import Column
 
 if TYPE_CHECKING:
     from wandb_workspaces.reports.v2.interface import PanelTypes

@@ -32,9 +32,11 @@ from safetensors.torch import load_file, save
 
 from cifar100.errors import UserError, clip
 from cifar100.runfolder.records import meta_problem, train_state_problem
+from cifar100.runfolder.safe_files import TEXT_BYTES, WEIGHTS_BYTES, link_atomic, read_json, require_regular
 
 MARKER = "COMPLETE"
 EMA_FILE = "ema.safetensors"
+CHECKPOINT_FILES = ("model.safetensors", "train_state.pt", EMA_FILE, "meta.json", MARKER)  # all a checkpoint holds
 PREFIX = "step-"
 
 
@@ -229,10 +231,7 @@ def save_checkpoint(
 
 def point_link(ckpt_dir: Path, link: str, tag: str) -> None:
     """Make `checkpoints/<link>` (last, best) a link to `tag`, swapped in atomically: never absent."""
-    tmp = ckpt_dir / f".{link}-link"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(tag)
-    os.replace(tmp, ckpt_dir / link)
+    link_atomic(ckpt_dir / link, tag)
 
 
 def save_best(ckpt_dir: Path, tag: str, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -302,6 +301,7 @@ def load_ema(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    require_regular(file, WEIGHTS_BYTES, "weights file")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -311,6 +311,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 def load_train_state(path: Path) -> dict[str, Any]:
     """Optimizer, schedule and RNG state, refusing anything but tensors and plain data."""
     file = path / "train_state.pt"
+    require_regular(file, WEIGHTS_BYTES, "train state")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -324,9 +325,9 @@ def load_train_state(path: Path) -> dict[str, Any]:
 def read_meta(path: Path) -> dict[str, Any]:
     """The checkpoint's meta.json (position, counters, config, ...), checked as data."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise UserError(f"{path / 'meta.json'}: unreadable ({err})") from None
+        meta = read_json(path / "meta.json", TEXT_BYTES, "checkpoint's meta.json")
+    except FileNotFoundError:
+        raise UserError(f"{path / 'meta.json'}: missing") from None
     problem = meta_problem(meta, resumable=path.name.startswith(PREFIX))
     if problem:
         raise UserError(f"{path / 'meta.json'}: unreadable ({problem})")

@@ -7,7 +7,7 @@ folder, and forked into a new folder otherwise (see `rundir.adopt`). A checkpoin
 another config is refused, naming the keys that differ, except the launch keys (where data lives,
 worker counts, logging) and the recovery keys a diverged run may need (with a warning).
 
-`locate` changes no file of any run: it makes and locks the folder of a new or continued run,
+`start_point` changes no file of any run: it makes and locks the folder of a new or continued run,
 reads the checkpoint and checks it; everything else waits until the checkpoint has loaded.
 """
 
@@ -37,29 +37,12 @@ from cifar100.runfolder.tracking import read_metrics
 RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
 
 
-def locate(resume: str, log_dir: str, name: str) -> Located:
+def start_point(resume: str, log_dir: str, name: str) -> Located:
     """The run folder and checkpoint for `resume`; makes and locks the folder of a new or continued run."""
     if resume == "none":
         return Located(lock(unique_run_dir(log_dir, name)))
     if resume == "auto":
-        run_dir = Path(log_dir) / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        skipped: list[str] = []
-        found = find_latest(lock(run_dir) / "checkpoints", skipped)
-        if found:
-            for note in skipped:
-                warnings.warn(f"skipping checkpoint {note}", stacklevel=2)
-            return Located(run_dir, found[0], found[1:])
-        history = _history(run_dir)
-        if history:
-            # Starting over here would empty metrics.jsonl and overwrite the best weights.
-            unreadable = "; ".join(skipped[:3]) + (" …" if len(skipped) > 3 else "") or "checkpoints/ holds none"
-            raise UserError(
-                f"{run_dir} holds {history}, but no checkpoint of it loads ({unreadable}); nothing was changed: "
-                "continue from a checkpoint that loads with resume=PATH, or start anew in a new folder with "
-                "resume=none (or another name=)"
-            )
-        return Located(run_dir)
+        return _newest_in(Path(log_dir) / name)
     path = Path(resume)
     is_run = (path / "checkpoints").is_dir()
     if not is_run and not is_complete(path):
@@ -96,14 +79,37 @@ def locate(resume: str, log_dir: str, name: str) -> Located:
     return Located(owner, checkpoint, read, newer)
 
 
+def _newest_in(run_dir: Path) -> Located:
+    """resume=auto: the newest checkpoint of `run_dir` that loads, or a fresh start there when the
+    folder holds no history a fresh start would destroy."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+    found = find_latest(lock(run_dir) / "checkpoints", skipped)
+    if found:
+        for note in skipped:
+            warnings.warn(f"skipping checkpoint {note}", stacklevel=3)
+        return Located(run_dir, found[0], found[1:])
+    history = _history(run_dir)
+    if history:
+        # Starting over here would empty metrics.jsonl and overwrite the best weights.
+        unreadable = "; ".join(skipped[:3]) + (" …" if len(skipped) > 3 else "") or "checkpoints/ holds none"
+        raise UserError(
+            f"{run_dir} holds {history}, but no checkpoint of it loads ({unreadable}); nothing was changed: "
+            "continue from a checkpoint that loads with resume=PATH, or start anew in a new folder with "
+            "resume=none (or another name=)"
+        )
+    return Located(run_dir)
+
+
 def _history(run_dir: Path) -> str:
     """What of a run's history a fresh start in `run_dir` would destroy ("" when nothing)."""
     try:
         epochs = len(read_metrics(run_dir / "metrics.jsonl"))
+        rows = f"{epochs} epoch(s) of metrics.jsonl" if epochs else ""
     except UserError:
-        epochs = 1  # unreadable rows are history too
+        rows = "an unreadable metrics.jsonl"  # unreadable rows are history too
     found = [
-        f"{epochs} epoch(s) of metrics.jsonl" if epochs else "",
+        rows,
         "summary.json" if (run_dir / "summary.json").exists() else "",
         "best weights" if (run_dir / "checkpoints" / "best").exists() else "",
     ]

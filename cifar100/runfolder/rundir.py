@@ -21,8 +21,9 @@ from typing import Any, cast
 import torch
 
 from cifar100.errors import UserError
-from cifar100.runfolder.checkpoint import is_complete, point_link
-from cifar100.runfolder.tracking import open_in_run, read_metrics, rewrite_metrics, write_run_file
+from cifar100.runfolder.checkpoint import CHECKPOINT_FILES, is_complete, point_link
+from cifar100.runfolder.safe_files import METRICS_BYTES, WEIGHTS_BYTES, open_no_follow, read_text, require_regular
+from cifar100.runfolder.tracking import read_metrics, rewrite_metrics, write_run_file
 
 LOCK = ".lock"
 _held: list[int] = []  # open lock files: the locks last as long as the process
@@ -47,7 +48,7 @@ def lock(run_dir: Path) -> Path:
 
     Refused with one line when another live process holds the folder, before anything in it changes.
     """
-    fd = open_in_run(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
+    fd = open_no_follow(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -124,7 +125,7 @@ def adopt(located: Located, log_dir: str, name: str, epochs_done: int) -> Adopte
     rows = [r for r in read_metrics(source) if r["epoch"] <= epochs_done]
     target = run_dir / "metrics.jsonl"
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    if (target.read_text() if target.exists() else "") != text:
+    if not target.exists() or read_text(target, METRICS_BYTES, "metrics file") != text:
         rewrite_metrics(target, rows)  # drops epochs logged after the checkpoint, and a torn last line
     return Adopted(run_dir, rows, located.fork_of is not None)
 
@@ -141,9 +142,12 @@ def _copy_history(source: Path, checkpoint: Path, run_dir: Path) -> None:
     for folder in copies:
         tmp = ckpt_dir / f".tmp-{folder.name}"  # complete or absent, as a checkpoint written here
         try:
-            shutil.copytree(folder, tmp)
+            tmp.mkdir()
+            for name in CHECKPOINT_FILES:  # what a checkpoint holds, and nothing else it may have beside
+                if os.path.lexists(folder / name):
+                    _copy_regular(folder / name, tmp / name)
             os.replace(tmp, ckpt_dir / folder.name)
-        except OSError as err:
+        except (OSError, UserError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"{folder}: not copied into {ckpt_dir} ({err}); the fork stops here") from None
     point_link(ckpt_dir, "last", checkpoint.name)
@@ -151,12 +155,19 @@ def _copy_history(source: Path, checkpoint: Path, run_dir: Path) -> None:
         point_link(ckpt_dir, "best", best.name)
 
 
+def _copy_regular(source: Path, target: Path) -> None:
+    """`shutil.copy2` of a regular file within the weights' bound (links followed): a FIFO or a device
+    in a checkpoint folder would make the copy hang or never end."""
+    require_regular(source, WEIGHTS_BYTES, "checkpoint file")
+    shutil.copy2(source, target)
+
+
 def _set_aside(checkpoint: Path, newer: tuple[Path, ...]) -> None:
     """Going back to an older checkpoint of the same run: keep the newer ones, out of resume=auto's way."""
     aside = unique_run_dir(checkpoint.parent / "abandoned", f"after-{checkpoint.name}")
     metrics = checkpoint.parent.parent / "metrics.jsonl"
-    if metrics.is_file():  # the rows the newer checkpoints continue, so that a fork of one has them
-        write_run_file(aside / "metrics.jsonl", metrics.read_text())
+    if metrics.exists():  # the rows the newer checkpoints continue, so that a fork of one has them
+        write_run_file(aside / "metrics.jsonl", read_text(metrics, METRICS_BYTES, "metrics file"))
     for path in newer:
         os.replace(path, aside / path.name)
     point_link(checkpoint.parent, "last", checkpoint.name)

@@ -6,12 +6,11 @@ through Accelerate's tracker; any W&B failure is a warning, never the end of a t
 
 from __future__ import annotations
 
-import errno
 import io
 import json
+import math
 import os
 import shlex
-import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,55 +22,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from accelerate import Accelerator
 
-from cifar100.errors import UserError
+from cifar100.errors import UserError, clip
 from cifar100.runfolder.checkpoint import is_complete, read_meta
 from cifar100.runfolder.records import metrics_row_problem
+from cifar100.runfolder.safe_files import METRICS_BYTES, open_no_follow, read_text, write_atomic
 
 # Every text on a plot is literal: run names, folder names and sweep values become titles and
 # legends, and mathtext would read `a$$b` as a formula (and fail). The report and eval plot through
 # this module's import too.
 matplotlib.rcParams["text.parse_math"] = False
-
-
-def open_in_run(path: Path, flags: int) -> int:
-    """`os.open` for a file the project writes in a run folder, never through a symbolic link
-    (O_NOFOLLOW): one planted in a run folder would make the write land outside it. A link or
-    anything but a plain file is refused with one line (a FIFO at once: O_NONBLOCK)."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        if err.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO that nothing reads
-            raise
-        what = "a symbolic link" if err.errno == errno.ELOOP else "not a plain file"
-    else:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-        os.close(fd)
-        what = "not a plain file"
-    raise UserError(
-        f"{path}: {what}; the files of a run folder are never written through one (nothing was written): "
-        "remove it and run again"
-    )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temp file and a rename, so a reader never sees half a file. A failed write (a
-    full disk) removes the temp file and leaves the old file, if any, as it was. Links are never
-    followed: one at the temp name is removed, one at `path` is replaced by the file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)
-        with os.fdopen(open_in_run(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON atomically (see `write_atomic`)."""
-    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def stopped(path: Path, err: OSError) -> UserError:
@@ -94,7 +53,7 @@ def write_run_file(path: Path, text: str) -> None:
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
     """Append one epoch's row to metrics.jsonl and flush it to disk. A failed write (a full disk)
     cuts the file back to its previous rows and stops the run: an epoch it cannot record would be lost."""
-    fd = open_in_run(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     start = os.fstat(fd).st_size
     try:
         data = (json.dumps(row) + "\n").encode()
@@ -119,12 +78,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     A bad last line is what a crash while appending leaves: it is dropped with a warning. A bad
     line before it is an error naming the line.
     """
-    if not path.exists():
-        return []
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable ({err})") from None
+        lines = read_text(path, METRICS_BYTES, "metrics file").splitlines()
+    except FileNotFoundError:
+        return []
     rows: list[dict[str, Any]] = []
     problem: str | None
     for number, line in enumerate(lines, 1):
@@ -132,8 +89,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as err:
-            row, problem = None, f"not JSON: {err}"
+        except (ValueError, RecursionError) as err:  # ValueError: JSON's, and a number of 5,000 digits
+            row, problem = None, f"not JSON: {clip(str(err))}"
         else:
             problem = metrics_row_problem(row, rows[-1]["epoch"] if rows else 0)
         if problem and number == len(lines):
@@ -154,19 +111,22 @@ def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for split in ("train", "val", "test"):
             key = f"{split}_{metric}"
-            if rows and key in rows[0]:
-                (line,) = ax.plot(epochs, [r[key] for r in rows], label=split, marker="." if len(rows) < 30 else None)
-            if rows and f"ema_{key}" in rows[0]:
+            if not rows or key not in rows[0]:
+                continue
+            # A row without the figure (a hand-edited file) is a gap in the curve, not an error.
+            (line,) = ax.plot(epochs, _column(rows, key), label=split, marker="." if len(rows) < 30 else None)
+            if f"ema_{key}" in rows[0]:
                 ax.plot(
                     epochs,
-                    [r[f"ema_{key}"] for r in rows],
+                    _column(rows, f"ema_{key}"),
                     label=f"{split}, EMA weights",
                     linestyle="--",
                     color=line.get_color(),
                 )
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: {ylabel}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if rows:
+            ax.legend()
         fig.tight_layout()
         path = run_dir / ("loss.png" if metric == "loss" else "accuracy.png")
         image = io.BytesIO()
@@ -175,6 +135,10 @@ def plot_history(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[
         write_atomic(path, image.getvalue())
         paths.append(path)
     return paths
+
+
+def _column(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [row.get(key, math.nan) for row in rows]
 
 
 def plot_run(rows: list[dict[str, Any]], run_dir: Path, title: str) -> list[Path]:

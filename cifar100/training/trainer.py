@@ -195,7 +195,7 @@ class Trainer:
         if cfg.train.budget != "none" and self._starts_afresh():
             self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
             self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
-        found = resuming.locate(cfg.resume, cfg.log.dir, cfg.name) if main else None
+        found = resuming.start_point(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = [found.checkpoint and str(found.checkpoint)] if found else [None]  # found (and adopted): on main
         broadcast_object_list(located)
         ckpt_path = Path(located[0]) if located[0] else None
