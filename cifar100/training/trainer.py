@@ -47,6 +47,7 @@ from cifar100.runfolder.tracking import (
 )
 from cifar100.training import budget, memory
 from cifar100.training.budget import Costs, Plan
+from cifar100.training.compile_cache import compiled
 from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import (
     Engine,
@@ -178,8 +179,7 @@ class Trainer:
         else:
             model, optimizer, self.loader = acc.prepare(model, optimizer, self.loader)
         # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
-        # torch's stubs say compile returns a Callable; given a Module it returns one (an OptimizedModule).
-        self.model: torch.nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
+        self.model: torch.nn.Module = compiled(model) if cfg.train.compile else model
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
         schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, cfg.train.steps)
         self.mixer = mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
