@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from cifar100.allocator import keep_freed_memory
 from cifar100.config import (
     Config,
     available_recipes,
@@ -396,6 +397,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad input)."""
+    keep_freed_memory()  # before any tensor: every way a run starts (train.py, accelerate, Slurm, the image) comes here
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help") or any(a in ("-h", "--help") for a in argv[1:]):
         print(USAGE, end="")
