@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from cifar100.allocator import keep_freed_memory
 from cifar100.config import (
     Config,
     available_recipes,
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     counts from `started` (a `time.perf_counter` value; the entry points pass the process's start),
     else from this call."""
     started = time.perf_counter() if started is None else started
+    keep_freed_memory()  # before any tensor: every way a run starts (train.py, accelerate, Slurm, the image) comes here
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help") or any(a in ("-h", "--help") for a in argv[1:]):
         print(USAGE, end="")
