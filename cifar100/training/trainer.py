@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
 
+from cifar100.allocator import giving_back_freed_memory
 from cifar100.config import Config, parse_duration, to_dict, to_yaml
 from cifar100.data import cifar as cifar_data
 from cifar100.data.batched import DeviceLoader
@@ -297,7 +298,8 @@ class Trainer:
         if asked == "auto" and totals.micro_batch:
             size, how = totals.micro_batch, "kept from the run resumed"
         elif asked == "auto":
-            found = self._search_micro_batch()
+            with giving_back_freed_memory():
+                found = self._search_micro_batch()
             if found is None:
                 bf16 = "" if self.cfg.train.precision == "bf16" else ", or train.precision=bf16 where the device has it"
                 raise UserError(
@@ -309,7 +311,8 @@ class Trainer:
             size, how = int(asked), "as train.micro_batch says"
         self.micro_batch = totals.micro_batch = min(size, self.batch)
         if asked == "auto" and not totals.eval_batch:
-            self._fit_eval_batch()
+            with giving_back_freed_memory():
+                self._fit_eval_batch()
         self.engine = dataclasses.replace(
             self.engine, rules=dataclasses.replace(self.engine.rules, micro_batch=self.micro_batch)
         )
