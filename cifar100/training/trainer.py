@@ -8,6 +8,7 @@ A signal or a non-finite loss ends the loop early, after a checkpoint or naming 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
@@ -86,10 +88,22 @@ def train(cfg: Config, counted_from: float | None = None) -> Path:
     counted_from = time.perf_counter() if counted_from is None else counted_from
     # One process may train several runs (seeds, a sweep, a notebook): each gets it afresh.
     with fresh_process_state(), StopFlag().installed() as stop:
-        trainer = Trainer(cfg, stop, counted_from)
-        trainer.restore()
-        trainer.train()
-        return trainer.finish()
+        trainer: Trainer | None = None
+        # Out of memory anywhere (building, loading, fitting, checkpointing, finishing) is one line too;
+        # the training step and the evaluations say more, from their own guards inside.
+        with memory.out_of_memory_is_one_line(lambda: trainer.out_of_memory() if trainer else _setting_up_failed(cfg)):
+            trainer = Trainer(cfg, stop, counted_from)
+            trainer.restore()
+            trainer.train()
+            return trainer.finish()
+
+
+def _setting_up_failed(cfg: Config) -> str:
+    """The out-of-memory line of a run whose data, model or optimizer did not fit."""
+    kept = "none yet" if cfg.resume == "none" else "as it was (this start wrote nothing)"
+    where = memory.device_memory(torch.device(device_type()))
+    fix = memory.FIX_ELSEWHERE
+    return f"while setting up the data, model and optimizer on {where}: {fix}. Last good checkpoint: {kept}"
 
 
 class Trainer:
@@ -97,6 +111,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, stop: StopFlag, counted_from: float):
         self.cfg, self.started, self.stop = cfg, time.perf_counter(), stop
+        self.doing = "setting up the data, model and optimizer"  # what an out of memory interrupted
         self.counted_from = counted_from  # where the budget starts counting: at or before `started`
         if cfg.train.budget == "auto" and not os.environ.get("SLURM_JOB_ID"):
             raise UserError(
@@ -196,6 +211,7 @@ class Trainer:
         the same checkpoint, and only once it has loaded is any file of a run folder changed.
         """
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
+        self.doing = "loading the checkpoint and opening the run folder"
         self.fitted = False  # the micro-batch: set once, before a budget's measurement where there is one
         if cfg.train.budget != "none" and self._starts_afresh():
             self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
@@ -273,7 +289,7 @@ class Trainer:
         the smallest; a resume keeps the size its run found. Evaluations start at data.eval_batch_size
         (or the batch a resumed run found) and, under auto, halve it when it does not fit."""
         asked, totals, acc = self.cfg.train.micro_batch, self.state.totals, self.accelerator
-        self.fitted = True
+        self.fitted, doing, self.doing = True, self.doing, "fitting the micro-batch"
         self.eval_batch = totals.eval_batch or self.cfg.data.eval_batch_size
         if asked is None:
             self.micro_batch = None
@@ -281,17 +297,12 @@ class Trainer:
         if asked == "auto" and totals.micro_batch:
             size, how = totals.micro_batch, "kept from the run resumed"
         elif asked == "auto":
-            module = acc.unwrap_model(self.model, keep_torch_compile=False)  # eager: no compile for a trial
-            optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
-
-            def fits(size: int) -> bool:
-                return memory.agreed(acc, memory.step_fits(module, optimizer, acc, size, channels_last))
-
-            found = memory.largest_fitting(self.batch, fits)
+            found = self._search_micro_batch()
             if found is None:
+                bf16 = "" if self.cfg.train.precision == "bf16" else ", or train.precision=bf16 where the device has it"
                 raise UserError(
                     f"train.micro_batch=auto: not even one image's training step fits {self._memory()}; "
-                    f"choose a smaller model.name, or train.precision=bf16 where the device has it"
+                    f"choose a smaller model.name{bf16}"
                 )
             size, how = found, "the largest that fits, tried on every process"
         else:
@@ -308,6 +319,29 @@ class Trainer:
             f"the global batch stays data.batch_size={self.cfg.data.batch_size}",
             flush=True,
         )
+        self.doing = doing
+
+    def _search_micro_batch(self) -> int | None:
+        """The largest micro-batch whose step fits on every process (None: not even one image's), tried
+        on the pipeline's first batch, mixed as training mixes it, with its loader running, and with
+        what the run holds beside the step (memory.held_beside) held; nothing of the run changes."""
+        acc = self.accelerator
+        module = acc.unwrap_model(self.model, keep_torch_compile=False)  # eager: no compile for a trial
+        optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
+        held = memory.held_beside(module, optimizer, acc.device, ema=self.ema is not None, processes=acc.num_processes)
+        with memory.untouched(module):  # starting the loader draws from torch's generator
+            batches = iter(epoch_batches(self.loader, 1, 0, acc))
+            images, labels = next(batches)
+            mixed = self.mixer(images, labels, np.random.default_rng([self.cfg.seed, 0, 0, acc.process_index]))
+
+            def fits(size: int) -> bool:
+                return memory.agreed(acc, memory.step_fits(module, optimizer, acc, size, mixed, channels_last, held))
+
+            try:
+                return memory.largest_fitting(self.batch, fits)
+            finally:
+                del batches, images, labels
+                getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch
 
     def _fit_eval_batch(self) -> None:
         """The evaluation batch: data.eval_batch_size, halved until an evaluation forward fits on
@@ -317,8 +351,15 @@ class Trainer:
         most = max(math.ceil(len(labels) / acc.num_processes) for _, labels in self.eval_sets.values())
         asked = min(self.eval_batch, most)  # a split never runs a batch larger than its shard
 
+        optimizer = self.engine.optimizer
+        # By the first evaluation the optimizer's state exists, and on a CPU a checkpoint's copy may be held.
+        state = 0 if getattr(optimizer, "optimizer", optimizer).state else memory.optimizer_state_slots(optimizer)
+        held = state * memory.parameter_bytes(module) + memory.held_beside(
+            module, optimizer, acc.device, ema=self.ema is not None, processes=acc.num_processes
+        )
+
         def fits(size: int) -> bool:
-            ok = memory.eval_fits(module, acc, size, settings.channels_last, settings.tta_flip)
+            ok = memory.eval_fits(module, acc, size, settings.channels_last, settings.tta_flip, held)
             return memory.agreed(acc, ok)
 
         found = memory.largest_halving(asked, fits)
@@ -330,6 +371,18 @@ class Trainer:
 
     def _memory(self) -> str:
         return memory.device_memory(self.accelerator.device)
+
+    def out_of_memory(self) -> str:
+        """The out-of-memory line of anything but a training step or an evaluation (whose own say more):
+        what the run was doing, the memory, the fix and the last good checkpoint."""
+        writer: CheckpointWriter | None = getattr(self, "writer", None)  # made once the folder is open
+        if writer is None:
+            last = "none yet" if self.cfg.resume == "none" else "as it was (this start wrote nothing)"
+        else:
+            with contextlib.suppress(Exception):  # a write that failed leaves the one before it the last good
+                writer.wait()
+            last = str(writer.last_good or "none yet")
+        return f"while {self.doing} on {self._memory()}: {memory.FIX_ELSEWHERE}. Last good checkpoint: {last}"
 
     def _print_header(self, where: str) -> None:
         s, acc = self.splits, self.accelerator
@@ -382,7 +435,7 @@ class Trainer:
     def _plan_budget(self) -> None:
         """Measure this run's costs, plan its steps within the budget and lay the schedule over them."""
         cfg, acc = self.cfg, self.accelerator
-        self.wall_before = 0.0
+        self.wall_before, doing, self.doing = 0.0, self.doing, "measuring the run for its budget"
         if cfg.train.budget == "auto":
             left = [budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]) if acc.is_main_process else 0.0]
             broadcast_object_list(left)
@@ -402,6 +455,7 @@ class Trainer:
             f"{steps * c.step:.0f} s of steps, {ends:.0f} s for {self.epochs} epoch ends, {c.finish:.1f} s to finish",
             flush=True,
         )
+        self.doing = doing
 
     def _measure(self, seconds: float) -> Costs:
         """Time this run's own parts on its real model and data, then put every part back as it was:
@@ -478,6 +532,7 @@ class Trainer:
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
         while self.state.epoch <= self.epochs:
+            self.doing = f"training epoch {self.state.epoch}"
             result = self.train_epoch()
             if result is None:
                 self.checkpoint()
@@ -585,7 +640,7 @@ class Trainer:
         return (
             f"in the training step (epoch {self.state.epoch}, batch {self.state.progress.step}) with "
             f"{self.batch} images per process{pieces} on {self._memory()}: "
-            f"{memory.fix_for_train(self.batch, micro, self.cfg.train.grad_accum)}. "
+            f"{memory.fix_for_train(self.batch, micro, self.cfg.train.grad_accum, self.cfg.train.micro_batch)}. "
             f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
         )
 
@@ -594,9 +649,10 @@ class Trainer:
 
         def failed() -> str:
             self.writer.wait()
+            auto = self.cfg.train.micro_batch == "auto"
             return (
                 f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {self.eval_batch} "
-                f"images per process on {self._memory()}: {memory.fix_for_eval(self.eval_batch)}. "
+                f"images per process on {self._memory()}: {memory.fix_for_eval(self.eval_batch, auto)}. "
                 f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
             )
 
@@ -678,7 +734,8 @@ class Trainer:
         """Checkpoint this exact position (every rank calls it): the main process copies it to host
         memory, with the epoch's `score` when it may be the best so far, runs `before_write(seconds
         training was held up)`, then lets the background writer write it."""
-        began = time.perf_counter()
+        began, doing = time.perf_counter(), self.doing
+        self.doing = f"checkpointing at epoch {self.state.epoch}, batch {self.state.progress.step}"
         self.state.totals.wall_seconds = self.wall_before + began - self.started
         snap = self.state.state_dict()
         if self.accelerator.is_main_process:
@@ -691,6 +748,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.writer.start()
         self.accelerator.wait_for_everyone()
+        self.doing = doing
 
     def flush(self) -> None:
         """Every checkpoint on disk before any rank goes on: a rank that exits first (a stop, an
@@ -720,6 +778,7 @@ class Trainer:
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""
         totals, acc = self.state.totals, self.accelerator
+        self.doing = "writing the summary"
         summary = summarize(
             self.rows,
             recipe=self.cfg.recipe or self.cfg.name,
