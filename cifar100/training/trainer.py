@@ -52,16 +52,9 @@ from cifar100.training import budget, memory
 from cifar100.training.budget import Costs, Plan
 from cifar100.training.compile_cache import compiled
 from cifar100.training.ema import WeightAverage
-from cifar100.training.engine import (
-    Engine,
-    EpochProgress,
-    EpochResult,
-    EvalSettings,
-    NonFiniteLoss,
-    StepRules,
-    evaluate,
-)
+from cifar100.training.engine import Engine, EpochProgress, EpochResult, NonFiniteLoss, StepRules
 from cifar100.training.eta import RECENT_STEPS, RunClock, too_long
+from cifar100.training.evaluation import EvalSettings, evaluate
 from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.training.optim import Schedule, build_optimizer
 from cifar100.training.runtime import (
@@ -313,9 +306,7 @@ class Trainer:
         if asked == "auto" and not totals.eval_batch:
             with giving_back_freed_memory():
                 self._fit_eval_batch()
-        self.engine = dataclasses.replace(
-            self.engine, rules=dataclasses.replace(self.engine.rules, micro_batch=self.micro_batch)
-        )
+        self.engine.micro_batch = self.micro_batch
         acc.print(
             f"train.micro_batch={asked}: {self.micro_batch} images per forward and backward ({how}), "
             f"{math.ceil(self.batch / self.micro_batch)} per step of {self.batch} images per process; "
@@ -481,9 +472,10 @@ class Trainer:
         limit = min(self.steps_per_epoch, 10 * most)  # the probe stays inside one epoch of batches
         probe = Schedule(self.state.optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, limit)
         # The run's own engine (its micro-batches included) on a schedule of the probe's length.
-        engine = dataclasses.replace(
-            self.engine, schedule=probe, rules=dataclasses.replace(self.engine.rules, progress=False)
-        )
+        run = self.engine
+        quiet = dataclasses.replace(run.rules, progress=False)
+        engine = Engine(run.model, run.optimizer, probe, run.mixer, run.accelerator, quiet, run.ema)
+        engine.micro_batch = run.micro_batch
 
         def enough() -> bool:  # every process's answer counts: the engine stops them all at one step
             if self._since_start() >= seconds or self.stop:  # the budget is spent, or a stop came
