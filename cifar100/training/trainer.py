@@ -13,10 +13,8 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -28,7 +26,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
 from cifar100.allocator import giving_back_freed_memory
-from cifar100.config import Config, parse_duration, to_dict, to_yaml
+from cifar100.config import Config, to_dict, to_yaml
 from cifar100.data import cifar as cifar_data
 from cifar100.data.batched import DeviceLoader
 from cifar100.data.loader import build_train_loader, epoch_batches
@@ -38,7 +36,7 @@ from cifar100.errors import UserError
 from cifar100.preemption import Preempted, StopFlag
 from cifar100.runfolder import resume as resuming
 from cifar100.runfolder import rundir
-from cifar100.runfolder.checkpoint import PREFIX, CheckpointWriter, is_complete, on_host, save_checkpoint
+from cifar100.runfolder.checkpoint import CheckpointWriter
 from cifar100.runfolder.tracking import (
     append_metrics,
     finish_tracking,
@@ -49,11 +47,10 @@ from cifar100.runfolder.tracking import (
     write_run_file,
 )
 from cifar100.training import budget, memory
-from cifar100.training.budget import Costs, Plan
 from cifar100.training.compile_cache import compiled
 from cifar100.training.ema import WeightAverage
-from cifar100.training.engine import Engine, EpochProgress, EpochResult, NonFiniteLoss, StepRules
-from cifar100.training.eta import RECENT_STEPS, RunClock, too_long
+from cifar100.training.engine import Engine, EpochResult, NonFiniteLoss, StepRules
+from cifar100.training.eta import RunClock, too_long
 from cifar100.training.evaluation import EvalSettings, evaluate
 from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.training.optim import Schedule, build_optimizer
@@ -66,13 +63,10 @@ from cifar100.training.runtime import (
     require_one_job,
     resolve_precision,
 )
+from cifar100.training.time_budget import TimeBudget
 from cifar100.training.train_state import TrainState
 
 WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
-# A budget run measures its rate after this many optimizer steps (compilation, cuDNN's autotuning and
-# the loader's start fall in them), over at least PROBE_STEPS more and about PROBE_SHARE of the budget.
-WARM_STEPS, PROBE_STEPS, PROBE_SHARE = 3, 5, 0.01
-PROBE_EVAL_BATCHES = 2  # evaluation batches of each split the measurement times, after one untimed
 
 
 def train(cfg: Config, counted_from: float | None = None) -> Path:
@@ -107,7 +101,6 @@ class Trainer:
     def __init__(self, cfg: Config, stop: StopFlag, counted_from: float):
         self.cfg, self.started, self.stop = cfg, time.perf_counter(), stop
         self.doing = "setting up the data, model and optimizer"  # what an out of memory interrupted
-        self.counted_from = counted_from  # where the budget starts counting: at or before `started`
         if cfg.train.budget == "auto" and not os.environ.get("SLURM_JOB_ID"):
             raise UserError(
                 "train.budget=auto plans to a Slurm job's time limit, and this is not a Slurm job "
@@ -127,14 +120,15 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         )
         require_one_job(os.environ.get("WORLD_SIZE"), os.environ.get("RANK"), acc.num_processes)
+        self.time_budget = TimeBudget(cfg, acc, counted_from)
         set_seed(cfg.seed)
         if acc.is_main_process:
             print(to_yaml(cfg), flush=True)
         build_model(cfg.model, cifar_data.NUM_CLASSES, device="meta")  # a model that cannot run: before the data
         self._build_data()
-        self._stop_if_asked()
+        self.stop_if_asked()
         self._build_model()
-        self._stop_if_asked()
+        self.stop_if_asked()
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -196,7 +190,6 @@ class Trainer:
         self.engine = Engine(self.model, optimizer, schedule, mixer, acc, StepRules.from_config(cfg), self.ema)
         self.eval_settings = EvalSettings.from_config(cfg)
         self.state = TrainState(model, optimizer, schedule, acc, self.ema)
-        self.plan: Plan | None = None
 
     def restore(self) -> None:
         """Pick the run folder (a new one, or the one a resume continues or forks) and load its checkpoint.
@@ -208,23 +201,23 @@ class Trainer:
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
         self.doing = "loading the checkpoint and opening the run folder"
         self.fitted = False  # the micro-batch: set once, before a budget's measurement where there is one
-        if cfg.train.budget != "none" and self._starts_afresh():
+        if self.time_budget.wanted and self.time_budget.starts_afresh():
             self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
-            self._stop_if_asked()
+            self.stop_if_asked()
             self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.start_point(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = main_decides(acc, lambda: found.checkpoint and str(found.checkpoint) if found else None)
         ckpt_path = Path(located) if located else None
         self.config_dict = to_dict(cfg)
-        best_score = -1.0
+        best_score, saved_plan = -1.0, None
         if ckpt_path:
             snap = resuming.load(ckpt_path, self.config_dict, found.read if found else None)
             self.state.load_state_dict(snap, ckpt_path)
             best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
-            self.plan = Plan.from_dict(snap.meta["plan"]) if snap.meta.get("plan") else None  # replayed, not re-made
-        elif cfg.train.budget != "none" and self.plan is None:
+            saved_plan = snap.meta.get("plan")
+        elif self.time_budget.wanted and self.time_budget.plan is None:
             self._fit_memory()
-            self._stop_if_asked()
+            self.stop_if_asked()
             self._plan_budget()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
         run_dir, self.rows = main_decides(acc, lambda: (str(adopted.run_dir), adopted.rows) if adopted else ("", []))
@@ -243,12 +236,9 @@ class Trainer:
         self.clock = RunClock(
             self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
-        # The latest epoch ends' seconds for the budget's projection, the plan's measured one first.
-        self.epoch_ends: deque[float] = deque([self.plan.costs.epoch_end] if self.plan else [], budget.EPOCH_END_WINDOW)
-        # Drift control; a requeued Slurm job (auto) replays its plan in a fresh job window as it is.
-        self.replans = self.plan is not None and cfg.train.replan and not (ckpt_path and cfg.train.budget == "auto")
+        self.time_budget.restored(saved_plan, self.wall_before, resumed=ckpt_path is not None)
         # The projection warning: once, by the main process; a budget run's length is its budget.
-        self.warned = not acc.is_main_process or self.plan is not None
+        self.warned = not acc.is_main_process or self.time_budget.plan is not None
         if found and adopted:  # on the main process
             if adopted.forked:
                 self.state.totals.wandb_id = None  # a fork is a W&B run of its own
@@ -392,16 +382,12 @@ class Trainer:
         """The run's epochs: train.epochs, or those of its planned steps (the last may be partial)."""
         return budget.epochs_of(self.state.schedule.total_steps, self.steps_per_epoch)
 
-    def _since_start(self) -> float:
-        """Seconds of this run so far: earlier starts' (before a resume) and this start's since it began."""
-        return self.wall_before + time.perf_counter() - self.counted_from
-
     def _stop_requested(self) -> bool:
         """Whether a stop signal reached any process (every process asks at the same point)."""
         acc = self.accelerator
         return acc.reduce(torch.tensor(float(bool(self.stop)), device=acc.device), reduction="sum").item() > 0
 
-    def _stop_if_asked(self) -> None:
+    def stop_if_asked(self) -> None:
         """End a start that a stop reached before training: no folder, checkpoint or scratch is left."""
         if self._stop_requested():
             raise Preempted(
@@ -410,115 +396,10 @@ class Trainer:
                 self.stop.signal,
             )
 
-    def _starts_afresh(self) -> bool:
-        """Whether this start trains from step 0 (so a budget needs a plan): resume=none, or resume=auto
-        with no complete checkpoint in the run folder. The main process looks; every process hears it."""
-        cfg = self.cfg
-        ckpts = Path(cfg.log.dir) / cfg.name / "checkpoints"
-        return main_decides(
-            self.accelerator,
-            lambda: (
-                cfg.resume == "none"
-                or (
-                    cfg.resume == "auto"
-                    and not any(is_complete(p) for p in (ckpts.glob(f"{PREFIX}*") if ckpts.is_dir() else ()))
-                )
-            ),
-        )
-
     def _plan_budget(self) -> None:
-        """Measure this run's costs, plan its steps within the budget and lay the schedule over them."""
-        cfg, acc = self.cfg, self.accelerator
-        self.wall_before, doing, self.doing = 0.0, self.doing, "measuring the run for its budget"
-        if cfg.train.budget == "auto":
-            left = main_decides(acc, lambda: budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]))
-            seconds = self._since_start() + left - budget.SLURM_MARGIN_SECONDS
-        else:
-            seconds = parse_duration("train.budget", cfg.train.budget)
-        costs = self._measure(seconds)
-        cap = cfg.train.steps or self.steps_per_epoch * cfg.train.epochs
-        self.plan = budget.make_plan(seconds, costs, self.steps_per_epoch, cap)
-        self.state.schedule.lay_over(self.plan.steps)
-        c, steps = costs, self.plan.steps
-        ends = self.epochs * c.epoch_end
-        acc.print(
-            f"budget {budget.budget_text(seconds)}: measured {c.step:.3g} s per optimizer step, {c.epoch_end:.2f} s "
-            f"per epoch's end (evaluation and checkpoint), {c.start:.1f} s to start; planned {steps} steps = "
-            f"{steps / self.steps_per_epoch:.2f} epochs{' (all of train.epochs)' if self.plan.capped else ''}, "
-            f"{steps * c.step:.0f} s of steps, {ends:.0f} s for {self.epochs} epoch ends, {c.finish:.1f} s to finish",
-            flush=True,
-        )
+        doing, self.doing = self.doing, "measuring the run for its budget"
+        self.time_budget.plan_run(self)
         self.doing = doing
-
-    def _measure(self, seconds: float) -> Costs:
-        """Time this run's own parts on its real model and data, then put every part back as it was:
-        a checkpoint's copy and write, optimizer steps after WARM_STEPS, one evaluation and the plots of
-        its row. Every process takes part; the main process's figures are the plan's."""
-        # Never the run folder (none exists yet), and removed however the measurement ends.
-        with tempfile.TemporaryDirectory(prefix="cifar100-budget-") as scratch:
-            return self._measure_into(Path(scratch), seconds)
-
-    def _measure_into(self, scratch: Path, seconds: float) -> Costs:
-        acc, cfg = self.accelerator, self.cfg
-        began = time.perf_counter()
-        start = on_host(self.state.state_dict())  # what training holds still for at each checkpoint
-        copied = time.perf_counter()
-        if acc.is_main_process:
-            save_checkpoint(scratch, "probe", start.weights, start.state, {**start.meta, "config": {}}, ema=start.ema)
-        written = time.perf_counter()
-        stamps: list[float] = []
-        most = WARM_STEPS + PROBE_STEPS
-        limit = min(self.steps_per_epoch, 10 * most)  # the probe stays inside one epoch of batches
-        probe = Schedule(self.state.optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, limit)
-        # The run's own engine (its micro-batches included) on a schedule of the probe's length.
-        run = self.engine
-        quiet = dataclasses.replace(run.rules, progress=False)
-        engine = Engine(run.model, run.optimizer, probe, run.mixer, run.accelerator, quiet, run.ema)
-        engine.micro_batch = run.micro_batch
-
-        def enough() -> bool:  # every process's answer counts: the engine stops them all at one step
-            if self._since_start() >= seconds or self.stop:  # the budget is spent, or a stop came
-                return True
-            timed = stamps[-1] - stamps[WARM_STEPS - 1] if len(stamps) > WARM_STEPS else 0.0
-            return len(stamps) >= most and timed >= min(PROBE_SHARE * seconds, 30.0)
-
-        engine.train_epoch(
-            1,
-            epoch_batches(self.loader, 1, 0, acc),
-            EpochProgress(),
-            stop_requested=enough,
-            after_step=lambda _: stamps.append(time.perf_counter()),
-        )
-        getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
-        self._stop_if_asked()
-        spent = main_decides(acc, self._since_start)
-        if spent >= seconds:  # no need to measure the rest: not even the start fits
-            raise UserError(
-                f"train.budget={budget.budget_text(seconds)} is too short for this run: {spent:.1f} s had passed "
-                f"when its measurement of the rate ended ({len(stamps)} optimizer steps), before its evaluation "
-                "and before any training; give it several times that"
-            )
-        scored = time.perf_counter()
-        row: dict = {"epoch": 1, "lr": probe.lr}
-        # A few batches of each split stand for the whole evaluation, whose cost is per batch.
-        batches = max(math.ceil(len(labels) / self.eval_settings.batch_size) for _, labels in self.eval_sets.values())
-        self._score(row, 1)  # untimed: the evaluation's own warm-up (its compilation, autotuning)
-        scored = time.perf_counter()
-        self._score(row, PROBE_EVAL_BATCHES)
-        evaluated = time.perf_counter()
-        if acc.is_main_process:  # an epoch's plots, of two rows shaped as training's (test figures as train's)
-            rows = [{**row, "epoch": e, "train_loss": row["test_loss"], "train_top1": row["test_top1"]} for e in (1, 2)]
-            plot_run(rows, scratch, "budget")
-        done = time.perf_counter()
-        self.state.load_state_dict(start, Path("the run's start"))
-        acc.step = 0  # Accelerate's count of micro-steps towards the next gradient sync
-        warm = min(WARM_STEPS, len(stamps) - 1)
-        step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm) if warm > 0 else scored - written
-        scale = batches / min(batches, PROBE_EVAL_BATCHES)
-        epoch_end = (evaluated - scored) * scale + (done - evaluated) + (copied - began)
-        tracking = budget.WANDB_FINISH_SECONDS if cfg.log.wandb.mode != "disabled" else budget.FINISH_SECONDS
-        finish = (written - copied) + tracking
-        return main_decides(acc, lambda: Costs(self._since_start(), step, epoch_end, finish))
 
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
@@ -534,7 +415,7 @@ class Trainer:
             # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
             # metrics, and the row can say how long the checkpoint held training up.
             self.checkpoint(score=row[self.score_key], before_write=partial(self._log_held, row))
-            self.epoch_ends.append(time.perf_counter() - ended)
+            self.time_budget.epoch_ended(time.perf_counter() - ended)
             if self._stop_requested() and self.state.epoch <= self.epochs:
                 self._halt(f"after epoch {self.state.epoch - 1}")
         self.flush()
@@ -550,8 +431,7 @@ class Trainer:
         def after_step(progress) -> None:
             self.clock.step(state.schedule.step_count)
             self._warn_if_too_long()
-            if self.replans and state.schedule.step_count % self.check_every == 0:
-                self._keep_to_budget()
+            self.time_budget.after_step(state.schedule, self.clock, self.steps_per_epoch)
             if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
                 self.checkpoint()
 
@@ -572,56 +452,6 @@ class Trainer:
                 "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
                 "with train.max_bad_steps=N"
             ) from None
-
-    @property
-    def check_every(self) -> int:
-        """How often (in optimizer steps) a budget run compares its projected end with its budget."""
-        return max(1, self.state.schedule.total_steps // 200)
-
-    def _keep_to_budget(self) -> None:
-        """Re-plan when the projected end has drifted out of the budget (every process the same way: the
-        main process's projection decides)."""
-        assert self.plan is not None
-        schedule, acc = self.state.schedule, self.accelerator
-        timed = self.clock.recent_step_seconds
-        # Not on the first steps' noise, nor on steps the last re-plan already judged (it empties the
-        # window): RECENT_STEPS timed since, and a measured epoch's end once one has come (the plan's before).
-        if timed is None or len(self.clock.recent) < RECENT_STEPS:
-            return
-        cap = self.cfg.train.steps or self.steps_per_epoch * self.cfg.train.epochs
-
-        def decide() -> dict | None:  # on the main process: its projection (and plan) decide
-            assert self.plan is not None
-            projection = budget.project(
-                self.plan,
-                schedule.total_steps,
-                schedule.step_count,
-                self.steps_per_epoch,
-                self._since_start(),
-                timed,
-                budget.typical_epoch_end(self.epoch_ends),
-            )
-            steps = budget.replan(
-                self.plan, projection, schedule.total_steps, schedule.step_count, self.steps_per_epoch, cap
-            )
-            return self.plan.replans[-1] if steps else None
-
-        replanned = main_decides(acc, decide)
-        if not replanned:
-            return
-        self.clock.restart_window()
-        if not acc.is_main_process:
-            self.plan.replans.append(replanned)
-            self.plan.steps = replanned["steps"]
-        schedule.bend(schedule.step_count, replanned["steps"])
-        self.clock.total_steps, self.clock.epochs = schedule.total_steps, self.epochs
-        acc.print(
-            f"budget: the run was heading for {replanned['projected_seconds']:.0f} s of its "
-            f"{self.plan.budget_seconds:.0f} s ({replanned['step_seconds']:.3g} s per step now): what is left of "
-            f"the schedule now ends at step {replanned['steps']} instead of {replanned['was']} "
-            f"({self.epochs} epochs)",
-            flush=True,
-        )
 
     def _train_step_failed(self) -> str:
         """The out-of-memory line of a training step: where, its batch, the memory, the fix."""
@@ -665,7 +495,7 @@ class Trainer:
         the model and (as `ema_<split>_*`) by the averaged weights."""
         began = time.perf_counter()
         row = {"epoch": self.state.epoch, "lr": self.lr, "train_loss": result.loss, "train_top1": result.top1}
-        self._score(row)
+        self.score(row)
         row.update(
             epoch_seconds=result.seconds,
             images_per_second=result.images / result.seconds,
@@ -679,7 +509,7 @@ class Trainer:
         totals.images_per_rank = [a + b for a, b in zip(totals.images_per_rank, result.images_per_rank)]
         return row
 
-    def _score(self, row: dict, batches: int | None = None) -> None:
+    def score(self, row: dict, batches: int | None = None) -> None:
         """Add every held-out split's loss, top-1 and top-5 to `row`, by the model and the averaged weights
         (of the first `batches` evaluation batches of each split, when given)."""
         size = None if batches is None else batches * self.eval_settings.batch_size
@@ -731,8 +561,8 @@ class Trainer:
         snap = self.state.state_dict()
         if self.accelerator.is_main_process:
             snap.meta["config"] = self.config_dict
-            if self.plan is not None:
-                snap.meta["plan"] = self.plan.to_dict()
+            if self.time_budget.plan is not None:
+                snap.meta["plan"] = self.time_budget.plan.to_dict()
             self.writer.copy(self.state.tag, snap, score)
         if before_write is not None:
             before_write(time.perf_counter() - began)
@@ -755,17 +585,6 @@ class Trainer:
             self.stop.signal,
         )
 
-    def _plan_summary(self) -> dict:
-        """The plan as summary.json records it: what it was made from, its re-plans, the rate of its
-        last step and when the run ended (seconds since the process started, earlier starts included)."""
-        assert self.plan is not None
-        schedule = self.state.schedule
-        return {
-            **self.plan.to_dict(),
-            "last_step_lr": schedule.lr_at(schedule.step_count - 1),
-            "ended_seconds": round(self._since_start(), 2),
-        }
-
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""
         totals, acc = self.state.totals, self.accelerator
@@ -785,7 +604,7 @@ class Trainer:
             parameters=self.parameters,
             flops_per_image=self.flops,
             best_weights=self.cfg.train.ema.select,
-            **({"plan": self._plan_summary()} if self.plan else {}),
+            **self.time_budget.summary(self.state.schedule),
             micro_batch=self.micro_batch or self.batch,
             eval_batch_size=self.eval_batch,
         )
