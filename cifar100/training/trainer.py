@@ -20,12 +20,10 @@ from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
-from cifar100.allocator import giving_back_freed_memory
 from cifar100.config import Config, to_dict, to_yaml
 from cifar100.data import cifar as cifar_data
 from cifar100.data.batched import DeviceLoader
@@ -52,6 +50,7 @@ from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import Engine, EpochResult, NonFiniteLoss, StepRules
 from cifar100.training.eta import RunClock, too_long
 from cifar100.training.evaluation import EvalSettings, evaluate
+from cifar100.training.memory_fit import MemoryFit
 from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.training.optim import Schedule, build_optimizer
 from cifar100.training.ranks import main_decides
@@ -136,6 +135,7 @@ class Trainer:
             dataset = cifar_data.load(cfg.data.root, cfg.data.download)
         self.splits = splits = cifar_data.select_splits(dataset, cfg.data, cfg.seed)
         self.batch = cifar_data.per_process_batch(cfg.data.batch_size, acc.num_processes, cfg.train.grad_accum)
+        self.memory_fit = MemoryFit(cfg, acc, self.batch)
         data_cfg = capped_workers(cfg.data, acc.print if acc.is_main_process else None)
         self.train_images = dataset.train.images[splits.train]
         self.loader = build_train_loader(
@@ -200,7 +200,6 @@ class Trainer:
         """
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
         self.doing = "loading the checkpoint and opening the run folder"
-        self.fitted = False  # the micro-batch: set once, before a budget's measurement where there is one
         if self.time_budget.wanted and self.time_budget.starts_afresh():
             self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
             self.stop_if_asked()
@@ -263,94 +262,13 @@ class Trainer:
                 if ckpt_path
                 else "new run"
             )
-        if not self.fitted:
+        if not self.memory_fit.fitted:  # set once, before a budget's measurement where there is one
             self._fit_memory()
 
     def _fit_memory(self) -> None:
-        """Set the micro-batch `train.micro_batch` asks for: none, N images, or (auto) the largest
-        that fits, found on every process by trying the real step on the real model and agreed as
-        the smallest; a resume keeps the size its run found. Evaluations start at data.eval_batch_size
-        (or the batch a resumed run found) and, under auto, halve it when it does not fit."""
-        asked, totals, acc = self.cfg.train.micro_batch, self.state.totals, self.accelerator
-        self.fitted, doing, self.doing = True, self.doing, "fitting the micro-batch"
-        self.eval_batch = totals.eval_batch or self.cfg.data.eval_batch_size
-        if asked is None:
-            self.micro_batch = None
-            return
-        if asked == "auto" and totals.micro_batch:
-            size, how = totals.micro_batch, "kept from the run resumed"
-        elif asked == "auto":
-            with giving_back_freed_memory():
-                found = self._search_micro_batch()
-            if found is None:
-                bf16 = "" if self.cfg.train.precision == "bf16" else ", or train.precision=bf16 where the device has it"
-                raise UserError(
-                    f"train.micro_batch=auto: not even one image's training step fits {self._memory()}; "
-                    f"choose a smaller model.name{bf16}"
-                )
-            size, how = found, "the largest that fits, tried on every process"
-        else:
-            size, how = int(asked), "as train.micro_batch says"
-        self.micro_batch = totals.micro_batch = min(size, self.batch)
-        if asked == "auto" and not totals.eval_batch:
-            with giving_back_freed_memory():
-                self._fit_eval_batch()
-        self.engine.micro_batch = self.micro_batch
-        acc.print(
-            f"train.micro_batch={asked}: {self.micro_batch} images per forward and backward ({how}), "
-            f"{math.ceil(self.batch / self.micro_batch)} per step of {self.batch} images per process; "
-            f"the global batch stays data.batch_size={self.cfg.data.batch_size}",
-            flush=True,
-        )
+        doing, self.doing = self.doing, "fitting the micro-batch"
+        self.memory_fit.fit(self)
         self.doing = doing
-
-    def _search_micro_batch(self) -> int | None:
-        """The largest micro-batch whose step fits on every process (None: not even one image's), tried
-        on the pipeline's first batch, mixed as training mixes it, with its loader running, and with
-        what the run holds beside the step (memory.held_beside) held; nothing of the run changes."""
-        acc = self.accelerator
-        module = acc.unwrap_model(self.model, keep_torch_compile=False)  # eager: no compile for a trial
-        optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
-        held = memory.held_beside(module, optimizer, acc.device, ema=self.ema is not None, processes=acc.num_processes)
-        with memory.untouched(module):  # starting the loader draws from torch's generator
-            batches = iter(epoch_batches(self.loader, 1, 0, acc))
-            images, labels = next(batches)
-            mixed = self.mixer(images, labels, np.random.default_rng([self.cfg.seed, 0, 0, acc.process_index]))
-
-            def fits(size: int) -> bool:
-                return memory.agreed(acc, memory.step_fits(module, optimizer, acc, size, mixed, channels_last, held))
-
-            try:
-                return memory.largest_fitting(self.batch, fits)
-            finally:
-                del batches, images, labels
-                getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch
-
-    def _fit_eval_batch(self) -> None:
-        """The evaluation batch: data.eval_batch_size, halved until an evaluation forward fits on
-        every process (evaluation scores the same at any batch)."""
-        acc, settings = self.accelerator, self.eval_settings
-        module = acc.unwrap_model(self.model, keep_torch_compile=False)
-        most = max(math.ceil(len(labels) / acc.num_processes) for _, labels in self.eval_sets.values())
-        asked = min(self.eval_batch, most)  # a split never runs a batch larger than its shard
-
-        optimizer = self.engine.optimizer
-        # By the first evaluation the optimizer's state exists, and on a CPU a checkpoint's copy may be held.
-        state = 0 if getattr(optimizer, "optimizer", optimizer).state else memory.optimizer_state_slots(optimizer)
-        held = state * memory.parameter_bytes(module) + memory.held_beside(
-            module, optimizer, acc.device, ema=self.ema is not None, processes=acc.num_processes
-        )
-
-        def fits(size: int) -> bool:
-            ok = memory.eval_fits(module, acc, size, settings.channels_last, settings.tta_flip, held)
-            return memory.agreed(acc, ok)
-
-        found = memory.largest_halving(asked, fits)
-        if found is None:
-            raise UserError(f"train.micro_batch=auto: not even one image's evaluation fits {self._memory()}")
-        if found < asked:
-            self.eval_batch = self.state.totals.eval_batch = found
-            acc.print(f"evaluation batch {found} images per process: data.eval_batch_size={asked} does not fit")
 
     def _memory(self) -> str:
         return memory.device_memory(self.accelerator.device)
@@ -456,7 +374,7 @@ class Trainer:
     def _train_step_failed(self) -> str:
         """The out-of-memory line of a training step: where, its batch, the memory, the fix."""
         self.writer.wait()  # the last good checkpoint on disk before this process ends
-        micro = self.micro_batch
+        micro = self.memory_fit.micro_batch
         pieces = f" in micro-batches of {micro}" if micro and micro < self.batch else ""
         return (
             f"in the training step (epoch {self.state.epoch}, batch {self.state.progress.step}) with "
@@ -466,18 +384,18 @@ class Trainer:
         )
 
     def _score_split(self, model: torch.nn.Module, split: str, images: torch.Tensor, labels: torch.Tensor):
-        """One split's exact scores, at the evaluation batch `_fit_memory` set."""
+        """One split's exact scores, at the evaluation batch the memory fitting set."""
 
         def failed() -> str:
             self.writer.wait()
             auto = self.cfg.train.micro_batch == "auto"
             return (
-                f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {self.eval_batch} "
-                f"images per process on {self._memory()}: {memory.fix_for_eval(self.eval_batch, auto)}. "
+                f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {self.memory_fit.eval_batch} "
+                f"images per process on {self._memory()}: {memory.fix_for_eval(self.memory_fit.eval_batch, auto)}. "
                 f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
             )
 
-        settings = dataclasses.replace(self.eval_settings, batch_size=self.eval_batch)
+        settings = dataclasses.replace(self.eval_settings, batch_size=self.memory_fit.eval_batch)
         with memory.out_of_memory_is_one_line(failed):
             return evaluate(model, images, labels, self.accelerator, settings)
 
@@ -605,8 +523,8 @@ class Trainer:
             flops_per_image=self.flops,
             best_weights=self.cfg.train.ema.select,
             **self.time_budget.summary(self.state.schedule),
-            micro_batch=self.micro_batch or self.batch,
-            eval_batch_size=self.eval_batch,
+            micro_batch=self.memory_fit.micro_batch or self.batch,
+            eval_batch_size=self.memory_fit.eval_batch,
         )
         if acc.is_main_process:
             write_run_file(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
