@@ -285,10 +285,20 @@ def cmd_show(args: list[str]) -> None:
 def cmd_recipes(args: list[str]) -> None:
     if args:
         raise UserError("`cifar100 recipes` takes no arguments")
+    from cifar100.training.models import recipe_flops
+
     recipes = available_recipes()
     width = max(map(len, recipes), default=0)
     for name, path in recipes.items():
+        cfg = load_config(name, [])
+        per_image, total = recipe_flops(cfg)
         print(f"{name:<{width}}  {recipe_description(path)}")
+        print(f"{'':<{width}}  reached: {cfg.reached or 'not recorded'}")
+        print(
+            f"{'':<{width}}  cost: {per_image / 1e9:.3g} GFLOP per 32-px image forward; {cfg.train.epochs} "
+            f"epochs{' (the cap: a budget plans fewer)' if cfg.train.budget != 'none' else ''} "
+            f"≈ {total / 1e15:.3g} PFLOP of training (forward and backward, 3x forward)"
+        )
 
 
 def cmd_data(args: list[str]) -> None:

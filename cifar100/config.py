@@ -316,6 +316,7 @@ class Config:
     )
     recipe: str = setting("", launch=True)
     description: str = setting("", launch=True)
+    reached: str = setting("", launch=True, doc="what the recipe reached and where: `cifar100 recipes` prints it")
     seed: int = setting(0, low=0, high=_SEED_MAX)
     resume: str = setting(
         "none", launch=True, doc="none | auto (newest checkpoint of <log.dir>/<name>) | path to a checkpoint"
