@@ -24,6 +24,12 @@ REAL_DATA = ROOT.parent / "shared" / "data"
 # on the same number of threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# torch's inductor sets TORCHINDUCTOR_CACHE_DIR to its default the first time anything asks for its
+# cache (importing timm.optim does): set to that value before any test, so that it is no test's doing.
+from cifar100.training.compile_cache import cache_root  # noqa: E402  (after the thread setting above)
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root()))
+
 # In an xdist worker (`pytest -n N`, which sets PYTEST_XDIST_WORKER=gw<i>), two-process launches get
 # a rendezvous port of the worker's own: torchrun's --master-port, which it reads from PET_MASTER_PORT,
 # defaults to 29500 in every worker. Like 29500, these lie below the kernel's ephemeral ports.

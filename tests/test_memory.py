@@ -74,12 +74,23 @@ def test_a_trial_step_changes_no_weight_statistic_gradient_or_random_state():
     model(torch.zeros(1, 3, 32, 32))
     optimizer = build_optimizer(model, OptimConfig(name="adam", lr=0.1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randn(12, 3, 32, 32), torch.full((12, 10), 0.1))  # two pieces of 8 and 4, then the step
     rng = torch.get_rng_state()
     assert memory.optimizer_state_slots(optimizer) == 2  # Adam's two moments
-    assert memory.step_fits(model, optimizer, accelerator, 8, channels_last=True)
+    assert memory.step_fits(model, optimizer, accelerator, 8, batch, channels_last=True, held=2**20)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and not optimizer.state
     assert torch.equal(rng, torch.get_rng_state())
+    # With the optimizer's state made (a resume), the trial's step leaves it as it was too.
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [t.clone() for s in optimizer.state.values() for t in s.values()]
+    assert memory.step_fits(model, optimizer, accelerator, 4, batch, channels_last=False)
+    assert all(torch.equal(after[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(moments, [t for s in optimizer.state.values() for t in s.values()]))
 
 
 def test_the_search_finds_the_fewest_pieces_that_fit():
@@ -251,3 +262,32 @@ def test_two_processes_under_the_limit_agree_on_one_size(tmp_path, real_data, un
     assert summary["world_size"] == 2 and summary["images_per_rank"] == [1600, 1600]
     assert 1 <= summary["micro_batch"] < 1600
     assert f"{summary['micro_batch']} images per forward and backward" in out.stdout
+
+
+def test_the_advice_never_names_what_the_run_already_set():
+    assert "auto" not in memory.fix_for_train(512, 64, 1, "auto")  # auto chose 64 and it did not hold
+    assert "train.micro_batch=32" in memory.fix_for_train(512, 64, 1, "auto")
+    assert "train.micro_batch=32 (or auto" in memory.fix_for_train(512, 64, 1, 64)
+    assert "train.grad_accum=2 or train.micro_batch=auto" in memory.fix_for_train(512, None, 1)
+    assert "micro_batch" not in memory.fix_for_eval(200, auto=True) and "eval_batch_size=100" in memory.fix_for_eval(
+        200, True
+    )
+    assert "train.micro_batch=auto" in memory.fix_for_eval(200)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro", ["null", "auto"])
+def test_a_model_too_large_for_the_limit_is_one_line_wherever_it_runs_out(tmp_path, real_data, unlimited, micro):
+    """wide_resnet101_2 (125 M parameters) under the limit: out of memory while building it, fitting
+    its micro-batch or training is one line naming the last good checkpoint, never a traceback (a
+    4-4.6 GB limit ended in one)."""
+    _, limit = unlimited
+    args = ["recipe=smoke", "model.name=wide_resnet101_2", "data.batch_size=50", "data.train_limit=100"]
+    out = _run([*args, f"data.root={real_data}", f"log.dir={tmp_path}", f"train.micro_batch={micro}"], limit)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert out.stderr.count("\n") == 1 and "address space limited by ulimit -v" in line, out.stderr[-3000:]
+    if line.startswith("error: out of memory"):
+        assert "Last good checkpoint: none yet" in line and "model.name" in line
+    else:  # auto's trials found that not even one image's step fits
+        assert line.startswith("error: train.micro_batch=auto: not even one image's training step fits"), line

@@ -95,16 +95,15 @@ def out_of_memory_is_one_line(describe: Callable[[], str]) -> Iterator[None]:
         raise UserError(f"out of memory {describe()}") from None
 
 
-def fix_for_train(batch: int, micro: int | None, grad_accum: int) -> str:
+def fix_for_train(batch: int, micro: int | None, grad_accum: int, asked: int | str | None = None) -> str:
     """What keeps the recipe's global batch and fits a smaller step, for a process's `batch` images
-    per micro-step trained `micro` at a time (None: without train.micro_batch)."""
+    per micro-step trained `micro` at a time (None: without train.micro_batch), where the user
+    asked for `asked` (train.micro_batch): never what they already set."""
     if micro == 1:
         return "not even one image at a time fits: give the process more memory, or choose a smaller model.name"
     if micro:
-        return (
-            f"set train.micro_batch={max(1, micro // 2)} (or auto, to find the largest that fits): "
-            "the recipe's global batch stays"
-        )
+        auto = "" if asked == "auto" else " (or auto, to find the largest that fits)"
+        return f"set train.micro_batch={max(1, micro // 2)}{auto}: the recipe's global batch stays"
     accum = f"train.grad_accum={grad_accum * 2} or " if batch % 2 == 0 else ""
     return (
         f"set {accum}train.micro_batch=auto (the largest micro-batch that fits, found by trying the step): "
@@ -112,12 +111,16 @@ def fix_for_train(batch: int, micro: int | None, grad_accum: int) -> str:
     )
 
 
-def fix_for_eval(batch: int) -> str:
-    """What fits an evaluation of `batch` images at a time and scores the same."""
-    return (
-        f"set data.eval_batch_size={max(1, batch // 2)} (evaluation is exact at any batch), or "
-        "train.micro_batch=auto, which halves it until it fits"
-    )
+def fix_for_eval(batch: int, auto: bool = False) -> str:
+    """What fits an evaluation of `batch` images at a time and scores the same (`auto`: the user set
+    train.micro_batch=auto already)."""
+    if batch == 1:
+        return "not even one image's evaluation fits: give the process more memory, or choose a smaller model.name"
+    also = "" if auto else ", or train.micro_batch=auto, which halves it until it fits"
+    return f"set data.eval_batch_size={max(1, batch // 2)} (evaluation is exact at any batch){also}"
+
+
+FIX_ELSEWHERE = "give the process more memory, or choose a smaller model.name"  # model, checkpoint: no batch to cut
 
 
 def optimizer_state_slots(optimizer: torch.optim.Optimizer) -> int:
@@ -175,42 +178,99 @@ def _fits(attempt: Callable[[], None]) -> bool:
 
 
 def _trial_images(size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """`size` blank images: an evaluation's cost does not depend on what they show."""
     images = torch.zeros(size, 3, 32, 32, device=device)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of `module`'s parameters: the size of one copy of the weights, or of each optimizer slot."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def held_beside(
+    module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, *, ema: bool, processes: int
+) -> int:
+    """Bytes a run holds during its steps and evaluations that neither trial makes: on a CPU the copy
+    a checkpoint keeps while it is written in the background (weights, the optimizer's state, the
+    averaged weights), under DDP its gradient buckets (one copy of the gradients)."""
+    size = parameter_bytes(module)
+    checkpoint = (1 + optimizer_state_slots(optimizer) + ema) * size if device.type == "cpu" else 0
+    return checkpoint + (size if processes > 1 else 0)
+
+
 def step_fits(
-    module: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator, size: int, channels_last: bool
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    size: int,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    channels_last: bool,
+    held: int = 0,
 ) -> bool:
-    """Whether one training forward and backward of `size` images fits, tried for real on `module`
-    (the unwrapped model: no collective runs, so a rank that fails cannot stall the others), with the
-    optimizer's state held as it will be after its first step and `headroom` held free."""
+    """Whether the training step fits in micro-batches of `size`, tried for real on `module` (the
+    unwrapped model: no collective runs, so a rank that fails cannot stall the others): `batch`
+    (one process's images and soft targets, as the pipeline and the mixer give them) in its first
+    two pieces, forward and backward, the second's gradients added to the first's as the step adds
+    them, then the optimizer's own step (its state and its temporaries), with `held` bytes (see
+    held_beside) and `headroom` held free. The weights, the optimizer's state, the gradients, the
+    norm statistics and the random generators are put back afterwards."""
     device = accelerator.device
-    params = [p for p in module.parameters() if p.requires_grad]
     base = getattr(optimizer, "optimizer", optimizer)
-    slots = 0 if base.state else optimizer_state_slots(optimizer)
+    images, targets = batch
+    params = list(module.parameters())
+    # The weights and the optimizer's state as they were, to put back after the trial's step; on a CPU
+    # the weights' copy stands for the checkpoint's in `held`. Copied inside the trial: they cost memory.
+    saved: dict = {}
+    free = headroom(device) + max(0, held - (parameter_bytes(module) if device.type == "cpu" else 0))
 
     def attempt() -> None:
-        with untouched(module):
-            # The state the first step creates, plus one parameter-sized temporary for the update.
-            reserve = [torch.empty_like(p) for p in params for _ in range(slots + 1)]
-            reserve.append(torch.empty(headroom(device), dtype=torch.uint8, device=device))
-            module.train()
+        saved["state"] = _host_copy(base.state_dict()) if base.state else None
+        saved["weights"] = [p.detach().to("cpu", copy=True) for p in params]
+        reserve = torch.empty(free, dtype=torch.uint8, device=device)
+        module.train()
+        for x, t in list(zip(images.split(size), targets.split(size)))[:2]:
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             with accelerator.autocast():
-                logits = module(_trial_images(size, device, channels_last)).float()
-            soft_target_cross_entropy(logits, torch.full_like(logits, 1 / logits.shape[1])).backward()
+                logits = module(x).float()
+            soft_target_cross_entropy(logits, t).backward()
+            del logits
+        saved["stepped"] = True  # from here on the weights and the state may have changed
+        base.step()
+        del reserve  # held until the step's end
 
-    return _fits(attempt)
+    try:
+        with untouched(module):
+            return _fits(attempt)
+    finally:
+        if saved.get("stepped"):
+            with torch.no_grad():
+                for param, weight in zip(params, saved["weights"]):
+                    param.copy_(weight)
+            if saved["state"] is None:
+                base.state.clear()
+            else:
+                base.load_state_dict(saved["state"])
+        saved.clear()
+        free_memory()
 
 
-def eval_fits(module: nn.Module, accelerator: Accelerator, size: int, channels_last: bool, flip: bool) -> bool:
+def _host_copy(tree: dict) -> dict:
+    """`tree` (an optimizer's state dict) with its tensors copied to the CPU."""
+    return torch.utils._pytree.tree_map(lambda v: v.to("cpu", copy=True) if torch.is_tensor(v) else v, tree)
+
+
+def eval_fits(
+    module: nn.Module, accelerator: Accelerator, size: int, channels_last: bool, flip: bool, held: int = 0
+) -> bool:
     """Whether an evaluation batch of `size` images fits: one forward (two with the flip) in eval
-    mode without gradients on the unwrapped `module`, with `headroom` held free."""
+    mode without gradients on the unwrapped `module`, with `held` bytes (what training holds by then
+    that is not made yet: the optimizer's state, see held_beside) and `headroom` held free."""
     device = accelerator.device
 
     def attempt() -> None:
         with untouched(module), torch.no_grad():
-            reserve = torch.empty(headroom(device), dtype=torch.uint8, device=device)  # noqa: F841 (held through the trial)
+            reserve = torch.empty(held + headroom(device), dtype=torch.uint8, device=device)  # noqa: F841 (held through the trial)
             images = _trial_images(size, device, channels_last)
             module.eval()
             try:

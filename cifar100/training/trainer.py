@@ -8,20 +8,21 @@ A signal or a non-finite loss ends the loop early, after a checkpoint or naming 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
-import psutil
+import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
@@ -48,6 +49,7 @@ from cifar100.runfolder.tracking import (
 )
 from cifar100.training import budget, memory
 from cifar100.training.budget import Costs, Plan
+from cifar100.training.compile_cache import compiled
 from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import (
     Engine,
@@ -78,22 +80,39 @@ WARM_STEPS, PROBE_STEPS, PROBE_SHARE = 3, 5, 0.01
 PROBE_EVAL_BATCHES = 2  # evaluation batches of each split the measurement times, after one untimed
 
 
-def train(cfg: Config) -> Path:
-    """Train as `cfg` says; returns the run folder (the same path on every process)."""
-    with fresh_process_state():  # one process may train several runs (seeds, a sweep, a notebook)
-        trainer = Trainer(cfg)
-        trainer.restore()
-        trainer.train()
-        return trainer.finish()
+def train(cfg: Config, counted_from: float | None = None) -> Path:
+    """Train as `cfg` says; returns the run folder (the same path on every process). A budget counts
+    from `counted_from` (a `time.perf_counter` value: a command line's first run passes its process's
+    start), else from this call. The stop signals are this run's from the start to the end, however
+    it ends: a stop while setting up ends it in one line too, with nothing left behind."""
+    counted_from = time.perf_counter() if counted_from is None else counted_from
+    # One process may train several runs (seeds, a sweep, a notebook): each gets it afresh.
+    with fresh_process_state(), StopFlag().installed() as stop:
+        trainer: Trainer | None = None
+        # Out of memory anywhere (building, loading, fitting, checkpointing, finishing) is one line too;
+        # the training step and the evaluations say more, from their own guards inside.
+        with memory.out_of_memory_is_one_line(lambda: trainer.out_of_memory() if trainer else _setting_up_failed(cfg)):
+            trainer = Trainer(cfg, stop, counted_from)
+            trainer.restore()
+            trainer.train()
+            return trainer.finish()
+
+
+def _setting_up_failed(cfg: Config) -> str:
+    """The out-of-memory line of a run whose data, model or optimizer did not fit."""
+    kept = "none yet" if cfg.resume == "none" else "as it was (this start wrote nothing)"
+    where = memory.device_memory(torch.device(device_type()))
+    fix = memory.FIX_ELSEWHERE
+    return f"while setting up the data, model and optimizer on {where}: {fix}. Last good checkpoint: {kept}"
 
 
 class Trainer:
     """One run: built from the config, restored from a checkpoint when resuming, trained, finished."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.started = cfg, time.perf_counter()
-        # The budget counts from the process's start (imports included), not from here.
-        self.born = self.started - max(0.0, time.time() - psutil.Process().create_time())
+    def __init__(self, cfg: Config, stop: StopFlag, counted_from: float):
+        self.cfg, self.started, self.stop = cfg, time.perf_counter(), stop
+        self.doing = "setting up the data, model and optimizer"  # what an out of memory interrupted
+        self.counted_from = counted_from  # where the budget starts counting: at or before `started`
         if cfg.train.budget == "auto" and not os.environ.get("SLURM_JOB_ID"):
             raise UserError(
                 "train.budget=auto plans to a Slurm job's time limit, and this is not a Slurm job "
@@ -118,7 +137,9 @@ class Trainer:
             print(to_yaml(cfg), flush=True)
         build_model(cfg.model, cifar_data.NUM_CLASSES, device="meta")  # a model that cannot run: before the data
         self._build_data()
+        self._stop_if_asked()
         self._build_model()
+        self._stop_if_asked()
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -173,8 +194,7 @@ class Trainer:
         else:
             model, optimizer, self.loader = acc.prepare(model, optimizer, self.loader)
         # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
-        # torch's stubs say compile returns a Callable; given a Module it returns one (an OptimizedModule).
-        self.model: torch.nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
+        self.model: torch.nn.Module = compiled(model) if cfg.train.compile else model
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
         schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, cfg.train.steps)
         self.mixer = mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
@@ -191,9 +211,11 @@ class Trainer:
         the same checkpoint, and only once it has loaded is any file of a run folder changed.
         """
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
+        self.doing = "loading the checkpoint and opening the run folder"
         self.fitted = False  # the micro-batch: set once, before a budget's measurement where there is one
         if cfg.train.budget != "none" and self._starts_afresh():
             self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
+            self._stop_if_asked()
             self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.start_point(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = [found.checkpoint and str(found.checkpoint)] if found else [None]  # found (and adopted): on main
@@ -208,6 +230,7 @@ class Trainer:
             self.plan = Plan.from_dict(snap.meta["plan"]) if snap.meta.get("plan") else None  # replayed, not re-made
         elif cfg.train.budget != "none" and self.plan is None:
             self._fit_memory()
+            self._stop_if_asked()
             self._plan_budget()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
         shared: list[Any] = [str(adopted.run_dir), adopted.rows] if adopted else [None, None]
@@ -227,7 +250,8 @@ class Trainer:
         self.clock = RunClock(
             self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
-        self.epoch_end_seconds: float | None = None  # measured at each epoch's end, for the budget's projection
+        # The latest epoch ends' seconds for the budget's projection, the plan's measured one first.
+        self.epoch_ends: deque[float] = deque([self.plan.costs.epoch_end] if self.plan else [], budget.EPOCH_END_WINDOW)
         # Drift control; a requeued Slurm job (auto) replays its plan in a fresh job window as it is.
         self.replans = self.plan is not None and cfg.train.replan and not (ckpt_path and cfg.train.budget == "auto")
         # The projection warning: once, by the main process; a budget run's length is its budget.
@@ -265,7 +289,7 @@ class Trainer:
         the smallest; a resume keeps the size its run found. Evaluations start at data.eval_batch_size
         (or the batch a resumed run found) and, under auto, halve it when it does not fit."""
         asked, totals, acc = self.cfg.train.micro_batch, self.state.totals, self.accelerator
-        self.fitted = True
+        self.fitted, doing, self.doing = True, self.doing, "fitting the micro-batch"
         self.eval_batch = totals.eval_batch or self.cfg.data.eval_batch_size
         if asked is None:
             self.micro_batch = None
@@ -273,17 +297,12 @@ class Trainer:
         if asked == "auto" and totals.micro_batch:
             size, how = totals.micro_batch, "kept from the run resumed"
         elif asked == "auto":
-            module = acc.unwrap_model(self.model, keep_torch_compile=False)  # eager: no compile for a trial
-            optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
-
-            def fits(size: int) -> bool:
-                return memory.agreed(acc, memory.step_fits(module, optimizer, acc, size, channels_last))
-
-            found = memory.largest_fitting(self.batch, fits)
+            found = self._search_micro_batch()
             if found is None:
+                bf16 = "" if self.cfg.train.precision == "bf16" else ", or train.precision=bf16 where the device has it"
                 raise UserError(
                     f"train.micro_batch=auto: not even one image's training step fits {self._memory()}; "
-                    f"choose a smaller model.name, or train.precision=bf16 where the device has it"
+                    f"choose a smaller model.name{bf16}"
                 )
             size, how = found, "the largest that fits, tried on every process"
         else:
@@ -300,6 +319,29 @@ class Trainer:
             f"the global batch stays data.batch_size={self.cfg.data.batch_size}",
             flush=True,
         )
+        self.doing = doing
+
+    def _search_micro_batch(self) -> int | None:
+        """The largest micro-batch whose step fits on every process (None: not even one image's), tried
+        on the pipeline's first batch, mixed as training mixes it, with its loader running, and with
+        what the run holds beside the step (memory.held_beside) held; nothing of the run changes."""
+        acc = self.accelerator
+        module = acc.unwrap_model(self.model, keep_torch_compile=False)  # eager: no compile for a trial
+        optimizer, channels_last = self.engine.optimizer, self.cfg.train.channels_last
+        held = memory.held_beside(module, optimizer, acc.device, ema=self.ema is not None, processes=acc.num_processes)
+        with memory.untouched(module):  # starting the loader draws from torch's generator
+            batches = iter(epoch_batches(self.loader, 1, 0, acc))
+            images, labels = next(batches)
+            mixed = self.mixer(images, labels, np.random.default_rng([self.cfg.seed, 0, 0, acc.process_index]))
+
+            def fits(size: int) -> bool:
+                return memory.agreed(acc, memory.step_fits(module, optimizer, acc, size, mixed, channels_last, held))
+
+            try:
+                return memory.largest_fitting(self.batch, fits)
+            finally:
+                del batches, images, labels
+                getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch
 
     def _fit_eval_batch(self) -> None:
         """The evaluation batch: data.eval_batch_size, halved until an evaluation forward fits on
@@ -309,8 +351,15 @@ class Trainer:
         most = max(math.ceil(len(labels) / acc.num_processes) for _, labels in self.eval_sets.values())
         asked = min(self.eval_batch, most)  # a split never runs a batch larger than its shard
 
+        optimizer = self.engine.optimizer
+        # By the first evaluation the optimizer's state exists, and on a CPU a checkpoint's copy may be held.
+        state = 0 if getattr(optimizer, "optimizer", optimizer).state else memory.optimizer_state_slots(optimizer)
+        held = state * memory.parameter_bytes(module) + memory.held_beside(
+            module, optimizer, acc.device, ema=self.ema is not None, processes=acc.num_processes
+        )
+
         def fits(size: int) -> bool:
-            ok = memory.eval_fits(module, acc, size, settings.channels_last, settings.tta_flip)
+            ok = memory.eval_fits(module, acc, size, settings.channels_last, settings.tta_flip, held)
             return memory.agreed(acc, ok)
 
         found = memory.largest_halving(asked, fits)
@@ -322,6 +371,18 @@ class Trainer:
 
     def _memory(self) -> str:
         return memory.device_memory(self.accelerator.device)
+
+    def out_of_memory(self) -> str:
+        """The out-of-memory line of anything but a training step or an evaluation (whose own say more):
+        what the run was doing, the memory, the fix and the last good checkpoint."""
+        writer: CheckpointWriter | None = getattr(self, "writer", None)  # made once the folder is open
+        if writer is None:
+            last = "none yet" if self.cfg.resume == "none" else "as it was (this start wrote nothing)"
+        else:
+            with contextlib.suppress(Exception):  # a write that failed leaves the one before it the last good
+                writer.wait()
+            last = str(writer.last_good or "none yet")
+        return f"while {self.doing} on {self._memory()}: {memory.FIX_ELSEWHERE}. Last good checkpoint: {last}"
 
     def _print_header(self, where: str) -> None:
         s, acc = self.splits, self.accelerator
@@ -339,8 +400,22 @@ class Trainer:
         return budget.epochs_of(self.state.schedule.total_steps, self.steps_per_epoch)
 
     def _since_start(self) -> float:
-        """Seconds of this run so far: earlier starts' (before a resume) and this process's since it began."""
-        return self.wall_before + time.perf_counter() - self.born
+        """Seconds of this run so far: earlier starts' (before a resume) and this start's since it began."""
+        return self.wall_before + time.perf_counter() - self.counted_from
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any process (every process asks at the same point)."""
+        acc = self.accelerator
+        return acc.reduce(torch.tensor(float(bool(self.stop)), device=acc.device), reduction="sum").item() > 0
+
+    def _stop_if_asked(self) -> None:
+        """End a start that a stop reached before training: no folder, checkpoint or scratch is left."""
+        if self._stop_requested():
+            raise Preempted(
+                f"stopped by {self.stop.name or 'a signal on another rank'} while setting up, before "
+                "this start trained or wrote anything",
+                self.stop.signal,
+            )
 
     def _starts_afresh(self) -> bool:
         """Whether this start trains from step 0 (so a budget needs a plan): resume=none, or resume=auto
@@ -360,7 +435,7 @@ class Trainer:
     def _plan_budget(self) -> None:
         """Measure this run's costs, plan its steps within the budget and lay the schedule over them."""
         cfg, acc = self.cfg, self.accelerator
-        self.wall_before = 0.0
+        self.wall_before, doing, self.doing = 0.0, self.doing, "measuring the run for its budget"
         if cfg.train.budget == "auto":
             left = [budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]) if acc.is_main_process else 0.0]
             broadcast_object_list(left)
@@ -380,13 +455,18 @@ class Trainer:
             f"{steps * c.step:.0f} s of steps, {ends:.0f} s for {self.epochs} epoch ends, {c.finish:.1f} s to finish",
             flush=True,
         )
+        self.doing = doing
 
     def _measure(self, seconds: float) -> Costs:
         """Time this run's own parts on its real model and data, then put every part back as it was:
         a checkpoint's copy and write, optimizer steps after WARM_STEPS, one evaluation and the plots of
         its row. Every process takes part; the main process's figures are the plan's."""
+        # Never the run folder (none exists yet), and removed however the measurement ends.
+        with tempfile.TemporaryDirectory(prefix="cifar100-budget-") as scratch:
+            return self._measure_into(Path(scratch), seconds)
+
+    def _measure_into(self, scratch: Path, seconds: float) -> Costs:
         acc, cfg = self.accelerator, self.cfg
-        scratch = Path(tempfile.mkdtemp(prefix="cifar100-budget-"))  # never the run folder: none exists yet
         began = time.perf_counter()
         start = on_host(self.state.state_dict())  # what training holds still for at each checkpoint
         copied = time.perf_counter()
@@ -403,7 +483,7 @@ class Trainer:
         )
 
         def enough() -> bool:  # every process's answer counts: the engine stops them all at one step
-            if self._since_start() >= seconds:  # the budget is spent before the measurement is done
+            if self._since_start() >= seconds or self.stop:  # the budget is spent, or a stop came
                 return True
             timed = stamps[-1] - stamps[WARM_STEPS - 1] if len(stamps) > WARM_STEPS else 0.0
             return len(stamps) >= most and timed >= min(PROBE_SHARE * seconds, 30.0)
@@ -416,10 +496,10 @@ class Trainer:
             after_step=lambda _: stamps.append(time.perf_counter()),
         )
         getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
+        self._stop_if_asked()
         spent = [self._since_start()]
         broadcast_object_list(spent)
         if spent[0] >= seconds:  # no need to measure the rest: not even the start fits
-            shutil.rmtree(scratch, ignore_errors=True)
             raise UserError(
                 f"train.budget={budget.budget_text(seconds)} is too short for this run: {spent[0]:.1f} s had passed "
                 f"when its measurement of the rate ended ({len(stamps)} optimizer steps), before its evaluation "
@@ -437,7 +517,6 @@ class Trainer:
             rows = [{**row, "epoch": e, "train_loss": row["test_loss"], "train_top1": row["test_top1"]} for e in (1, 2)]
             plot_run(rows, scratch, "budget")
         done = time.perf_counter()
-        shutil.rmtree(scratch, ignore_errors=True)
         self.state.load_state_dict(start, Path("the run's start"))
         acc.step = 0  # Accelerate's count of micro-steps towards the next gradient sync
         warm = min(WARM_STEPS, len(stamps) - 1)
@@ -452,11 +531,8 @@ class Trainer:
 
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
-        self.stop = StopFlag()
-        # Left installed when a stop or an error ends the loop, so that a second signal during the
-        # clean-up that follows still exits at once; given back only when the run has finished.
-        self.stop.install()
         while self.state.epoch <= self.epochs:
+            self.doing = f"training epoch {self.state.epoch}"
             result = self.train_epoch()
             if result is None:
                 self.checkpoint()
@@ -467,13 +543,9 @@ class Trainer:
             # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
             # metrics, and the row can say how long the checkpoint held training up.
             self.checkpoint(score=row[self.score_key], before_write=partial(self._log_held, row))
-            self.epoch_end_seconds = time.perf_counter() - ended
-            stop = self.accelerator.reduce(
-                torch.tensor(float(bool(self.stop)), device=self.accelerator.device), reduction="sum"
-            )
-            if stop.item() > 0 and self.state.epoch <= self.epochs:
+            self.epoch_ends.append(time.perf_counter() - ended)
+            if self._stop_requested() and self.state.epoch <= self.epochs:
                 self._halt(f"after epoch {self.state.epoch - 1}")
-        self.stop.uninstall()
         self.flush()
 
     def train_epoch(self) -> EpochResult | None:
@@ -535,7 +607,7 @@ class Trainer:
                 self.steps_per_epoch,
                 self._since_start(),
                 timed,
-                self.epoch_end_seconds or self.plan.costs.epoch_end,
+                budget.typical_epoch_end(self.epoch_ends),
             )
             steps = budget.replan(
                 self.plan, projection, schedule.total_steps, schedule.step_count, self.steps_per_epoch, cap
@@ -568,7 +640,7 @@ class Trainer:
         return (
             f"in the training step (epoch {self.state.epoch}, batch {self.state.progress.step}) with "
             f"{self.batch} images per process{pieces} on {self._memory()}: "
-            f"{memory.fix_for_train(self.batch, micro, self.cfg.train.grad_accum)}. "
+            f"{memory.fix_for_train(self.batch, micro, self.cfg.train.grad_accum, self.cfg.train.micro_batch)}. "
             f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
         )
 
@@ -577,9 +649,10 @@ class Trainer:
 
         def failed() -> str:
             self.writer.wait()
+            auto = self.cfg.train.micro_batch == "auto"
             return (
                 f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {self.eval_batch} "
-                f"images per process on {self._memory()}: {memory.fix_for_eval(self.eval_batch)}. "
+                f"images per process on {self._memory()}: {memory.fix_for_eval(self.eval_batch, auto)}. "
                 f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
             )
 
@@ -661,7 +734,8 @@ class Trainer:
         """Checkpoint this exact position (every rank calls it): the main process copies it to host
         memory, with the epoch's `score` when it may be the best so far, runs `before_write(seconds
         training was held up)`, then lets the background writer write it."""
-        began = time.perf_counter()
+        began, doing = time.perf_counter(), self.doing
+        self.doing = f"checkpointing at epoch {self.state.epoch}, batch {self.state.progress.step}"
         self.state.totals.wall_seconds = self.wall_before + began - self.started
         snap = self.state.state_dict()
         if self.accelerator.is_main_process:
@@ -674,6 +748,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.writer.start()
         self.accelerator.wait_for_everyone()
+        self.doing = doing
 
     def flush(self) -> None:
         """Every checkpoint on disk before any rank goes on: a rank that exits first (a stop, an
@@ -703,6 +778,7 @@ class Trainer:
     def finish(self) -> Path:
         """summary.json, the closing line and the end of tracking; returns the run folder."""
         totals, acc = self.state.totals, self.accelerator
+        self.doing = "writing the summary"
         summary = summarize(
             self.rows,
             recipe=self.cfg.recipe or self.cfg.name,
