@@ -176,7 +176,8 @@ def test_a_compiled_epoch_and_evaluation_compile_one_graph_each_with_no_recompil
 
     from cifar100.config import load_config
     from cifar100.data.mixing import BatchMixer
-    from cifar100.training.engine import Engine, EpochProgress, EvalSettings, StepRules, evaluate
+    from cifar100.training.engine import Engine, EpochProgress, StepRules
+    from cifar100.training.evaluation import EvalSettings, evaluate
     from cifar100.training.models import build_model
     from cifar100.training.optim import Schedule, build_optimizer
 

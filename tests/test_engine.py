@@ -17,7 +17,7 @@ from torch import nn
 from cifar100.config import EmaConfig, OptimConfig, SchedConfig
 from cifar100.data.mixing import BatchMixer
 from cifar100.training.ema import WeightAverage
-from cifar100.training.engine import Engine, EpochProgress, NonFiniteLoss, StepRules, phase_size, resize
+from cifar100.training.engine import Engine, EpochProgress, NonFiniteLoss, StepRules, phase_size, resize, step_or_skip
 from cifar100.training.optim import Schedule, build_optimizer
 
 # The tests make Accelerators (and so Accelerate's process-wide state) themselves.
@@ -188,3 +188,23 @@ def test_progressive_resizing_phases_follow_the_share_of_the_run_and_scale_the_b
     )
     flat = torch.full((1, 3, 32, 32), 0.7)
     assert torch.allclose(resize(flat, 20), torch.full((1, 3, 20, 20), 0.7))  # a shrink keeps the level
+
+
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+def test_a_fused_optimizer_skips_its_step_when_found_inf_is_set(kind):
+    """A non-finite step is skipped on the device by handing torch's fused optimizers the agreed flag as
+    `found_inf` (a private input, the one a GradScaler sets): this fails if torch stops honouring it."""
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = kind([weight], lr=0.1, fused=True)
+    assert optimizer._step_supports_amp_scaling  # what the engine takes for "skips on the device"
+    clipped = []
+    weight.grad = torch.ones(4)
+    step_or_skip(optimizer, torch.tensor(True), True, lambda: clipped.append(1))
+    assert torch.equal(weight.detach(), torch.ones(4)) and not hasattr(optimizer, "found_inf")
+    step_or_skip(optimizer, torch.tensor(False), True, lambda: clipped.append(1))
+    assert (weight.detach() < 1).all() and clipped == [1, 1]
+    # An optimizer that cannot skip on the device reads the flag first, and then neither clips nor steps.
+    plain = torch.optim.NAdam([weight], lr=0.1)
+    before = weight.detach().clone()
+    step_or_skip(plain, torch.tensor(True), False, lambda: clipped.append(1))
+    assert torch.equal(weight.detach(), before) and clipped == [1, 1]

@@ -13,7 +13,7 @@ from conftest import run_cmd
 from cifar100.config import load_config
 from cifar100.data.cifar import load, select_splits
 from cifar100.runfolder.checkpoint import apply_weights, is_complete, load_weights, read_meta
-from cifar100.training.engine import EvalSettings, evaluate
+from cifar100.training.evaluation import EvalSettings, evaluate
 from cifar100.training.models import build_model
 
 # Slow, and the smoke test scores a run with an Accelerator of its own.

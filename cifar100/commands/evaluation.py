@@ -26,7 +26,7 @@ from cifar100.config import Config
 from cifar100.data import cifar as cifar_data
 from cifar100.errors import shown_path
 from cifar100.runfolder.safe_files import write_atomic
-from cifar100.training.engine import EvalSettings, evaluate
+from cifar100.training.evaluation import EvalSettings, evaluate
 from cifar100.training.runtime import device_type, resolve_precision
 
 matplotlib.use("Agg")  # files only, never a window

@@ -2,7 +2,7 @@
 
 The model is a run's checkpoint (`run=`, `checkpoint=`, `weights=`), scored exactly as `cifar100 eval`
 scores the test set: the same normalisation, memory format, precision, batch size and test-time
-flip (`engine.score_batch`), so the test images written out as PNG files get eval's top-1. Or it is a
+flip (`evaluation.score_batch`), so the test images written out as PNG files get eval's top-1. Or it is a
 file `cifar100 export` wrote (`model=FILE.onnx|FILE.pt2`), checked by `model_files` before it is
 loaded, run by onnxruntime or torch with the normalisation and class names of the JSON beside it,
 each batch within `timeout=` seconds. Images are read as `images.py` says, in batches, on the best
@@ -35,7 +35,7 @@ from cifar100.data import cifar as cifar_data
 from cifar100.data.reference import normalize_batch
 from cifar100.errors import UserError, clip
 from cifar100.runfolder.safe_files import check_writable, refuse_run_folder, write_atomic
-from cifar100.training.engine import EvalSettings, score_batch
+from cifar100.training.evaluation import EvalSettings, score_batch
 from cifar100.training.runtime import device_type, resolve_precision, usable_cores
 
 EXPORTED_BATCH = 256  # images per call of an exported model

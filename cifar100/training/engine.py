@@ -1,4 +1,4 @@
-"""One training epoch (`Engine.train_epoch`) and one exact evaluation (`evaluate`).
+"""One training epoch (`Engine.train_epoch`); the evaluations are `evaluation.py`'s.
 
 The host never waits for the step it has just queued, so the GPU is never left idle between
 steps. Metrics are summed in device tensors and read once per epoch. Each optimizer step, all
@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from cifar100.config import Config
 from cifar100.data.mixing import BatchMixer, soft_target_cross_entropy
-from cifar100.data.reference import normalize_batch
 from cifar100.training.ema import WeightAverage
 from cifar100.training.optim import Schedule
 
@@ -147,17 +146,23 @@ class _Batches(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
-@dataclass(frozen=True)
 class Engine:
-    """What trains an epoch: the run's parts, built once by the trainer, and its step rules."""
+    """What trains an epoch: the run's parts, built once by the trainer, and its step rules. The
+    micro-batch (`rules.micro_batch` to begin with) is the one part a run sets later, once fitted."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    mixer: BatchMixer
-    accelerator: Accelerator
-    rules: StepRules
-    ema: WeightAverage | None = None  # averaged after each optimizer step that is not skipped
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        mixer: BatchMixer,
+        accelerator: Accelerator,
+        rules: StepRules,
+        ema: WeightAverage | None = None,  # averaged after each optimizer step that is not skipped
+    ):
+        self.model, self.optimizer, self.schedule, self.mixer = model, optimizer, schedule, mixer
+        self.accelerator, self.rules, self.ema = accelerator, rules, ema
+        self.micro_batch = rules.micro_batch  # images per forward and backward; None: the whole batch
 
     def train_epoch(
         self,
@@ -239,12 +244,12 @@ class Engine:
     def _forward_backward(
         self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, steps: _Stepper
     ) -> None:
-        """Forward and backward of one process's batch, in micro-batches of `rules.micro_batch` (the
+        """Forward and backward of one process's batch, in micro-batches of `micro_batch` (the
         last may be smaller): each loss weighted by its share of the batch, so the summed gradient is
         the batch's mean, and gradients all-reduced (under DDP) only after the last."""
         model, accelerator = self.model, self.accelerator
         n = images.shape[0]
-        size = self.rules.micro_batch or n
+        size = self.micro_batch or n
         pieces = list(zip(images.split(size), targets.split(size), labels.split(size)))
         for i, (x, t, y) in enumerate(pieces):
             with accelerator.no_sync(model) if i < len(pieces) - 1 else contextlib.nullcontext():
@@ -301,15 +306,7 @@ class _Stepper:
         )
         self.bad_since_step.zero_()
         skip = flags[0] > 0
-        # found_inf: the private input of torch's fused steps, which Optimizer's stubs do not declare.
-        if self.skips_on_device:
-            self.base.found_inf = skip.float()  # type: ignore[union-attr]  # undeclared, see above
-        if self.skips_on_device or not skip.item():  # .item(): this optimizer cannot skip on the device
-            if self.clip_grad:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-            self.optimizer.step()
-        if self.skips_on_device:
-            del self.base.found_inf  # type: ignore[union-attr]  # undeclared found_inf, as above
+        step_or_skip(self.optimizer, skip, self.skips_on_device, self._clip)
         if self.ema is not None:
             self.ema.after_step(self.schedule.step_count + 1, skip)
         # The wrapped optimizer's zero_grad waits for a sync step; this is one, so clear directly.
@@ -324,6 +321,10 @@ class _Stepper:
         stop = self.pending is not None and self._settle(self.pending)
         self.pending = now
         return stop
+
+    def _clip(self) -> None:
+        if self.clip_grad:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad)
 
     def settle_last(self) -> None:
         """Read the flags of the last step queued."""
@@ -359,6 +360,28 @@ class _Stepper:
         return stop
 
 
+def step_or_skip(
+    optimizer: torch.optim.Optimizer, skip: torch.Tensor, on_device: bool, before_step: Callable[[], None]
+) -> None:
+    """The optimizer's step (after `before_step`, the gradient clipping), or none where `skip` (a
+    device flag every rank agreed on) is set. With `on_device` (a fused optimizer, no loss scaler)
+    `skip` goes in as `found_inf`, the private input torch's fused steps take from a GradScaler, and
+    the step is skipped on the device with no wait (test_engine fails if torch stops honouring it);
+    any other optimizer reads the flag on the host first."""
+    base = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper passes step() through
+    if not on_device:
+        if not skip.item():
+            before_step()
+            optimizer.step()
+        return
+    base.found_inf = skip.float()  # type: ignore[union-attr]  # undeclared in Optimizer's stubs
+    try:
+        before_step()
+        optimizer.step()
+    finally:
+        del base.found_inf  # type: ignore[union-attr]  # undeclared, as above
+
+
 def reset_broken_norm_statistics(model: nn.Module) -> None:
     """A skipped step's forward pass still updated the running statistics of the norm layers; where
     that made them NaN or infinite (which no later update can undo), start them afresh."""
@@ -367,108 +390,3 @@ def reset_broken_norm_statistics(model: nn.Module) -> None:
         stats = [getattr(module, name, None) for name in ("running_mean", "running_var")]
         if reset is not None and None not in stats and not all(torch.isfinite(s).all() for s in stats if s is not None):
             reset()
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Exact metrics over a whole split; `logits` is filled only when asked for."""
-
-    loss: float
-    top1: float
-    top5: float
-    images: int
-    logits: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How every evaluation of a run scores a split: its normalisation, batch, layout and test-time flip."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    batch_size: int = 1024
-    channels_last: bool = False
-    tta_flip: bool = False  # average each image's logits with its mirror's
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> EvalSettings:
-        """The settings `cfg` gives its evaluations."""
-        return cls(
-            cfg.augment.mean, cfg.augment.std, cfg.data.eval_batch_size, cfg.train.channels_last, cfg.eval.tta == "flip"
-        )
-
-
-@torch.no_grad()
-def score_batch(
-    model: nn.Module, images: torch.Tensor, settings: EvalSettings, accelerator: Accelerator, pad: bool
-) -> torch.Tensor:
-    """float32 logits of one uint8 (B, 3, H, W) batch on the model's device, as every evaluation
-    computes them: normalised, in the settings' memory format, under the accelerator's autocast,
-    averaged with the mirror images' when `tta_flip`. `pad`: fill a batch shorter than
-    `settings.batch_size` up to it with zeros (and drop their logits)."""
-    x = normalize_batch(images, settings.mean, settings.std)
-    n = x.shape[0]
-    if pad and n < settings.batch_size:
-        # A short last batch padded to the others' shape: a compiled model (and a CUDA graph)
-        # then sees one shape only. In eval mode no image's result depends on another's.
-        x = torch.cat([x, x.new_zeros((settings.batch_size - n, *x.shape[1:]))])
-    if settings.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with accelerator.autocast():
-        logits = model(x).float()[:n]
-        if settings.tta_flip:
-            logits = (logits + model(x.flip(3)).float()[:n]) / 2
-    return logits
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    accelerator: Accelerator,
-    settings: EvalSettings,
-    *,
-    keep_logits: bool = False,
-) -> EvalResult:
-    """Evaluate on uint8 `images`; under DDP each rank takes a disjoint shard, so no image counts twice."""
-    model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    shard = torch.arange(rank, images.shape[0], world)
-    device = accelerator.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    hits = torch.zeros(2, device=device, dtype=torch.int64)
-    kept = []
-    batch_size = settings.batch_size
-    for chunk in shard.split(batch_size):
-        y = labels[chunk].to(device, non_blocking=True)
-        logits = score_batch(
-            model, images[chunk].to(device, non_blocking=True), settings, accelerator, shard.numel() > batch_size
-        )
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits[0] += (top5[:, 0] == y).sum()
-        hits[1] += (top5 == y[:, None]).any(1).sum()
-        if keep_logits:
-            kept.append(logits.cpu())
-    model.train()
-    count = torch.tensor(float(shard.numel()), device=device, dtype=torch.float64)
-    totals = accelerator.reduce(torch.cat([loss_sum[None], hits.double(), count[None]]), reduction="sum")
-    loss_total, top1, top5, n = totals.tolist()
-    logits_all = _gather_in_order(kept, shard, images.shape[0], accelerator) if keep_logits else None
-    return EvalResult(loss_total / n, top1 / n, top5 / n, int(n), logits_all)
-
-
-def _gather_in_order(
-    kept: list[torch.Tensor], shard: torch.Tensor, total: int, accelerator: Accelerator
-) -> torch.Tensor:
-    """All ranks' logits back in dataset order (shards are strided, so interleave them)."""
-    mine = torch.cat(kept) if kept else torch.zeros(0)
-    if accelerator.num_processes == 1:
-        return mine
-    padded = torch.zeros(-(-total // accelerator.num_processes), mine.shape[1])
-    padded[: mine.shape[0]] = mine
-    gathered = (
-        accelerator.gather(padded.to(accelerator.device)).cpu().view(accelerator.num_processes, -1, mine.shape[1])
-    )
-    return gathered.transpose(0, 1).reshape(-1, mine.shape[1])[:total]

@@ -20,13 +20,14 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
+from cifar100.allocator import giving_back_freed_memory
 from cifar100.config import Config, parse_duration, to_dict, to_yaml
 from cifar100.data import cifar as cifar_data
 from cifar100.data.batched import DeviceLoader
@@ -51,18 +52,12 @@ from cifar100.training import budget, memory
 from cifar100.training.budget import Costs, Plan
 from cifar100.training.compile_cache import compiled
 from cifar100.training.ema import WeightAverage
-from cifar100.training.engine import (
-    Engine,
-    EpochProgress,
-    EpochResult,
-    EvalSettings,
-    NonFiniteLoss,
-    StepRules,
-    evaluate,
-)
+from cifar100.training.engine import Engine, EpochProgress, EpochResult, NonFiniteLoss, StepRules
 from cifar100.training.eta import RECENT_STEPS, RunClock, too_long
+from cifar100.training.evaluation import EvalSettings, evaluate
 from cifar100.training.models import build_model, count_parameters, flops_per_image, whiten_stem
 from cifar100.training.optim import Schedule, build_optimizer
+from cifar100.training.ranks import main_decides
 from cifar100.training.runtime import (
     capped_workers,
     device_name,
@@ -218,9 +213,8 @@ class Trainer:
             self._stop_if_asked()
             self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.start_point(cfg.resume, cfg.log.dir, cfg.name) if main else None
-        located = [found.checkpoint and str(found.checkpoint)] if found else [None]  # found (and adopted): on main
-        broadcast_object_list(located)
-        ckpt_path = Path(located[0]) if located[0] else None
+        located = main_decides(acc, lambda: found.checkpoint and str(found.checkpoint) if found else None)
+        ckpt_path = Path(located) if located else None
         self.config_dict = to_dict(cfg)
         best_score = -1.0
         if ckpt_path:
@@ -233,9 +227,8 @@ class Trainer:
             self._stop_if_asked()
             self._plan_budget()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
-        shared: list[Any] = [str(adopted.run_dir), adopted.rows] if adopted else [None, None]
-        broadcast_object_list(shared)
-        self.run_dir, self.rows = Path(shared[0]), shared[1]
+        run_dir, self.rows = main_decides(acc, lambda: (str(adopted.run_dir), adopted.rows) if adopted else ("", []))
+        self.run_dir = Path(run_dir)  # the main process always has a start point, and so a folder
         ckpt_dir = self.run_dir / "checkpoints"
         # No best weights on disk (a fork from before its source's best epoch): any score beats none.
         self.writer = CheckpointWriter(
@@ -297,7 +290,8 @@ class Trainer:
         if asked == "auto" and totals.micro_batch:
             size, how = totals.micro_batch, "kept from the run resumed"
         elif asked == "auto":
-            found = self._search_micro_batch()
+            with giving_back_freed_memory():
+                found = self._search_micro_batch()
             if found is None:
                 bf16 = "" if self.cfg.train.precision == "bf16" else ", or train.precision=bf16 where the device has it"
                 raise UserError(
@@ -309,10 +303,9 @@ class Trainer:
             size, how = int(asked), "as train.micro_batch says"
         self.micro_batch = totals.micro_batch = min(size, self.batch)
         if asked == "auto" and not totals.eval_batch:
-            self._fit_eval_batch()
-        self.engine = dataclasses.replace(
-            self.engine, rules=dataclasses.replace(self.engine.rules, micro_batch=self.micro_batch)
-        )
+            with giving_back_freed_memory():
+                self._fit_eval_batch()
+        self.engine.micro_batch = self.micro_batch
         acc.print(
             f"train.micro_batch={asked}: {self.micro_batch} images per forward and backward ({how}), "
             f"{math.ceil(self.batch / self.micro_batch)} per step of {self.batch} images per process; "
@@ -422,24 +415,24 @@ class Trainer:
         with no complete checkpoint in the run folder. The main process looks; every process hears it."""
         cfg = self.cfg
         ckpts = Path(cfg.log.dir) / cfg.name / "checkpoints"
-        fresh = [
-            cfg.resume == "none"
-            or (
-                cfg.resume == "auto"
-                and not any(is_complete(p) for p in (ckpts.glob(f"{PREFIX}*") if ckpts.is_dir() else ()))
-            )
-        ]
-        broadcast_object_list(fresh)
-        return bool(fresh[0])
+        return main_decides(
+            self.accelerator,
+            lambda: (
+                cfg.resume == "none"
+                or (
+                    cfg.resume == "auto"
+                    and not any(is_complete(p) for p in (ckpts.glob(f"{PREFIX}*") if ckpts.is_dir() else ()))
+                )
+            ),
+        )
 
     def _plan_budget(self) -> None:
         """Measure this run's costs, plan its steps within the budget and lay the schedule over them."""
         cfg, acc = self.cfg, self.accelerator
         self.wall_before, doing, self.doing = 0.0, self.doing, "measuring the run for its budget"
         if cfg.train.budget == "auto":
-            left = [budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]) if acc.is_main_process else 0.0]
-            broadcast_object_list(left)
-            seconds = self._since_start() + left[0] - budget.SLURM_MARGIN_SECONDS
+            left = main_decides(acc, lambda: budget.slurm_seconds_left(os.environ["SLURM_JOB_ID"]))
+            seconds = self._since_start() + left - budget.SLURM_MARGIN_SECONDS
         else:
             seconds = parse_duration("train.budget", cfg.train.budget)
         costs = self._measure(seconds)
@@ -478,9 +471,10 @@ class Trainer:
         limit = min(self.steps_per_epoch, 10 * most)  # the probe stays inside one epoch of batches
         probe = Schedule(self.state.optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, limit)
         # The run's own engine (its micro-batches included) on a schedule of the probe's length.
-        engine = dataclasses.replace(
-            self.engine, schedule=probe, rules=dataclasses.replace(self.engine.rules, progress=False)
-        )
+        run = self.engine
+        quiet = dataclasses.replace(run.rules, progress=False)
+        engine = Engine(run.model, run.optimizer, probe, run.mixer, run.accelerator, quiet, run.ema)
+        engine.micro_batch = run.micro_batch
 
         def enough() -> bool:  # every process's answer counts: the engine stops them all at one step
             if self._since_start() >= seconds or self.stop:  # the budget is spent, or a stop came
@@ -497,11 +491,10 @@ class Trainer:
         )
         getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
         self._stop_if_asked()
-        spent = [self._since_start()]
-        broadcast_object_list(spent)
-        if spent[0] >= seconds:  # no need to measure the rest: not even the start fits
+        spent = main_decides(acc, self._since_start)
+        if spent >= seconds:  # no need to measure the rest: not even the start fits
             raise UserError(
-                f"train.budget={budget.budget_text(seconds)} is too short for this run: {spent[0]:.1f} s had passed "
+                f"train.budget={budget.budget_text(seconds)} is too short for this run: {spent:.1f} s had passed "
                 f"when its measurement of the rate ended ({len(stamps)} optimizer steps), before its evaluation "
                 "and before any training; give it several times that"
             )
@@ -525,9 +518,7 @@ class Trainer:
         epoch_end = (evaluated - scored) * scale + (done - evaluated) + (copied - began)
         tracking = budget.WANDB_FINISH_SECONDS if cfg.log.wandb.mode != "disabled" else budget.FINISH_SECONDS
         finish = (written - copied) + tracking
-        figures = [self._since_start(), step, epoch_end, finish]
-        broadcast_object_list(figures)
-        return Costs(*figures)
+        return main_decides(acc, lambda: Costs(self._since_start(), step, epoch_end, finish))
 
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
@@ -598,8 +589,9 @@ class Trainer:
         if timed is None or len(self.clock.recent) < RECENT_STEPS:
             return
         cap = self.cfg.train.steps or self.steps_per_epoch * self.cfg.train.epochs
-        decision: list = [None]
-        if acc.is_main_process:
+
+        def decide() -> dict | None:  # on the main process: its projection (and plan) decide
+            assert self.plan is not None
             projection = budget.project(
                 self.plan,
                 schedule.total_steps,
@@ -612,12 +604,11 @@ class Trainer:
             steps = budget.replan(
                 self.plan, projection, schedule.total_steps, schedule.step_count, self.steps_per_epoch, cap
             )
-            decision = [steps and self.plan.replans[-1]]
-        if acc.num_processes > 1:
-            broadcast_object_list(decision)
-        if not decision[0]:
+            return self.plan.replans[-1] if steps else None
+
+        replanned = main_decides(acc, decide)
+        if not replanned:
             return
-        replanned = decision[0]
         self.clock.restart_window()
         if not acc.is_main_process:
             self.plan.replans.append(replanned)
