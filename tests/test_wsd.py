@@ -23,7 +23,7 @@ def _run(real_data: Path, log: Path, name: str, *extra: str) -> Path:
             f"log.dir={log}",
             f"name={name}",
             "sched.name=wsd",
-            "data.val_size=100",  # 300 training images: 6 steps an epoch
+            "data.val_size=100",  # held out before train_limit takes 400 training images: 8 steps an epoch
             *extra,
         ]
     )
@@ -46,7 +46,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.slow
 def test_paused_trunk_resumed_or_branched_equals_uninterrupted_runs(tmp_path, real_data):
-    # The trunk: 20 constant-rate steps, paused mid-epoch at step 9 and at an epoch's end at step 12.
+    # The trunk: 20 constant-rate steps, paused mid-epoch at step 9 and at an epoch's end at step 16.
     trunk = _run(real_data, tmp_path, "trunk", "train.steps=20", "sched.cooldown=0", "train.pause_at_step=9")
     assert not (trunk / "summary.json").exists()
     paused = sorted(p.name for p in (trunk / "checkpoints").glob("step-*"))[-1]
@@ -63,9 +63,9 @@ def test_paused_trunk_resumed_or_branched_equals_uninterrupted_runs(tmp_path, re
     once = _run(real_data, tmp_path, "once", "train.steps=12", "sched.cooldown=0.25")
     assert _same(_weights(branch), _weights(once))
     assert _rows(branch) == _rows(once)
-    # The trunk promoted twice: to step 12 (an epoch's end), then to its end.
-    _run(real_data, tmp_path, "trunk", "resume=auto", "train.steps=20", "sched.cooldown=0", "train.pause_at_step=12")
-    assert not (trunk / "summary.json").exists()
+    # The trunk promoted twice: to step 16 (an epoch's end), then to its end.
+    _run(real_data, tmp_path, "trunk", "resume=auto", "train.steps=20", "sched.cooldown=0", "train.pause_at_step=16")
+    assert not (trunk / "summary.json").exists() and (trunk / "checkpoints" / "step-00000016").is_dir()
     _run(real_data, tmp_path, "trunk", "resume=auto", "train.steps=20", "sched.cooldown=0")
     whole = _run(real_data, tmp_path, "whole", "train.steps=20", "sched.cooldown=0")
     assert (trunk / "summary.json").exists()
