@@ -9,6 +9,8 @@
 #   step-autotune  the step compiled in GPU_BENCH_MODES, each against an eager row of its own process;
 #   best-budget  train.py recipe=GPU_BENCH_RECIPE train.budget=GPU_BENCH_BUDGET (8m) on the device
 #             pipeline: the recipe's whole schedule fitted to the budget, its test top-1 at the end;
+#   fast      train.py recipe=fast (the speedrun-style recipe) in bf16 with torch.compile, its data
+#             on the GPU: the seconds of training to its final epoch, end to end, and its test top-1;
 # then one table and a JSON (bench/gpu_report.py). A section that fails or runs out of its time
 # share is a row saying so; the others keep their results. Sections run in this order so that the
 # costly autotuning compiles get only the time left.
@@ -20,8 +22,9 @@
 # with a tiny recipe): GPU_BENCH_RECIPE=best GPU_BENCH_EPOCHS=8 GPU_BENCH_STEPS=30 GPU_BENCH_WARMUP=8
 # GPU_BENCH_WORKERS=15 GPU_BENCH_MODES=max-autotune-no-cudagraphs,max-autotune (empty: no such
 # section) GPU_BENCH_SECONDS=500 (the budget the sections share) GPU_BENCH_BUDGET=8m
-# GPU_BENCH_SECTIONS=step,e2e,step-autotune (which sections run; best-budget takes a call of its own:
-# bench/README.md).
+# GPU_BENCH_SECTIONS=step,e2e,step-autotune (which sections run; best-budget and fast take calls of
+# their own: bench/README.md) GPU_BENCH_FAST_ARGS= (more key=value for the fast run: the test's tiny
+# sizes) GPU_BENCH_FAST_PRECISION=bf16 GPU_BENCH_FAST_COMPILE=true.
 # The end-to-end runs are eager: compiling would add a minute or more per run to an 8-epoch run,
 # and their speed is compared with the eager step of the same choices (ratio end to end / step).
 set -uo pipefail
@@ -36,6 +39,9 @@ modes=${GPU_BENCH_MODES-max-autotune-no-cudagraphs,max-autotune}
 budget=${GPU_BENCH_SECONDS:-500}
 train_budget=${GPU_BENCH_BUDGET:-8m}
 sections=${GPU_BENCH_SECTIONS:-step,e2e,step-autotune}
+fast_args=${GPU_BENCH_FAST_ARGS:-}
+fast_precision=${GPU_BENCH_FAST_PRECISION:-bf16}
+fast_compile=${GPU_BENCH_FAST_COMPILE:-true}
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
 exec > >(tee -a "$out/gpu.log") 2>&1
@@ -72,6 +78,12 @@ if wants best-budget; then
     section best-budget $((seconds + 60)) python train.py "recipe=$recipe" "data.root=$data" data.download=false \
         "log.dir=$work/runs" name=best-budget data.pipeline=device "train.budget=$train_budget" \
         log.wandb.mode=disabled log.progress=false
+fi
+if wants fast; then
+    # shellcheck disable=SC2086  # GPU_BENCH_FAST_ARGS is a list of key=value words
+    section fast 590 python train.py recipe=fast "data.root=$data" data.download=false "log.dir=$work/runs" \
+        name=fast "train.precision=$fast_precision" "train.compile=$fast_compile" log.wandb.mode=disabled \
+        log.progress=false $fast_args
 fi
 wants step && section step 200 python -m cifar100 bench step "recipe=$recipe" "steps=$steps" "warmup=$warmup" \
     compile=default eager=false "profile=$work/trace.json.gz" "json=$work/step.json"

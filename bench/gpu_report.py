@@ -110,6 +110,9 @@ def e2e_rows(run: Path, step_rate: float | None) -> tuple[list[dict], dict]:
         )
     steady = metrics[1:] or metrics
     totals = {"epochs": len(metrics), "step_images_per_second": step_rate, "wall_seconds": summary.get("wall_seconds")}
+    # The speedrun's clock: training time to the final epoch (compilation in the first epoch included),
+    # evaluations and checkpoints left out; the run's wall time beside it.
+    totals["train_seconds_to_final_epoch"] = sum(m["epoch_seconds"] for m in metrics)
     plan = summary.get("plan")
     if steady:
         seconds = sum(m["total_seconds"] for m in steady)
@@ -135,11 +138,21 @@ def e2e_rows(run: Path, step_rate: float | None) -> tuple[list[dict], dict]:
                     f"budget {plan['budget_seconds']:.0f} s: {plan['steps']} steps planned, ended at "
                     f"{plan['ended_seconds']:.0f} s, {len(plan['replans'])} re-plan(s)"
                     if plan
+                    else _speedrun_note(totals)
+                    if run.name == "fast"
                     else f"{RUN_EPOCHS} epochs at this rate: {totals['projected_run_seconds'] / 60:.1f} min"
                 ),
             }
         )
     return table, {"metrics": metrics, "summary": summary, "totals": totals}
+
+
+def _speedrun_note(totals: dict) -> str:
+    wall = totals["wall_seconds"]
+    return (
+        f"{totals['epochs']} epochs: {totals['train_seconds_to_final_epoch']:.1f} s of training to the final epoch"
+        + (f", {wall:.0f} s end to end" if wall else "")
+    )
 
 
 def _status_row(section: str, note: str) -> dict:
@@ -172,7 +185,9 @@ def card_name(device: str) -> str:
 def main(work: Path, out: Path) -> Path:
     table, raw = step_rows(work)
     runs = {}
-    for run in sorted([*(work / "runs").glob("e2e-*"), *(work / "runs").glob("best-budget")]):
+    for run in sorted(
+        [*(work / "runs").glob("e2e-*"), *(work / "runs").glob("best-budget"), *(work / "runs").glob("fast")]
+    ):
         if not (run / "metrics.jsonl").is_file():
             continue
         cfg = yaml.safe_load((run / "config.yaml").read_text())

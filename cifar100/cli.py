@@ -11,11 +11,14 @@ import json
 import os
 import shlex
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+from cifar100.allocator import keep_freed_memory
 from cifar100.config import (
     Config,
     available_recipes,
@@ -31,6 +34,7 @@ from cifar100.config import (
 )
 from cifar100.errors import UserError, clip, shown
 from cifar100.preemption import INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted
+from cifar100.training.budget import process_started
 
 USAGE = """usage: cifar100 <command> [recipe=NAME|PATH] [key=value ...]
 
@@ -125,7 +129,7 @@ def seed_configs(cfg: Config, seeds: list[int], text: str) -> list[Config]:
         raise UserError(f"seeds={clip(text)}: {err}") from None
 
 
-def cmd_train(args: list[str]) -> None:
+def cmd_train(args: list[str], started: float) -> None:
     seeds_text, args = take(args, "seeds")
     recipe, overrides = split_args(args)
     cfg = load_config(recipe, wandb_environment(overrides) + overrides)
@@ -133,7 +137,7 @@ def cmd_train(args: list[str]) -> None:
     from cifar100.training.trainer import train  # heavy imports only when the arguments are good
 
     if seeds is None:
-        train(cfg)
+        train(cfg, counted_from=started)
         return
     if any(o.startswith("seed=") for o in overrides):
         raise UserError("give seed=N for one run or seeds=[...] for several, not both")
@@ -144,7 +148,9 @@ def cmd_train(args: list[str]) -> None:
             f"launch per seed: for s in {' '.join(map(str, seeds))}; do accelerate launch ... train.py "
             f"<the same arguments> seed=$s name={cfg.name}-s$s; done"
         )
-    run_dirs = [train(config) for config in seed_configs(cfg, seeds, seeds_text or "")]
+    # Each seed's budget counts from its own start: the first's with the command, the others' when called.
+    configs = seed_configs(cfg, seeds, seeds_text or "")
+    run_dirs = [train(config, counted_from=started if i == 0 else None) for i, config in enumerate(configs)]
     print(f"{len(seeds)} seeds done; compare them: cifar100 report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
 
 
@@ -258,7 +264,7 @@ def cmd_report(args: list[str]) -> None:
         )
 
 
-def cmd_sweep(args: list[str]) -> None:
+def cmd_sweep(args: list[str], started: float) -> None:
     from cifar100.commands import sweep
 
     if not args or ("=" in args[0] and not Path(args[0]).is_file()):
@@ -277,7 +283,7 @@ def cmd_sweep(args: list[str]) -> None:
     if task is not None:
         print("\n".join(sweep.task_args(plan, task)))
     elif run:
-        folders = sweep.run_all(plan)
+        folders = sweep.run_all(plan, started)
         print(
             f"sweep {plan.name}: {len(folders)} runs done; compare them: cifar100 report "
             + " ".join(shlex.quote(str(f)) for f in folders)
@@ -441,7 +447,7 @@ def wandb_environment(overrides: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[..., None]] = {
     "train": cmd_train,
     "show": cmd_show,
     "recipes": cmd_recipes,
@@ -456,8 +462,15 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 2 bad input)."""
+TRAINING = (cmd_train, cmd_sweep)  # the commands that train, and whose budgets count from `started`
+
+
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 bad input). A training's `train.budget`
+    counts from `started` (a `time.perf_counter` value; the entry points pass the process's start),
+    else from this call."""
+    started = time.perf_counter() if started is None else started
+    keep_freed_memory()  # before any tensor: every way a run starts (train.py, accelerate, Slurm, the image) comes here
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help") or any(a in ("-h", "--help") for a in argv[1:]):
         print(USAGE, end="")
@@ -469,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _one_line_warning
-            command(argv[1:])
+            command(argv[1:], started) if command in TRAINING else command(argv[1:])
     except UserError as err:
         _report(f"error: {clip(str(err), MAX_MESSAGE)}")
         return 2
@@ -507,4 +520,4 @@ def _report(line: str) -> None:
 
 def entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    sys.exit(main(started=process_started()))

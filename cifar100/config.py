@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import itertools
 import math
 import re
 import types
@@ -60,7 +61,7 @@ def setting(
 
 # The names of the optimizer and schedule registries (training/optim.py): the config checks a name,
 # the registry builds it, and a test holds the two to the same names.
-OPTIMIZER_NAMES = ("sgd", "adam", "nadam", "adamw")
+OPTIMIZER_NAMES = ("sgd", "adam", "nadam", "adamw", "muon")
 SCHEDULE_NAMES = ("cosine", "step", "plateau", "none", "wsd")
 
 
@@ -75,6 +76,31 @@ MAX_BASES = 32  # recipes in one `base:` chain
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,@-]*")
 MAX_NAME = 200
 _SEED_MAX = 2**32 - 1  # numpy's and torch's seeding accept up to this
+
+
+MIN_SIZE, MAX_SIZE = 16, 32  # progressive resizing: 16 px still leaves a ResNet (8x down) 2x2, and CIFAR's own
+
+
+def check_sizes(sizes: tuple[tuple[float, ...], ...]) -> None:
+    """data.sizes: [size, fraction] pairs, sizes whole and rising within MIN_SIZE..MAX_SIZE, fractions
+    positive and summing to 1; a UserError in one line otherwise."""
+    if not sizes:
+        return
+    text = f"data.sizes={clip(str([list(p) for p in sizes]))}"
+    if any(len(pair) != 2 for pair in sizes):
+        raise UserError(f"{text}: expected [size, fraction] pairs, e.g. [[20, 0.3], [24, 0.3], [32, 0.4]]")
+    values = [v for pair in sizes for v in pair]
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{text}: must hold finite numbers")
+    for size, fraction in sizes:
+        if size != int(size) or not MIN_SIZE <= size <= MAX_SIZE:
+            raise UserError(f"{text}: each size must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}")
+        if fraction <= 0:
+            raise UserError(f"{text}: each fraction of the run must be greater than 0")
+    if any(a[0] >= b[0] for a, b in itertools.pairwise(sizes)):
+        raise UserError(f"{text}: sizes must rise from one phase to the next")
+    if abs(sum(f for _, f in sizes) - 1.0) > 1e-6:
+        raise UserError(f"{text}: the fractions must add up to 1 (they add up to {sum(f for _, f in sizes):g})")
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,14 @@ class DataConfig:
         choices=("reference", "device"),
         doc="reference: per-sample torchvision in workers; device: batched on the device",
     )
+    sizes: tuple[tuple[float, ...], ...] = setting(
+        (),
+        doc="progressive resizing: [[size, fraction of the run], ...], smallest first, fractions summing to 1; "
+        "training images are scaled to each size in turn (evaluation stays at 32 px); [] = 32 px throughout",
+    )
+
+    def __post_init__(self) -> None:
+        check_sizes(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -103,7 +137,14 @@ class MixConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     crop_padding: int = setting(4, low=0, high=32)
-    hflip: float = setting(0.5, low=0.0, high=1.0)
+    hflip: float | str = setting(
+        0.5,
+        choices=("alternating",),
+        low=0.0,
+        high=1.0,
+        doc="the chance of a mirror image; alternating: each image mirrored on every other epoch "
+        "(the first epoch's choice drawn per image from the seed)",
+    )
     vflip: float = setting(0.0, low=0.0, high=1.0)
     color_jitter: float = setting(0.0, low=0.0, high=1.0)
     autoaugment: str = setting("none", choices=("none", "cifar10", "imagenet", "svhn"))
@@ -121,6 +162,32 @@ class ModelConfig:
     cifar_stem: bool = True
     drop_rate: float = setting(0.0, low=0.0, high=1.0)
     whiten: bool = setting(False, doc="cifarnet: start the 2x2 stem as a whitening of the training patches, kept fixed")
+    init: str = setting(
+        "default",
+        choices=("default", "dirac"),
+        doc="dirac: every conv with an odd square kernel and at least as many outputs as inputs starts as the "
+        "identity on its first in-channels filters (the rest keep the model's own initialisation)",
+    )
+
+
+@dataclass(frozen=True)
+class MuonConfig:
+    """optim.name=muon: Muon for the hidden conv and linear weights, the rest by SGD at optim.lr."""
+
+    lr: float = setting(0.05, low=0.0, high=1e3, doc="Muon's peak rate; the schedule scales it with optim.lr")
+    momentum: float = setting(0.6, low=0.0, high=0.999_999, doc="Muon's momentum (Nesterov)")
+    weight_decay: float = setting(
+        0.0, low=0.0, high=1e3, doc="decoupled: each step scales the weights by 1 - lr x this"
+    )
+    ns_steps: int = setting(5, low=1, high=50, doc="Newton-Schulz iterations that orthogonalise each update")
+
+
+@dataclass(frozen=True)
+class LookaheadConfig:
+    """timm's Lookahead around the optimizer: every `steps` steps the slow weights move `alpha` of the way."""
+
+    steps: int = setting(0, low=0, high=_MANY, doc="k: the fast steps between slow updates; 0 = no lookahead")
+    alpha: float = setting(0.5, above=0.0, high=1.0, doc="how far the slow weights move towards the fast ones")
 
 
 @dataclass(frozen=True)
@@ -132,6 +199,8 @@ class OptimConfig:
     weight_decay: float = setting(5.0e-4, low=0.0, high=1e3)
     betas: tuple[float, ...] = setting((0.9, 0.999), low=0.0, high=0.999_999_9, length=2)
     no_decay_norm_bias: bool = False
+    muon: MuonConfig = MuonConfig()
+    lookahead: LookaheadConfig = LookaheadConfig()
 
 
 @dataclass(frozen=True)
@@ -403,8 +472,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[prefix + key] = tuple(value) if isinstance(value, list) else value
+            flat[prefix + key] = _frozen(value)
     return flat
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def to_yaml(cfg: Config) -> str:
@@ -644,7 +717,9 @@ def _unknown_key(key: str) -> UserError:
     close = [k for score, k in scored[:2] if score >= 0.6 and score >= scored[0][0] - 0.05]
     if not close:
         leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:2]
+        same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+        # `lr` means optim.lr, not optim.muon.lr: the shallowest keys of that name.
+        close = [k for k in same_leaf if k.count(".") == min(k.count(".") for k in same_leaf)][:2]
     hint = f"; did you mean {' or '.join(close)}?" if close else "; `cifar100 show` lists every key"
     return UserError(f"unknown config key {shown(key)}{hint}")
 
@@ -708,7 +783,13 @@ def _check_rules(key: str, value: Any, result: Any, rule: dict[str, Any]) -> Non
     """A value of the right type, held to the rules `setting` put on its field."""
     choices = rule.get("choices")
     if choices and isinstance(result, str) and result not in choices:  # a number is held to the bounds
-        number = " or a whole number" if rule.get("low") is not None else ""
+        low, high = rule.get("low"), rule.get("high")
+        whole = isinstance(low, int)  # an int bound: the key's number is an int
+        number = (
+            ""
+            if low is None
+            else f" or a {'whole ' if whole else ''}number" + ("" if whole else f" from {low} to {high}")
+        )
         raise UserError(f"{key}={shown(value)}: expected one of {', '.join(choices)}{number}")
     if rule.get("component") and (len(result) > MAX_NAME or not RUN_NAME.fullmatch(result)):
         raise UserError(
@@ -771,6 +852,11 @@ def _coerce_plain(value: Any, hint: Any) -> Any:
         if isinstance(value, str):  # what shells and YAML 1.1 users type for a switch
             return _WORDS.get(value.lower(), _MISMATCH)
         return value if isinstance(value, bool) else _MISMATCH
+    if typing.get_origin(hint) is tuple:  # a list inside a list (data.sizes)
+        if not isinstance(value, (list, tuple)):
+            return _MISMATCH
+        items = [_coerce_plain(v, typing.get_args(hint)[0]) for v in value]
+        return _MISMATCH if _MISMATCH in items else tuple(items)
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
     if hint is float:

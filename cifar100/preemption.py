@@ -18,7 +18,8 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -76,6 +77,16 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    @contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """The stop signals taken over for the block, and given back however it ends (a stop, an
+        error, a return): from Python, the next Ctrl-C after a stopped run is Python's again."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
 
     def __bool__(self) -> bool:
         return self.signal is not None

@@ -19,7 +19,7 @@ from cifar100.data.batched import (
     flip,
     random_crop,
 )
-from cifar100.data.reference import normalize_batch
+from cifar100.data.reference import AugmentedDataset, normalize_batch, train_transform
 from cifar100.errors import UserError
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -250,3 +250,32 @@ def test_torchvision_autoaugment_tables_are_checked_before_use():
     renamed._AUGMENTATION_SPACE = {k.lower(): v for k, v in renamed._AUGMENTATION_SPACE.items()}
     with pytest.raises(UserError, match=r"torchvision .*: AutoAugment's policy tables"):
         checked_tables(renamed)
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch_the_same_in_both_pipelines():
+    """augment.hflip=alternating: an image mirrored in one epoch is not in the next and is again in the
+    one after; which ones start mirrored is a seeded half; the per-sample path (indexed by the same
+    image numbers) mirrors the same images in the same epochs."""
+    n = 200
+    x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, :, 0] = 255  # a bright left column shows whether the image was flipped
+    aug = AugmentConfig(mean=MEAN, std=STD, crop_padding=0, hflip="alternating")
+    dataset = AugmentedDataset(x, torch.arange(n), train_transform(aug), seed=3, alternate_flips=True)
+
+    def device_flips(epoch):
+        loader = _loader(x, torch.arange(n), batch=50, crop_padding=0, hflip="alternating")
+        loader.set_epoch(epoch)
+        flips = torch.zeros(n, dtype=torch.bool)
+        for images, labels in loader:
+            flips[labels] = images[:, 0, 0, -1] > images[:, 0, 0, 0]
+        return flips
+
+    def sample_flips(epoch):
+        dataset.set_epoch(epoch)
+        return torch.tensor([bool(dataset[i][0][0, 0, -1] > dataset[i][0][0, 0, 0]) for i in range(n)])
+
+    first, second, third = (device_flips(e) for e in (1, 2, 3))
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    assert 0.35 < first.float().mean() < 0.65
+    assert torch.equal(sample_flips(1), first) and torch.equal(sample_flips(2), second)
+    assert torch.equal(device_flips(1), first)  # the same again: nothing but seed, epoch and image decides

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,23 @@ def test_replan_follows_the_machine_both_ways_and_leaves_a_plan_inside_its_band_
     capped = budget.project(plan, 200, 150, 10, elapsed=75.0, step_seconds=0.1, epoch_end_seconds=0.0)
     assert budget.replan(plan, capped, 200, 150, 10, cap=200) is None
     assert [r["direction"] for r in plan.replans] == ["shorter"] * 4 + ["longer"] * 2
+
+
+def test_one_slow_epoch_end_moves_nothing_and_ends_that_stay_slow_move_the_projection():
+    """The projection's epoch end is the lower median of the latest ones, the plan's measured one first
+    (one 45 % swing of the plan came from a single slow end, projected over every end left)."""
+    costs = Costs(start=0.0, step=1.0, epoch_end=3.0, finish=0.0)
+    plan = Plan(200.0, 150, costs, capped=False)
+    ends: deque[float] = deque([costs.epoch_end], budget.EPOCH_END_WINDOW)
+    ends.append(30.0)  # the first epoch's end ten times the measured one
+    assert budget.typical_epoch_end(ends) == 3.0
+    typical = budget.typical_epoch_end(ends)
+    on_time = budget.project(plan, 150, 10, 10, elapsed=13.0, step_seconds=1.0, epoch_end_seconds=typical)
+    assert budget.replan(plan, on_time, 150, 10, 10, cap=1000) is None
+    ends.extend([3.1, 30.0, 2.9])  # one more slow end among normal ones: still a normal cost
+    assert budget.typical_epoch_end(ends) == 3.1
+    ends.extend([30.0, 30.0])  # ends that stay slow: the window's median follows them
+    assert budget.typical_epoch_end(ends) == 30.0 and len(ends) == budget.EPOCH_END_WINDOW
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("1:59", 119), ("1:02:03", 3723), ("2-00:00:01", 172_801)])
@@ -259,3 +278,73 @@ def test_the_sweep_listing_says_each_run_has_the_budget_on_its_own(cli):
     out = cli("sweep", "sweeps/side.yaml", "train.budget=10m")
     assert out.returncode == 0, out.stderr
     assert "budget: each run fits its own train.budget (10m), measured and planned by itself" in out.stdout
+
+
+@pytest.mark.slow
+def test_each_seed_gets_the_whole_budget(real_data, tmp_path):
+    """seeds=[0,1] train.budget=20s: the second seed counts from its own start, not the process's (it
+    was refused, the process's 20 s having passed)."""
+    out = _train(real_data, tmp_path, "name=s", "seeds=[0,1]", "train.budget=20s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    plans = [_summary(tmp_path / f"s-s{seed}")["plan"] for seed in (0, 1)]
+    assert out.stdout.count("budget 20s: measured") == 2
+    for plan in plans:
+        eval_seconds = plan["costs"]["epoch_end"]
+        assert 20 * 0.8 <= plan["ended_seconds"] <= 20 * 1.1 + eval_seconds or plan["capped"], plans
+    assert plans[1]["steps"] >= plans[0]["steps"] / 2, plans  # not the one epoch a process-wide count left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["setup", "measurement"])
+def test_a_stop_while_setting_up_or_measuring_ends_in_one_line_leaving_nothing(real_data, tmp_path, phase):
+    """SIGTERM to the process group before training: exit 143, the usual one line, no run folder and
+    no scratch folder in the temporary directory (an 86 MB one per rank was left, and no line said why)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    slow = ["model.name=resnet18"] if phase == "measurement" else []  # slower steps: a longer measurement
+    proc = start(
+        (sys.executable, "train.py"),
+        _args(real_data, tmp_path, "name=t", "train.budget=10m", *slow),
+        env={"TMPDIR": str(scratch)},
+    )
+    assert proc.stdout is not None
+    if phase == "setup":
+        proc.stdout.readline()  # the config's first line: printed once the Accelerator exists, before the data
+    else:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("cifar100-budget-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("preempted: stopped by SIGTERM while setting up"), err[-3000:]
+    assert not (tmp_path / "t").exists() and not list(scratch.glob("cifar100-budget-*"))
+
+
+@pytest.mark.parametrize("when", ["setup", "training"])
+def test_a_stopped_run_called_from_python_gives_the_signals_back(real_data, tmp_path, monkeypatch, when):
+    """Called from Python, a Ctrl-C while setting up or training stops the run in one line (exit 130),
+    and the next Ctrl-C is Python's again (the run's handler stayed: it swallowed the next Ctrl-C, and
+    the one after killed the interpreter)."""
+    from cifar100.cli import main
+    from cifar100.data import cifar
+    from cifar100.training import trainer
+
+    module, name = (cifar, "load") if when == "setup" else (trainer, "append_metrics")
+    real = getattr(module, name)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data loads, or as epoch 1's row is written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+    small = ["data.train_limit=500", "data.test_limit=200", "train.epochs=2"]
+    assert main(["train", "recipe=smoke", f"data.root={real_data}", f"log.dir={tmp_path}", "name=p", *small]) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert (tmp_path / "p").exists() == (when == "training")

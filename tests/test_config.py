@@ -217,7 +217,14 @@ def test_show_prints_yaml_and_errors_exit_2_with_one_line(cli):
     shown = cli("show", "recipe=best", "optim.lr=0.1")
     assert shown.returncode == 0, shown.stderr
     data = yaml.safe_load(shown.stdout)
-    assert data["model"] == {"name": "seresnet50", "act": "mish", "cifar_stem": True, "drop_rate": 0.0, "whiten": False}
+    assert data["model"] == {
+        "name": "seresnet50",
+        "act": "mish",
+        "cifar_stem": True,
+        "drop_rate": 0.0,
+        "whiten": False,
+        "init": "default",
+    }
     assert data["optim"]["lr"] == 0.1
     for args, text in [
         (("show", "recipe=nope"), "unknown recipe 'nope'"),
@@ -317,13 +324,15 @@ def test_every_key_refuses_a_value_of_the_wrong_type_in_a_recipe(key, hint):
     node = raw
     for part in key.split(".")[:-1]:
         node = node.setdefault(part, {})
-    node[key.split(".")[-1]] = [[1, 2]]
+    node[key.split(".")[-1]] = "x" if key == "data.sizes" else [[1, 2]]  # data.sizes holds lists of lists
     with pytest.raises(UserError, match=f"^{re.escape(key)}=.*: expected "):
         apply_overrides(raw, [])
 
 
 def test_every_numeric_key_has_bounds():
     for key, hint in LEAVES:
+        if key == "data.sizes":  # pairs of numbers, held to their bounds by config.check_sizes (tested below)
+            continue
         if "int" in str(hint) or "float" in str(hint):
             rule = rules(key)
             assert rule["high"] is not None and (rule["low"] is not None or rule["above"] is not None), key
@@ -367,3 +376,43 @@ def test_train_py_help_prints_the_usage(flag):
     out = run_cmd([sys.executable, "train.py", flag])
     assert out.returncode == 0 and out.stdout.startswith("usage: cifar100 <command>") and not out.stderr
     assert run_cmd([sys.executable, "train.py", "recipe=smoke", flag]).stdout == out.stdout
+
+
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        (
+            "augment.hflip=sometimes",
+            "augment.hflip='sometimes': expected one of alternating or a number from 0.0 to 1.0",
+        ),
+        ("augment.hflip=1.5", "augment.hflip=1.5: must be at most 1.0"),
+        ("data.sizes=[20,32]", "data.sizes=[20, 32]: expected list of list of float, got list"),
+        ("data.sizes=[[20,0.5],[32]]", "expected [size, fraction] pairs"),
+        ("data.sizes=[[12,0.5],[32,0.5]]", "each size must be a whole number of pixels from 16 to 32"),
+        ("data.sizes=[[20.5,0.5],[32,0.5]]", "each size must be a whole number of pixels from 16 to 32"),
+        ("data.sizes=[[32,0.5],[24,0.5]]", "sizes must rise from one phase to the next"),
+        ("data.sizes=[[20,0.3],[32,0.3]]", "the fractions must add up to 1 (they add up to 0.6)"),
+        ("data.sizes=[[20,0],[32,1]]", "each fraction of the run must be greater than 0"),
+        ("data.sizes=[[20,.nan],[32,1]]", "must hold finite numbers"),
+        ("model.init=zeros", "model.init='zeros': expected one of default, dirac"),
+        ("optim.name=lion", "expected one of sgd, adam, nadam, adamw, muon"),
+        ("optim.muon.lr=-1", "optim.muon.lr=-1: must be at least 0.0"),
+        ("optim.muon.ns_steps=0", "optim.muon.ns_steps=0: must be at least 1"),
+        ("optim.lookahead.steps=-1", "optim.lookahead.steps=-1: must be at least 0"),
+        ("optim.lookahead.alpha=0", "optim.lookahead.alpha=0: must be greater than 0.0"),
+        ("optim.lookahead.alpha=1.5", "optim.lookahead.alpha=1.5: must be at most 1.0"),
+    ],
+)
+def test_speedrun_keys_refuse_bad_values_in_one_line(override, text):
+    with pytest.raises(UserError) as err:
+        load_config("smoke", [override])
+    assert text in str(err.value) and "\n" not in str(err.value)
+
+
+def test_speedrun_keys_take_good_values():
+    cfg = load_config(
+        "smoke",
+        ["augment.hflip=alternating", "data.sizes=[[20,0.3],[24,0.3],[32,0.4]]", "model.init=dirac", "optim.name=muon"],
+    )
+    assert cfg.augment.hflip == "alternating" and cfg.data.sizes == ((20, 0.3), (24, 0.3), (32, 0.4))
+    assert load_config("smoke", ["augment.hflip=0.25"]).augment.hflip == 0.25

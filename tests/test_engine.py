@@ -17,7 +17,7 @@ from torch import nn
 from cifar100.config import EmaConfig, OptimConfig, SchedConfig
 from cifar100.data.mixing import BatchMixer
 from cifar100.training.ema import WeightAverage
-from cifar100.training.engine import Engine, EpochProgress, NonFiniteLoss, StepRules
+from cifar100.training.engine import Engine, EpochProgress, NonFiniteLoss, StepRules, phase_size, resize
 from cifar100.training.optim import Schedule, build_optimizer
 
 # The tests make Accelerators (and so Accelerate's process-wide state) themselves.
@@ -176,3 +176,15 @@ def test_progress_saved_before_skips_were_summed_on_the_device_still_loads():
     assert progress.step == 5 and progress.seconds == 2.5
     assert progress.sums.tolist() == [10.0, 3.0, 40.0, 1.0]
     assert EpochProgress.from_state(progress.state_dict(), torch.device("cpu")).sums.tolist() == [10.0, 3.0, 40.0, 1.0]
+
+
+def test_progressive_resizing_phases_follow_the_share_of_the_run_and_scale_the_batch():
+    sizes = ((20.0, 0.3), (24.0, 0.3), (32.0, 0.4))
+    assert [phase_size(sizes, p) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 0.99, 1.0)] == [20, 20, 24, 24, 32, 32, 32]
+    assert phase_size((), 0.5) is None
+    images = torch.randn(4, 3, 32, 32)
+    assert (
+        resize(images, 20).shape == (4, 3, 20, 20) and resize(images, 32) is images and resize(images, None) is images
+    )
+    flat = torch.full((1, 3, 32, 32), 0.7)
+    assert torch.allclose(resize(flat, 20), torch.full((1, 3, 20, 20), 0.7))  # a shrink keeps the level

@@ -97,3 +97,27 @@ def test_sections_past_the_budget_are_skipped_and_still_reported(real_data, tmp_
     result = json.loads(next(tmp_path.glob("*-fulldata.json")).read_text())
     assert result["sections"] == dict.fromkeys(["step", "e2e-reference", "e2e-device", "step-autotune"], "skipped")
     assert [r["note"] for r in result["table"]] == ["skipped: no time left"] * 4
+
+
+def test_fast_section_reports_the_training_seconds_to_the_final_epoch_and_its_top1(real_data, tmp_path):
+    """recipe=fast at tiny sizes (a tiny net, 400 images, fp32, eager): the section's row says how long
+    training took to the final epoch, and the top-1 is the run's own."""
+    done = gpu_sh(
+        real_data,
+        tmp_path,
+        GPU_BENCH_SECTIONS="fast",
+        GPU_BENCH_FAST_PRECISION="no",
+        GPU_BENCH_FAST_COMPILE="false",
+        GPU_BENCH_FAST_ARGS="model.name=cifarnet_tiny model.whiten=false data.train_limit=400 data.test_limit=200 "
+        "data.batch_size=50 data.eval_batch_size=200 train.epochs=2",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-fulldata.json")).read_text())
+    assert result["sections"] == {"fast": "0"}
+    run = result["e2e"]["fast"]
+    assert run["summary"]["recipe"] == "fast" and run["totals"]["epochs"] == 2
+    train_seconds = sum(m["epoch_seconds"] for m in run["metrics"])
+    assert run["totals"]["train_seconds_to_final_epoch"] == pytest.approx(train_seconds)
+    last = result["table"][-1]
+    assert last["note"].startswith(f"2 epochs: {train_seconds:.1f} s of training to the final epoch")
+    assert last["test_top1"] == run["summary"]["final_test_top1"]

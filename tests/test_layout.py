@@ -17,6 +17,7 @@ LAYERS = {
     "config": 0,
     "errors": 0,
     "preemption": 0,
+    "allocator": 0,
 }
 
 

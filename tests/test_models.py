@@ -44,7 +44,7 @@ def test_flops_and_parameters_of_seresnet50_match_the_issue():
     assert flops_per_image(model) == pytest.approx(2.6e9, rel=0.01)  # "2.6 GFLOP per 32x32 image forward"
 
 
-@pytest.mark.parametrize("name", ["cifarnet_tiny", "cifarnet_s", "cifarnet_m", "cifarnet_l"])
+@pytest.mark.parametrize("name", ["cifarnet_tiny", "cifarnet_s", "cifarnet_m", "cifarnet_l", "cifarnet_fast"])
 def test_cifarnet_family_is_in_timms_registry(name):
     assert timm.is_model(name)
     model = build_model(ModelConfig(name=name, act=None, cifar_stem=True), 100)
@@ -92,3 +92,28 @@ def test_whitening_needs_a_patch_stem():
         build_model(ModelConfig(name="resnet18", whiten=True), 100)
     with pytest.raises(UserError, match="whitening 12-value patches needs 24"):
         whiten_stem(build_model(ModelConfig(name="cifarnet_tiny"), 100), torch.zeros(4, 3, 32, 32))
+
+
+def test_cifarnet_fast_is_the_speedruns_shape_and_takes_every_training_size():
+    model = build_model(ModelConfig(name="cifarnet_fast", act=None), 100)
+    assert [b.conv2.out_channels for b in model.blocks] == [64, 256, 768]
+    assert count_parameters(model) == pytest.approx(7.95e6, rel=0.01)
+    assert flops_per_image(model) == pytest.approx(0.437e9, rel=0.01)
+    for size in (16, 20, 24, 32):  # data.sizes' smallest and the speedrun's phases
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 100)
+
+
+def test_dirac_init_makes_each_conv_that_can_pass_its_input_the_identity_on_it():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cifarnet_s", act=None, init="dirac"), 100)
+    x = torch.randn(1, 128, 9, 9)
+    for block in model.blocks:  # conv1 widens (24->32, ...), conv2 keeps the width: both set
+        for conv in (block.conv1, block.conv2):
+            out = F.conv2d(x[:, : conv.in_channels], conv.weight)
+            assert torch.equal(out[:, : conv.in_channels], x[:, : conv.in_channels, 1:-1, 1:-1])
+            if conv.out_channels > conv.in_channels:  # the other filters keep their random start
+                assert conv.weight[conv.in_channels :].abs().sum() > 0
+    stem = build_model(ModelConfig(name="cifarnet_s", act=None, init="default"), 100).stem[0]
+    assert stem.kernel_size == (2, 2) and model.stem[0].weight.abs().sum() > 0  # a 2x2 patch conv: left alone
+    resnet = build_model(ModelConfig(name="resnet18", init="dirac"), 100)
+    assert torch.equal(resnet.layer1[0].conv1.weight[:, :, 1, 1], torch.eye(64))  # any timm model's convs

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import math
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 from cifar100.commands.report_page import optimizer_text, scheduler_text
-from cifar100.config import Config, OptimConfig, SchedConfig
+from cifar100.config import Config, LookaheadConfig, MuonConfig, OptimConfig, SchedConfig
 from cifar100.errors import UserError
-from cifar100.training.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer
+from cifar100.training import models  # noqa: F401  # registers cifarnet_*
+from cifar100.training.muon import MuonSGD
+from cifar100.training.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer, hidden_weights
 
 
 def _model():
@@ -130,3 +135,68 @@ def test_wsd_rate_before_its_cooldown_does_not_depend_on_the_length():
     first = [[s.lr_at(i) for i in range(30)] for s in (short, long, flat)]
     assert first[0] == first[1] == first[2]
     assert {flat.lr_at(i) for i in range(10, 400)} == {0.1}
+
+
+MUON = OptimConfig(name="muon", lr=0.2, nesterov=True, muon=MuonConfig(lr=0.05, momentum=0.6, weight_decay=0.01))
+
+
+def test_muon_takes_the_hidden_convs_and_sgd_the_stem_head_norms_and_biases_each_at_its_share_of_the_rate():
+    model = timm.create_model("cifarnet_s", num_classes=100)
+    opt = build_optimizer(model, MUON)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, rest = ([names[id(p)] for g in opt.param_groups if g["muon"] == flag for p in g["params"]] for flag in (1, 0))
+    assert sorted(muon) == sorted(f"blocks.{i}.conv{j}.weight" for i in range(3) for j in (1, 2))
+    assert "stem.0.weight" in rest and "head.weight" in rest and "head.bias" in rest
+    assert len(hidden_weights(model)) == 6
+    schedule = Schedule(opt, MUON, SchedConfig(name="cosine"), steps_per_epoch=10, epochs=2)
+    schedule.step()
+    muon_group, sgd_group = opt.param_groups
+    assert muon_group["lr"] / sgd_group["lr"] == pytest.approx(0.05 / 0.2)  # the schedule moves both together
+    assert (muon_group["momentum"], muon_group["weight_decay"]) == (0.6, 0.01)
+    assert (sgd_group["momentum"], sgd_group["nesterov"], sgd_group["weight_decay"]) == (0.9, True, 5e-4)
+
+
+def test_muon_orthogonalises_in_float32_on_the_cpu_and_steps_like_torchs_sgd_elsewhere():
+    torch.manual_seed(0)
+    conv, bias = nn.Parameter(torch.randn(8, 4, 3, 3)), nn.Parameter(torch.randn(8))
+    opt = MuonSGD([{"params": [conv], "muon": True, "lr": 0.1, "momentum": 0.0}, {"params": [bias], "lr": 0.1}])
+    conv.grad, bias.grad = torch.randn(8, 4, 3, 3), torch.randn(8)
+    before, grad = conv.detach().clone(), conv.grad.clone()
+    expected_bias = bias.detach() - 0.1 * bias.grad
+    opt.step()
+    update = (before - conv.detach()).reshape(8, 36) / 0.1
+    singular = torch.linalg.svdvals(update)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # Newton-Schulz's near-orthogonal update
+    assert torch.cosine_similarity(update.flatten(), grad.flatten(), dim=0) > 0.3
+    assert torch.allclose(bias.detach(), expected_bias)
+
+
+@pytest.mark.parametrize("optim", [MUON, OptimConfig(name="sgd", nesterov=True)], ids=["muon", "sgd"])
+def test_lookahead_and_muon_state_round_trips_exactly(optim):
+    """An optimizer rebuilt from a state_dict taken mid-run (between two slow-weight updates) goes on
+    bit for bit: Muon's buffers, Lookahead's slow weights and step count all travel in it."""
+    optim = dataclasses.replace(optim, lookahead=LookaheadConfig(steps=3, alpha=0.5))
+    torch.manual_seed(0)
+    model = timm.create_model("cifarnet_tiny", num_classes=10)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    opt = build_optimizer(model, optim)
+    train(model, opt, 4)
+    assert any("lookahead_slow_buff" in s for s in opt.state_dict()["state"].values())
+    other = copy.deepcopy(model)
+    again = build_optimizer(other, optim)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 5)
+    train(other, again, 5)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+def test_muon_needs_a_rate_to_scale():
+    with pytest.raises(UserError, match=r"optim\.lr must be above 0"):
+        build_optimizer(_model(), dataclasses.replace(MUON, lr=0.0))

@@ -205,6 +205,34 @@ def test_kill_9_mid_epoch_with_weight_averaging_then_resume_is_exact(tmp_path, r
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+SPEEDRUN = (
+    "augment.hflip=alternating",
+    "data.sizes=[[16,0.3],[24,0.3],[32,0.4]]",
+    "model.init=dirac",
+    "optim.name=muon",
+    "optim.lookahead.steps=5",
+)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [("data.pipeline=device", "train.micro_batch=20", *EMA), ("data.pipeline=reference",)],
+    ids=["device-ema-micro", "reference"],
+)
+def test_kill_9_mid_epoch_with_the_speedrun_keys_then_resume_is_exact(tmp_path, real_data, options):
+    """Alternating flips, progressive resizing (its phases change inside epochs 1 and 2), dirac init,
+    Muon with SGD and Lookahead (step 12 falls between two slow updates): killed at step 12 and
+    resumed, the run's metrics are those of the uninterrupted run."""
+    options = (*SPEEDRUN, *options)
+    finish(ONE, args(real_data, tmp_path, "whole", *options))
+    proc = start(ONE, args(real_data, tmp_path, "r", *options))
+    wait_for(tmp_path / "r" / "checkpoints" / "step-00000012" / "COMPLETE", proc)
+    kill_9(proc)
+    out = finish(ONE, args(real_data, tmp_path, "r", "resume=auto", *options))
+    assert "resuming" in out.stdout
+    assert metrics(tmp_path / "r") == metrics(tmp_path / "whole")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, real_data, baselines, sig):
     proc = start(ONE, args(real_data, tmp_path, "s", "train.checkpoint_every_steps=0"))

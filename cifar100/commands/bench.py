@@ -37,6 +37,7 @@ from cifar100.data.loader import build_train_loader, epoch_batches
 from cifar100.data.mixing import BatchMixer, soft_target_cross_entropy
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import BackgroundWriter, host_copy, save_checkpoint
+from cifar100.training.compile_cache import compiled
 from cifar100.training.engine import Engine, EpochProgress, StepRules
 from cifar100.training.memory import memory_limit
 from cifar100.training.models import build_model, flops_per_image
@@ -89,8 +90,7 @@ def _step_runner(
     model, optimizer = accelerator.prepare(model, optimizer)
     prepared = model
     if compile_mode:
-        # torch's stubs say compile returns a Callable; given a Module it returns one (an OptimizedModule).
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)  # type: ignore[assignment]
+        model = compiled(model, mode=None if compile_mode == "default" else compile_mode)
     mixer = BatchMixer.from_config(cfg.augment, NUM_CLASSES)
     images, labels = _synthetic(cfg.data.batch_size, device)
     images = images.contiguous(memory_format=memory)

@@ -43,7 +43,9 @@ def transform_text(cfg: Config) -> str:
     a = cfg.augment
     parts = [
         f"RandomCrop(32, padding={a.crop_padding})" if a.crop_padding else "",
-        f"RandomHorizontalFlip(p={value_text(a.hflip)})" if a.hflip else "",
+        ("alternating flip" if a.hflip == "alternating" else f"RandomHorizontalFlip(p={value_text(a.hflip)})")
+        if a.hflip
+        else "",
         f"RandomVerticalFlip(p={value_text(a.vflip)})" if a.vflip else "",
         f"ColorJitter({value_text(a.color_jitter)})" if a.color_jitter else "",
         f"AutoAugment ({a.autoaugment} policy)" if a.autoaugment != "none" else "",
@@ -80,6 +82,13 @@ def optimizer_text(cfg: Config) -> str:
         details.append(f"momentum {value_text(o.momentum)}" + (", Nesterov" if o.nesterov else ""))
     if o.weight_decay:
         details.append(f"weight decay {value_text(o.weight_decay)}")
+    if kind.hidden:
+        m = o.muon
+        details.append(
+            f"Muon lr {value_text(m.lr)}, momentum {value_text(m.momentum)}, {m.ns_steps} Newton-Schulz steps"
+        )
+    if o.lookahead.steps:
+        details.append(f"lookahead k {o.lookahead.steps}, alpha {value_text(o.lookahead.alpha)}")
     return f"{kind.title} ({', '.join(details)})"
 
 

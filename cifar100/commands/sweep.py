@@ -167,8 +167,9 @@ def listing(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-def run_all(sweep: Sweep) -> list[Path]:
-    """Train the runs one after another in this process: finished ones skipped, unfinished ones continued."""
+def run_all(sweep: Sweep, started: float | None = None) -> list[Path]:
+    """Train the runs one after another in this process: finished ones skipped, unfinished ones continued.
+    The first run trained counts its budget from `started` (the command's start), each other from its own."""
     folders = []
     for run in sweep.runs:
         folder = run_dir(run)
@@ -178,7 +179,8 @@ def run_all(sweep: Sweep) -> list[Path]:
             from cifar100.training.trainer import train  # heavy imports only when training
 
             print(f"sweep {sweep.name}: run {run.index} of {len(sweep.runs)}: {run.name}", flush=True)
-            folder = train(load_config(run.args[0].partition("=")[2], [*run.args[1:], "resume=auto"]))
+            cfg = load_config(run.args[0].partition("=")[2], [*run.args[1:], "resume=auto"])
+            folder, started = train(cfg, counted_from=started), None
         folders.append(folder)
     return folders
 

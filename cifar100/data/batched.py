@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cifar100.config import AugmentConfig
-from cifar100.data.reference import AUTOAUGMENT_POLICIES, normalize_batch, sample_seed
+from cifar100.data.reference import AUTOAUGMENT_POLICIES, flip_parity, mirrored, normalize_batch, sample_seed
 from cifar100.errors import UserError
 
 
@@ -309,7 +309,11 @@ class DeviceLoader:
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.crop_padding, self.hflip, self.vflip = augment.crop_padding, augment.hflip, augment.vflip
+        alternating = augment.hflip == "alternating"
+        self.crop_padding, self.vflip = augment.crop_padding, augment.vflip
+        self.hflip = 0.0 if alternating else float(augment.hflip)
+        # augment.hflip=alternating: each image's parity bit, indexed by the batch's image indices.
+        self.parity = flip_parity(seed, self.labels.numel()).to(device) if alternating else None
         self.mean, self.std, self.seed = tuple(augment.mean), tuple(augment.std), seed
         self.device = device
         self.epoch = 0
@@ -335,9 +339,9 @@ class DeviceLoader:
         for step in range(self.skip, self.skip + len(self)):
             start = step * step_size + self.rank * self.batch_size
             idx = to_device(order[start : start + self.batch_size], self.device)
-            yield self._augment(self.images[idx], step), self.labels[idx]
+            yield self._augment(self.images[idx], step, idx), self.labels[idx]
 
-    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
+    def _augment(self, images: torch.Tensor, step: int, idx: torch.Tensor) -> torch.Tensor:
         gen = _generator(self.seed, self.epoch, step, self.rank)
         b = images.shape[0]
         draws = torch.rand(2, b, generator=gen)
@@ -347,6 +351,8 @@ class DeviceLoader:
             images = random_crop(images, self.crop_padding, offsets[0], offsets[1])
         if self.hflip:
             images = flip(images, draws[0] < self.hflip, 3)
+        if self.parity is not None:
+            images = flip(images, mirrored(self.parity[idx], self.epoch), 3)
         if self.vflip:
             images = flip(images, draws[1] < self.vflip, 2)
         if self.autoaugment:

@@ -50,7 +50,9 @@ def build_train_loader(
     # Persistent workers: starting them anew every epoch costs about a second each time with 15
     # workers; the epoch reaches them through the dataset's shared-memory counter.
     return DataLoader(
-        AugmentedDataset(images, labels, train_transform(augment), seed=seed),
+        AugmentedDataset(
+            images, labels, train_transform(augment), seed=seed, alternate_flips=augment.hflip == "alternating"
+        ),
         batch_size=batch,
         shuffle=True,
         drop_last=True,

@@ -35,7 +35,7 @@ def train_transform(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor
     """
     crop_padding, hflip, vflip, color_jitter, autoaugment = (
         cfg.crop_padding,
-        cfg.hflip,
+        0.0 if isinstance(cfg.hflip, str) else cfg.hflip,  # alternating: AugmentedDataset mirrors by its parity
         cfg.vflip,
         cfg.color_jitter,
         cfg.autoaugment,
@@ -105,15 +105,30 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return h >> 1
 
 
+def flip_parity(seed: int, count: int) -> torch.Tensor:
+    """augment.hflip=alternating: per image (by its index in the training set), whether it is mirrored
+    on odd epochs (and so not on even ones), a seeded hash bit: each image alternates, half start mirrored,
+    and an epoch's mirrors depend on the seed, the epoch and the image alone (exact on any resume)."""
+    return torch.tensor([sample_seed(seed, -1, i) & 1 for i in range(count)], dtype=torch.bool)
+
+
+def mirrored(parity: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images of `parity` (flip_parity's bits, or some of them) are mirrored in `epoch`."""
+    return parity ^ bool(epoch % 2)
+
+
 class AugmentedDataset(torch.utils.data.Dataset):
     """In-memory images with a per-sample transform whose randomness depends on (seed, epoch, index) only.
 
-    images: uint8 (N, 3, H, W); labels: integer (N,). Call set_epoch before iterating each
+    images: uint8 (N, 3, H, W); labels: integer (N,). `alternate_flips`: mirror image i before its
+    transform in the epochs `mirrored` says (augment.hflip=alternating). Call set_epoch before iterating each
     epoch. The epoch lives in a shared-memory tensor, so it reaches persistent DataLoader
     workers too (each holds its own copy of the dataset, but not of that storage).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable, seed: int):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Callable, seed: int, alternate_flips: bool = False
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise UserError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(labels) != len(images):
@@ -123,6 +138,8 @@ class AugmentedDataset(torch.utils.data.Dataset):
         self.labels = [int(y) for y in labels.tolist()]
         self.transform = transform
         self.seed = seed
+        # augment.hflip=alternating: each image mirrored before its transform on every other epoch.
+        self.parity = [bool(b) for b in flip_parity(seed, len(images))] if alternate_flips else None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -145,7 +162,10 @@ class AugmentedDataset(torch.utils.data.Dataset):
         state = torch.get_rng_state()
         try:
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
-            image = self.transform(self.images[i])
+            image = self.images[i]
+            if self.parity is not None and self.parity[i] != (self.epoch % 2 == 1):  # as `mirrored`
+                image = image.flip(-1)
+            image = self.transform(image)
         finally:
             torch.set_rng_state(state)
         return image, self.labels[i]

@@ -1,7 +1,9 @@
 """A run that fits its time (`train.budget`): the plan of its optimizer steps, made from what the run
 measured of itself, and the re-plan when the machine's speed drifts.
 
-The plan counts everything from the process's start to summary.json: the start (imports, data,
+The plan counts everything from the run's start to summary.json (a command line's first run starts
+with its process; a later seed, a sweep's next run or a call from Python starts when it is called):
+the start (imports, data,
 model, compilation, the measurement itself), every optimizer step, every epoch's end (its
 evaluations, the checkpoint's hold on training, the metrics row and plots) and the finish (the
 last checkpoint's write, the summary, the end of tracking). It then picks the most optimizer
@@ -16,6 +18,8 @@ import dataclasses
 import math
 import shutil
 import subprocess
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +39,23 @@ LATE, EARLY, AIM = 1.0, 0.94, 0.97
 # requeue; the other 25 s let a run end that much later than planned (a loaded machine, the one
 # re-plan spent) without a requeue, which would cost a wait in the queue and a restart.
 SLURM_MARGIN_SECONDS = 45.0
+# Drift control projects the epoch ends left at the lower median of the latest EPOCH_END_WINDOW
+# costs, the measured one first: one slow end (a checkpoint written while the disk was busy, a
+# neighbour's burst) moves nothing; ends that stay slower move it from the second one on.
+EPOCH_END_WINDOW = 5
+
+
+def process_started() -> float:
+    """When this process started, on `time.perf_counter`'s scale: a command line's run counts its
+    Python start-up and imports too, as /proc dates the process."""
+    import psutil  # only where a command line starts a run
+
+    return time.perf_counter() - max(0.0, time.time() - psutil.Process().create_time())
+
+
+def typical_epoch_end(latest: Sequence[float]) -> float:
+    """The lower median of the latest epoch ends' seconds (see EPOCH_END_WINDOW)."""
+    return sorted(latest)[(len(latest) - 1) // 2]
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,37 @@ class StepRules:
     max_bad_steps: int = 0  # non-finite losses skipped in an epoch before NonFiniteLoss
     progress: bool = False  # the progress bar, on the main process
     micro_batch: int | None = None  # images per forward and backward; None: a process's whole batch at once
+    sizes: tuple[tuple[float, ...], ...] = ()  # data.sizes: [size, fraction of the run] phases
 
     @classmethod
     def from_config(cls, cfg: Config) -> StepRules:
         """The rules `cfg` sets."""
-        return cls(cfg.seed, cfg.train.clip_grad, cfg.train.channels_last, cfg.train.max_bad_steps, cfg.log.progress)
+        return cls(
+            cfg.seed,
+            cfg.train.clip_grad,
+            cfg.train.channels_last,
+            cfg.train.max_bad_steps,
+            cfg.log.progress,
+            sizes=cfg.data.sizes,
+        )
+
+
+def phase_size(sizes: tuple[tuple[float, ...], ...], progress: float) -> int | None:
+    """The training image size of `data.sizes` at `progress` (0..1) through the run; None without phases."""
+    reached = 0.0
+    for size, fraction in sizes:
+        reached += fraction
+        if progress < reached:
+            return int(size)
+    return int(sizes[-1][0]) if sizes else None
+
+
+def resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A normalised batch scaled to `size` px square (bilinear, antialiased when shrinking); as it is at
+    its own size or None. Scaling is linear, so it commutes with the normalisation before it."""
+    if size is None or images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 class _Batches(Protocol):
@@ -171,6 +197,12 @@ class Engine:
         for step, (images, labels) in enumerate(batches, start=state.step):
             rng = np.random.default_rng([rules.seed, epoch, step, accelerator.process_index])
             images, targets = self.mixer(images, labels, rng)
+            # Progressive resizing follows the schedule's position, so a planned or re-planned run
+            # (and a resume) passes its phases at the same share of its steps.
+            schedule = self.schedule
+            images = resize(
+                images, phase_size(rules.sizes, schedule.position(schedule.step_count) / schedule.shape_steps)
+            )
             if rules.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             stop = False

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.optim import Lookahead
 from torch import nn
 
 from cifar100.config import OptimConfig, SchedConfig
 from cifar100.errors import UserError
+from cifar100.training.muon import MuonSGD
 
 
 def _betas(cfg: OptimConfig) -> tuple[float, float]:
@@ -36,6 +38,19 @@ def _nadam(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.NAdam(groups, lr=cfg.lr, betas=_betas(cfg), foreach=on_cuda or None)
 
 
+def _muon(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.lr <= 0:
+        raise UserError("optim.name=muon: the schedule scales Muon's rate with optim.lr, so optim.lr must be above 0")
+    m = cfg.muon
+    for group in groups:
+        if group["hidden"]:
+            group.update(muon=True, lr_scale=m.lr / cfg.lr, momentum=m.momentum, nesterov=True)
+            group.update(weight_decay=m.weight_decay, ns_steps=m.ns_steps)
+        else:
+            group.update(muon=False, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return MuonSGD([{**g, "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in groups])
+
+
 @dataclass(frozen=True)
 class OptimizerKind:
     """One optimizer: its name in tables, its builder over parameter groups, and the keys it reads."""
@@ -43,6 +58,7 @@ class OptimizerKind:
     title: str
     build: Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
     momentum: bool = False  # reads optim.momentum and optim.nesterov (else optim.betas)
+    hidden: bool = False  # its groups say which hold hidden weights (group["hidden"]): Muon treats them apart
 
 
 # The registry: config validation, the training loop and the report all read it, so a new
@@ -52,6 +68,7 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
     "adam": OptimizerKind("Adam", lambda g, c: torch.optim.Adam(g, lr=c.lr, betas=_betas(c), fused=True)),
     "nadam": OptimizerKind("NAdam", _nadam),
     "adamw": OptimizerKind("AdamW", lambda g, c: torch.optim.AdamW(g, lr=c.lr, betas=_betas(c), fused=True)),
+    "muon": OptimizerKind("Muon + SGD", _muon, momentum=True, hidden=True),
 }
 
 
@@ -59,18 +76,45 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """The `optim.name` optimizer over the model's parameters, fused where torch has a kernel.
 
     Fused kernels (SGD, Adam, AdamW, on CUDA and CPU) take one launch per step and can skip a
-    step on the device (see engine); NAdam has none in torch and runs foreach on CUDA.
+    step on the device (see engine); NAdam has none in torch and runs foreach on CUDA. Muon takes
+    the hidden weights (`hidden_weights`), SGD the rest. `optim.lookahead.steps` wraps the optimizer
+    in timm's Lookahead, whose slow weights live in the wrapped optimizer's state (and checkpoints).
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    kind = OPTIMIZERS[cfg.name]
+    hidden = hidden_weights(model) if kind.hidden else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
             # Norm scales and biases are 1-D; decaying them only fights the normalisation.
-            (no_decay if cfg.no_decay_norm_bias and param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return OPTIMIZERS[cfg.name].build(groups, cfg)
+            decays = not (cfg.no_decay_norm_bias and param.ndim <= 1)
+            groups.setdefault((id(param) in hidden, decays), []).append(param)
+    order = sorted(groups, key=lambda k: (not k[0], not k[1]))  # hidden first, decayed first: a stable layout
+    built = [
+        {
+            "params": groups[k],
+            "weight_decay": cfg.weight_decay if k[1] else 0.0,
+            **({"hidden": k[0]} if kind.hidden else {}),
+        }
+        for k in order
+    ]
+    optimizer = kind.build(built, cfg)
+    if cfg.lookahead.steps:
+        optimizer = Lookahead(optimizer, alpha=cfg.lookahead.alpha, k=cfg.lookahead.steps)
+    return optimizer
+
+
+def hidden_weights(model: nn.Module) -> set[int]:
+    """The weights Muon orthogonalises: every parameter of two or more dimensions (conv filters,
+    linear matrices) except those of the first conv and the classifier that timm's `pretrained_cfg`
+    names, which map pixels in and features out rather than features to features; as their ids."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    edges = [cfg.get("first_conv") or "", cfg.get("classifier") or ""]
+    edges = [name for name in edges if isinstance(name, str) and name]
+    return {
+        id(param)
+        for name, param in model.named_parameters()
+        if param.ndim >= 2 and not any(name == e or name.startswith(e + ".") for e in edges)
+    }
 
 
 @dataclass(frozen=True)
@@ -249,4 +293,4 @@ class Schedule:
     def _apply(self) -> None:
         lr = self.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a group at its own share of the rate (Muon's)

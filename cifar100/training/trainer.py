@@ -12,16 +12,15 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
-import psutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
@@ -48,6 +47,7 @@ from cifar100.runfolder.tracking import (
 )
 from cifar100.training import budget, memory
 from cifar100.training.budget import Costs, Plan
+from cifar100.training.compile_cache import compiled
 from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import (
     Engine,
@@ -82,10 +82,15 @@ class _Paused(Exception):
     """train.pause_at_step reached mid-epoch, its checkpoint taken: the epoch loop ends here."""
 
 
-def train(cfg: Config) -> Path:
-    """Train as `cfg` says; returns the run folder (the same path on every process)."""
-    with fresh_process_state():  # one process may train several runs (seeds, a sweep, a notebook)
-        trainer = Trainer(cfg)
+def train(cfg: Config, counted_from: float | None = None) -> Path:
+    """Train as `cfg` says; returns the run folder (the same path on every process). A budget counts
+    from `counted_from` (a `time.perf_counter` value: a command line's first run passes its process's
+    start), else from this call. The stop signals are this run's from the start to the end, however
+    it ends: a stop while setting up ends it in one line too, with nothing left behind."""
+    counted_from = time.perf_counter() if counted_from is None else counted_from
+    # One process may train several runs (seeds, a sweep, a notebook): each gets it afresh.
+    with fresh_process_state(), StopFlag().installed() as stop:
+        trainer = Trainer(cfg, stop, counted_from)
         trainer.restore()
         trainer.train()
         return trainer.run_dir if trainer.paused else trainer.finish()
@@ -94,10 +99,9 @@ def train(cfg: Config) -> Path:
 class Trainer:
     """One run: built from the config, restored from a checkpoint when resuming, trained, finished."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.started = cfg, time.perf_counter()
-        # The budget counts from the process's start (imports included), not from here.
-        self.born = self.started - max(0.0, time.time() - psutil.Process().create_time())
+    def __init__(self, cfg: Config, stop: StopFlag, counted_from: float):
+        self.cfg, self.started, self.stop = cfg, time.perf_counter(), stop
+        self.counted_from = counted_from  # where the budget starts counting: at or before `started`
         if cfg.train.budget == "auto" and not os.environ.get("SLURM_JOB_ID"):
             raise UserError(
                 "train.budget=auto plans to a Slurm job's time limit, and this is not a Slurm job "
@@ -122,7 +126,9 @@ class Trainer:
             print(to_yaml(cfg), flush=True)
         build_model(cfg.model, cifar_data.NUM_CLASSES, device="meta")  # a model that cannot run: before the data
         self._build_data()
+        self._stop_if_asked()
         self._build_model()
+        self._stop_if_asked()
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -177,8 +183,7 @@ class Trainer:
         else:
             model, optimizer, self.loader = acc.prepare(model, optimizer, self.loader)
         # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
-        # torch's stubs say compile returns a Callable; given a Module it returns one (an OptimizedModule).
-        self.model: torch.nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
+        self.model: torch.nn.Module = compiled(model) if cfg.train.compile else model
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
         schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, cfg.train.steps)
         self.mixer = mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
@@ -198,6 +203,7 @@ class Trainer:
         self.fitted = False  # the micro-batch: set once, before a budget's measurement where there is one
         if cfg.train.budget != "none" and self._starts_afresh():
             self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
+            self._stop_if_asked()
             self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.start_point(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = [found.checkpoint and str(found.checkpoint)] if found else [None]  # found (and adopted): on main
@@ -215,6 +221,7 @@ class Trainer:
             self.plan = Plan.from_dict(snap.meta["plan"]) if snap.meta.get("plan") else None  # replayed, not re-made
         elif cfg.train.budget != "none" and self.plan is None:
             self._fit_memory()
+            self._stop_if_asked()
             self._plan_budget()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
         shared: list[Any] = [str(adopted.run_dir), adopted.rows] if adopted else [None, None]
@@ -234,7 +241,8 @@ class Trainer:
         self.clock = RunClock(
             self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
-        self.epoch_end_seconds: float | None = None  # measured at each epoch's end, for the budget's projection
+        # The latest epoch ends' seconds for the budget's projection, the plan's measured one first.
+        self.epoch_ends: deque[float] = deque([self.plan.costs.epoch_end] if self.plan else [], budget.EPOCH_END_WINDOW)
         # Drift control; a requeued Slurm job (auto) replays its plan in a fresh job window as it is.
         self.replans = self.plan is not None and cfg.train.replan and not (ckpt_path and cfg.train.budget == "auto")
         # The projection warning: once, by the main process; a budget run's length is its budget.
@@ -346,8 +354,22 @@ class Trainer:
         return budget.epochs_of(self.state.schedule.total_steps, self.steps_per_epoch)
 
     def _since_start(self) -> float:
-        """Seconds of this run so far: earlier starts' (before a resume) and this process's since it began."""
-        return self.wall_before + time.perf_counter() - self.born
+        """Seconds of this run so far: earlier starts' (before a resume) and this start's since it began."""
+        return self.wall_before + time.perf_counter() - self.counted_from
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any process (every process asks at the same point)."""
+        acc = self.accelerator
+        return acc.reduce(torch.tensor(float(bool(self.stop)), device=acc.device), reduction="sum").item() > 0
+
+    def _stop_if_asked(self) -> None:
+        """End a start that a stop reached before training: no folder, checkpoint or scratch is left."""
+        if self._stop_requested():
+            raise Preempted(
+                f"stopped by {self.stop.name or 'a signal on another rank'} while setting up, before "
+                "this start trained or wrote anything",
+                self.stop.signal,
+            )
 
     def _starts_afresh(self) -> bool:
         """Whether this start trains from step 0 (so a budget needs a plan): resume=none, or resume=auto
@@ -392,8 +414,12 @@ class Trainer:
         """Time this run's own parts on its real model and data, then put every part back as it was:
         a checkpoint's copy and write, optimizer steps after WARM_STEPS, one evaluation and the plots of
         its row. Every process takes part; the main process's figures are the plan's."""
+        # Never the run folder (none exists yet), and removed however the measurement ends.
+        with tempfile.TemporaryDirectory(prefix="cifar100-budget-") as scratch:
+            return self._measure_into(Path(scratch), seconds)
+
+    def _measure_into(self, scratch: Path, seconds: float) -> Costs:
         acc, cfg = self.accelerator, self.cfg
-        scratch = Path(tempfile.mkdtemp(prefix="cifar100-budget-"))  # never the run folder: none exists yet
         began = time.perf_counter()
         start = on_host(self.state.state_dict())  # what training holds still for at each checkpoint
         copied = time.perf_counter()
@@ -410,7 +436,7 @@ class Trainer:
         )
 
         def enough() -> bool:  # every process's answer counts: the engine stops them all at one step
-            if self._since_start() >= seconds:  # the budget is spent before the measurement is done
+            if self._since_start() >= seconds or self.stop:  # the budget is spent, or a stop came
                 return True
             timed = stamps[-1] - stamps[WARM_STEPS - 1] if len(stamps) > WARM_STEPS else 0.0
             return len(stamps) >= most and timed >= min(PROBE_SHARE * seconds, 30.0)
@@ -423,10 +449,10 @@ class Trainer:
             after_step=lambda _: stamps.append(time.perf_counter()),
         )
         getattr(self.loader, "end", lambda: None)()  # Accelerate's loader left mid-epoch: leave its gradient state
+        self._stop_if_asked()
         spent = [self._since_start()]
         broadcast_object_list(spent)
         if spent[0] >= seconds:  # no need to measure the rest: not even the start fits
-            shutil.rmtree(scratch, ignore_errors=True)
             raise UserError(
                 f"train.budget={budget.budget_text(seconds)} is too short for this run: {spent[0]:.1f} s had passed "
                 f"when its measurement of the rate ended ({len(stamps)} optimizer steps), before its evaluation "
@@ -444,7 +470,6 @@ class Trainer:
             rows = [{**row, "epoch": e, "train_loss": row["test_loss"], "train_top1": row["test_top1"]} for e in (1, 2)]
             plot_run(rows, scratch, "budget")
         done = time.perf_counter()
-        shutil.rmtree(scratch, ignore_errors=True)
         self.state.load_state_dict(start, Path("the run's start"))
         acc.step = 0  # Accelerate's count of micro-steps towards the next gradient sync
         warm = min(WARM_STEPS, len(stamps) - 1)
@@ -459,10 +484,6 @@ class Trainer:
 
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
-        self.stop = StopFlag()
-        # Left installed when a stop or an error ends the loop, so that a second signal during the
-        # clean-up that follows still exits at once; given back only when the run has finished.
-        self.stop.install()
         self.paused = False
         while self.state.epoch <= self.epochs:
             try:
@@ -478,16 +499,12 @@ class Trainer:
             # The row goes to disk before the checkpoint does: a checkpoint never gets ahead of the
             # metrics, and the row can say how long the checkpoint held training up.
             self.checkpoint(score=row[self.score_key], before_write=partial(self._log_held, row))
-            self.epoch_end_seconds = time.perf_counter() - ended
-            stop = self.accelerator.reduce(
-                torch.tensor(float(bool(self.stop)), device=self.accelerator.device), reduction="sum"
-            )
-            if stop.item() > 0 and self.state.epoch <= self.epochs:
+            self.epoch_ends.append(time.perf_counter() - ended)
+            if self._stop_requested() and self.state.epoch <= self.epochs:
                 self._halt(f"after epoch {self.state.epoch - 1}")
             if self._pausing() and self.state.epoch <= self.epochs:
                 self.paused = True  # at an epoch's end: its checkpoint is the pause's
                 break
-        self.stop.uninstall()
         self.flush()
         if self.paused:
             self.accelerator.print(
@@ -564,7 +581,7 @@ class Trainer:
                 self.steps_per_epoch,
                 self._since_start(),
                 timed,
-                self.epoch_end_seconds or self.plan.costs.epoch_end,
+                budget.typical_epoch_end(self.epoch_ends),
             )
             steps = budget.replan(
                 self.plan, projection, schedule.total_steps, schedule.step_count, self.steps_per_epoch, cap

@@ -39,14 +39,14 @@ def _install() -> None:
 
         for obj in result if isinstance(result, tuple) else (result,):
             if isinstance(obj, torch.nn.Module) and "model" not in seen:
-                seen.update(model=obj, accelerator=self)
+                # Rank and the bare module now: the run releases Accelerate's state before exit.
+                seen.update(model=self.unwrap_model(obj), rank=self.process_index)
         return result
 
     def report() -> None:
         if "model" in seen:
-            model = seen["accelerator"].unwrap_model(seen["model"])
-            rank, host = seen["accelerator"].process_index, socket.gethostname()
-            print(f"weights-sha256 rank={rank} host={host} {weights_sha256(model.state_dict())}", flush=True)
+            rank, host = seen["rank"], socket.gethostname()
+            print(f"weights-sha256 rank={rank} host={host} {weights_sha256(seen['model'].state_dict())}", flush=True)
 
     accelerate.Accelerator.prepare = recording_prepare
     atexit.register(report)
