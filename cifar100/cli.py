@@ -24,6 +24,7 @@ from cifar100.config import (
     available_recipes,
     from_dict,
     load_config,
+    parse_duration,
     parse_yaml,
     recipe_description,
     rules,
@@ -57,10 +58,13 @@ commands:
             the seconds a checkpoint holds training up
   report    report FOLDER|GLOB ... [out=FOLDER] [wandb=true]: compare runs (seeds as mean ± std) in
             FOLDER (default report/): report.md and a self-contained report.html; wandb=true also
-            builds a W&B Report
+            builds a W&B Report; of a search's folder (cifar100 tune): its report.md and halving.png
   sweep     sweep FILE [run|task=I] [key=value ...]: list a sweep's runs (every config checked), train
             them here one after another (finished ones skipped, unfinished continued), or print array
             task I's train.py arguments (launch/slurm/sweep.sbatch)
+  tune      tune FILE budget=DURATION [trials=N] [parallel=N] [--plan] [key=value ...]: successive
+            halving over a search file within a budget of process time, each rung scored after a
+            cooldown branch on a validation split; --plan prints the plan only (docs/tuning.md)
 
 train takes seeds=[0,1,2] to run the recipe once per seed, into <name>-s<seed> folders.
 
@@ -233,6 +237,12 @@ def cmd_report(args: list[str]) -> None:
             paths.append(arg)  # named as missing, with the other skipped paths
     out, own = take(own, "out")
     publish, own = take(own, "wandb")
+    if len(paths) == 1 and not own and out is None and publish is None:
+        from cifar100.commands.tune.report import is_search, write_report
+
+        if is_search(Path(paths[0])):
+            print(f"search report: {write_report(Path(paths[0]))} and {Path(paths[0]) / 'halving.png'}")
+            return
     if not paths:
         raise UserError("usage: cifar100 report FOLDER|GLOB ... [out=FOLDER] [wandb=true]")
     if publish not in (None, "true", "false"):
@@ -282,6 +292,57 @@ def cmd_sweep(args: list[str], started: float) -> None:
         print(sweep.listing(plan))
 
 
+def cmd_tune(args: list[str]) -> None:
+    from cifar100.commands.tune import controller
+    from cifar100.commands.tune.searchfile import load_search
+
+    plan_only = "--plan" in args
+    args = [a for a in args if a != "--plan"]
+    if not args or ("=" in args[0] and not Path(args[0]).is_file()):
+        raise UserError("usage: cifar100 tune FILE budget=DURATION [trials=N] [parallel=N] [--plan] [key=value ...]")
+    budget, rest = take(args[1:], "budget")
+    trials, rest = take(rest, "trials")
+    parallel, rest = take(rest, "parallel")
+    on_slurm, rest = take(rest, "slurm")  # launch/slurm/tune.sbatch: this is the controller's job
+    options, rest = take(rest, "sbatch")  # for the jobs the controller submits
+    rung, rest = take(rest, "rung")  # launch/slurm/tune-trial.sbatch: an array task of this rung ...
+    trial, rest = take(rest, "trial")  # ... for this trial
+    rest = [a for a in rest if a != "resume=auto"]  # a search always continues its folder
+    if budget is None:
+        raise UserError("tune needs budget=DURATION (e.g. budget=8h): the process time the whole search may spend")
+    seconds = parse_duration("budget", budget)
+    search = load_search(args[0])
+    if on_slurm not in (None, "true", "false"):
+        raise UserError(f"slurm={clip(on_slurm)}: expected true or false")
+    task = (rung is not None) + (trial is not None)
+    if task == 1 or (task and on_slurm):
+        raise UserError("rung= and trial= go together, from launch/slurm/tune-trial.sbatch only")
+    found = controller.open_search(
+        search,
+        budget,
+        seconds,
+        None if trials is None else whole_number("trials", trials, 1),
+        wandb_environment(rest) + rest,
+        1 if parallel is None else whole_number("parallel", parallel, 1),
+        plan_only,
+        existing=bool(task),
+    )
+    if found is None:
+        return
+    if task:
+        from cifar100.commands.tune import slurm
+
+        slurm.run_task(found, whole_number("rung", rung or ""), whole_number("trial", trial or ""))
+    elif on_slurm == "true":
+        from cifar100.commands.tune import slurm
+
+        command = [args[0], f"budget={budget}", *([f"trials={trials}"] if trials else [])]
+        command += [*([f"sbatch={options}"] if options else []), *rest]
+        slurm.run_controller(found, command, options or "")
+    else:
+        controller.run(found)
+
+
 def cmd_show(args: list[str]) -> None:
     recipe, overrides = split_args(args)
     print(to_yaml(load_config(recipe, wandb_environment(overrides) + overrides)), end="")
@@ -290,10 +351,20 @@ def cmd_show(args: list[str]) -> None:
 def cmd_recipes(args: list[str]) -> None:
     if args:
         raise UserError("`cifar100 recipes` takes no arguments")
+    from cifar100.training.models import recipe_flops
+
     recipes = available_recipes()
     width = max(map(len, recipes), default=0)
     for name, path in recipes.items():
+        cfg = load_config(name, [])
+        per_image, total = recipe_flops(cfg)
         print(f"{name:<{width}}  {recipe_description(path)}")
+        print(f"{'':<{width}}  reached: {cfg.reached or 'not recorded'}")
+        print(
+            f"{'':<{width}}  cost: {per_image / 1e9:.3g} GFLOP per 32-px image forward; {cfg.train.epochs} "
+            f"epochs{' (the cap: a budget plans fewer)' if cfg.train.budget != 'none' else ''} "
+            f"≈ {total / 1e15:.3g} PFLOP of training (forward and backward, 3x forward)"
+        )
 
 
 def cmd_data(args: list[str]) -> None:
@@ -397,6 +468,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "report": cmd_report,
     "bench": cmd_bench,
     "sweep": cmd_sweep,
+    "tune": cmd_tune,
 }
 
 

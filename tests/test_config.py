@@ -240,8 +240,14 @@ def test_show_prints_yaml_and_errors_exit_2_with_one_line(cli):
 def test_recipes_command_lists_descriptions(cli):
     out = cli("recipes")
     assert out.returncode == 0
-    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if not line.startswith(" ")}
     assert "81.45" in lines["best"] and "68" in lines["exp1"]
+    text = out.stdout
+    best = text[text.index("best ") : text.index("cpu ")]
+    assert "reached: 81.45 % in the report" in best
+    assert "cost: 2.6 GFLOP per 32-px image forward; 200 epochs ≈ 78 PFLOP" in best
+    fast = text[text.index("fast ") : text.index("smoke ")]
+    assert "cost: 0.437 GFLOP per 32-px image forward; 10 epochs ≈ 0.432 PFLOP" in fast  # its sizes counted
 
 
 def test_text_keys_take_the_value_as_typed_on_a_shell(cli):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -110,6 +111,30 @@ def test_every_registered_schedule_starts_at_the_peak_after_warmup_and_the_repor
     assert scheduler_text(Config(optim=OptimConfig(lr=0.2), sched=SchedConfig(name=name))) == SCHEDULES[name].describe(
         SchedConfig(name=name)
     )
+
+
+def _wsd(steps: int, cooldown: float, warmup_epochs: float = 1.0) -> Schedule:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = SchedConfig(name="wsd", warmup_epochs=warmup_epochs, warmup_lr=0.0, min_lr=0.001, cooldown=cooldown)
+    return Schedule(opt, OptimConfig(lr=0.1), sched, steps_per_epoch=10, epochs=100, steps=steps)
+
+
+def test_wsd_warms_up_holds_then_cools_down_over_its_last_share():
+    s = _wsd(100, 0.2)
+    rates = [s.lr_at(i) for i in range(100)]
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(0.05)  # warmup: one epoch of 10 steps
+    assert set(rates[10:80]) == {0.1}  # constant until the last 20 steps
+    assert rates[79] == 0.1 and 0.001 < rates[80] < 0.1  # the cooldown starts at step 80...
+    assert all(a > b for a, b in itertools.pairwise(rates[80:]))
+    assert rates[99] == pytest.approx(0.001)  # ...and ends at min_lr on the last step
+
+
+def test_wsd_rate_before_its_cooldown_does_not_depend_on_the_length():
+    # What lets one checkpoint serve a longer run and a cooldown branch: the same warmup and peak.
+    short, long, flat = _wsd(40, 0.25), _wsd(400, 0.2), _wsd(400, 0.0)
+    first = [[s.lr_at(i) for i in range(30)] for s in (short, long, flat)]
+    assert first[0] == first[1] == first[2]
+    assert {flat.lr_at(i) for i in range(10, 400)} == {0.1}
 
 
 MUON = OptimConfig(name="muon", lr=0.2, nesterov=True, muon=MuonConfig(lr=0.05, momentum=0.6, weight_decay=0.01))

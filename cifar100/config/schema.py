@@ -48,7 +48,7 @@ def setting(
 # The names of the optimizer and schedule registries (training/optim.py): the config checks a name,
 # the registry builds it, and a test holds the two to the same names.
 OPTIMIZER_NAMES = ("sgd", "adam", "nadam", "adamw", "muon")
-SCHEDULE_NAMES = ("cosine", "step", "plateau", "none")
+SCHEDULE_NAMES = ("cosine", "step", "plateau", "none", "wsd")
 
 
 # Upper bounds that keep a typo from exhausting memory or overflowing before anything useful runs.
@@ -193,6 +193,9 @@ class SchedConfig:
     step_epochs: int = setting(30, low=1, high=_MANY, doc="step: decay every this many epochs")
     gamma: float = setting(0.1, above=0.0, high=1.0, doc="step and plateau: multiply the rate by this")
     patience: int = setting(10, low=0, high=_MANY, doc="plateau: epochs without improvement before a decay")
+    cooldown: float = setting(
+        0.2, low=0.0, high=1.0, doc="wsd: the share of the run's steps, at its end, that decays the rate to min_lr"
+    )
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,13 @@ class TrainConfig:
         0, low=0, high=_MANY, launch=True, doc="also checkpoint every N optimizer steps; 0 = epoch ends only"
     )
     max_bad_steps: int = setting(0, low=0, high=_MANY, launch=True, doc="non-finite losses skipped before a stop")
+    pause_at_step: int = setting(
+        0,
+        low=0,
+        high=10**9,
+        launch=True,  # where this process stops, not what the run trains: resume=auto goes on exactly
+        doc="checkpoint at this optimizer step and exit 0 without a summary (tune's rungs); 0 = never",
+    )
     ema: EmaConfig = EmaConfig()
 
 
@@ -297,6 +307,7 @@ class Config:
     )
     recipe: str = setting("", launch=True)
     description: str = setting("", launch=True)
+    reached: str = setting("", launch=True, doc="what the recipe reached and where: `cifar100 recipes` prints it")
     seed: int = setting(0, low=0, high=_SEED_MAX)
     resume: str = setting(
         "none", launch=True, doc="none | auto (newest checkpoint of <log.dir>/<name>) | path to a checkpoint"

@@ -5,7 +5,8 @@ start in that folder when there is none), so a requeued job can always pass it. 
 checkpoint folder or a run folder: its run is continued when `<log.dir>/<name>` is that run's
 folder, and forked into a new folder otherwise (see `rundir.adopt`). A checkpoint made with
 another config is refused, naming the keys that differ, except the launch keys (where data lives,
-worker counts, logging) and the recovery keys a diverged run may need (with a warning).
+worker counts, logging), the recovery keys a diverged run may need (with a warning) and, between
+WSD runs, the length and the cooldown (LENGTH_KEYS).
 
 `start_point` changes no file of any run: it makes and locks the folder of a new or continued run,
 reads the checkpoint and checks it; everything else waits until the checkpoint has loaded.
@@ -35,6 +36,10 @@ from cifar100.runfolder.tracking import read_metrics
 # Besides the launch keys, the ways out of a diverged run that the non-finite-loss error suggests;
 # changing them on a resume is allowed, with a warning that the run is no longer one experiment.
 RECOVERY_KEYS = ("optim.lr", "train.clip_grad")
+# A WSD run's length and cooldown may change on a resume or a fork: its rate up to the checkpoint does
+# not depend on them, so a run lengthened from a checkpoint goes on exactly as one run of the new
+# length, and a cooldown can branch off the constant rate at any step (what `cifar100 tune` does).
+LENGTH_KEYS = ("train.steps", "train.epochs", "sched.cooldown")
 
 
 def start_point(resume: str, log_dir: str, name: str) -> Located:
@@ -140,6 +145,8 @@ def load(
     and check that it belongs to this config."""
     meta = read_meta(path)
     mismatched = config_differences(meta.get("config", {}), config)
+    if config.get("sched", {}).get("name") == "wsd" and meta.get("config", {}).get("sched", {}).get("name") == "wsd":
+        mismatched = [m for m in mismatched if m.split(":")[0] not in LENGTH_KEYS]
     recovery = [m for m in mismatched if m.split(":")[0] in RECOVERY_KEYS]
     mismatched = [m for m in mismatched if m not in recovery]
     if recovery:

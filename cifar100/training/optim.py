@@ -124,12 +124,26 @@ class ScheduleKind:
     rate: Callable[[Schedule, float], float]  # (schedule, steps since the warmup) -> rate
     describe: Callable[[SchedConfig], str]
     watches_loss: bool = False  # takes the selected split's loss at each epoch's end
+    # The warmup is warmup_epochs of steps whatever the run's length: WSD's, so that a run lengthened
+    # on a resume, or a cooldown branched off it, shares its warmup (the others scale it with a plan).
+    fixed_warmup: bool = False
 
 
 def _cosine(s: Schedule, since: float) -> float:
     # A planned run's last step (shape_steps - 1) is at the final rate; an epoch run's ends one step short of it.
     progress = min(1.0, since / max(1, s.shape_steps - s.warmup_steps - s.planned))
     return s.cfg.min_lr + (s.peak - s.cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _wsd(s: Schedule, since: float) -> float:
+    # Warmup, stable, decay: the peak until the last `sched.cooldown` share of the run, then (1 - sqrt)
+    # down to min_lr on the last step (Hägele et al. 2024: (1 - sqrt) beats a linear cooldown).
+    cooldown = round(s.cfg.cooldown * s.shape_steps)
+    start = s.shape_steps - cooldown - s.warmup_steps  # steps since the warmup when the cooldown begins
+    if cooldown == 0 or since < start:
+        return s.peak
+    progress = min(1.0, (since - start + 1) / cooldown)
+    return s.cfg.min_lr + (s.peak - s.cfg.min_lr) * (1 - math.sqrt(progress))
 
 
 def _num(value: float) -> str:
@@ -148,6 +162,15 @@ SCHEDULES: dict[str, ScheduleKind] = {
         watches_loss=True,
     ),
     "none": ScheduleKind(lambda s, since: s.peak, lambda c: "constant"),
+    "wsd": ScheduleKind(
+        _wsd,
+        lambda c: (
+            f"WSD (constant, then a (1 - sqrt) cooldown over the last {_num(c.cooldown * 100)} %"
+            + (f" to {_num(c.min_lr)}" if c.min_lr else "")
+            + ")"
+        ),
+        fixed_warmup=True,
+    ),
 }
 
 
@@ -187,7 +210,7 @@ class Schedule:
         self.shape_steps = self.total_steps = steps
         self.planned = planned
         self.bends: list[tuple[int, float, int]] = []  # (at step, its position in the shape, new total)
-        if planned:
+        if planned and not SCHEDULES[self.cfg.name].fixed_warmup:
             share = steps / (self.steps_per_epoch * self.epochs)
             self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch * share)
             self.step_interval: float = self.cfg.step_epochs * self.steps_per_epoch * share

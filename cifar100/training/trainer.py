@@ -68,6 +68,10 @@ from cifar100.training.train_state import TrainState
 WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
 
 
+class _Paused(Exception):
+    """train.pause_at_step reached mid-epoch, its checkpoint taken: the epoch loop ends here."""
+
+
 def train(cfg: Config, counted_from: float | None = None) -> Path:
     """Train as `cfg` says; returns the run folder (the same path on every process). A budget counts
     from `counted_from` (a `time.perf_counter` value: a command line's first run passes its process's
@@ -83,7 +87,7 @@ def train(cfg: Config, counted_from: float | None = None) -> Path:
             trainer = Trainer(cfg, stop, counted_from)
             trainer.restore()
             trainer.train()
-            return trainer.finish()
+            return trainer.run_dir if trainer.paused else trainer.finish()
 
 
 def _setting_up_failed(cfg: Config) -> str:
@@ -212,6 +216,9 @@ class Trainer:
         if ckpt_path:
             snap = resuming.load(ckpt_path, self.config_dict, found.read if found else None)
             self.state.load_state_dict(snap, ckpt_path)
+            if not snap.meta.get("plan"):  # the config's length: a WSD run may change it (resume.LENGTH_KEYS)
+                steps = cfg.train.steps or self.steps_per_epoch * cfg.train.epochs
+                self.state.schedule.lay_over(steps, planned=bool(cfg.train.steps))
             best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
             saved_plan = snap.meta.get("plan")
         elif self.time_budget.wanted and self.time_budget.plan is None:
@@ -321,9 +328,13 @@ class Trainer:
 
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
+        self.paused = False
         while self.state.epoch <= self.epochs:
             self.doing = f"training epoch {self.state.epoch}"
-            result = self.train_epoch()
+            try:
+                result = self.train_epoch()
+            except _Paused:
+                break
             if result is None:
                 self.checkpoint()
                 self._halt(f"at epoch {self.state.epoch}, batch {self.state.progress.step}")
@@ -336,7 +347,16 @@ class Trainer:
             self.time_budget.epoch_ended(time.perf_counter() - ended)
             if self._stop_requested() and self.state.epoch <= self.epochs:
                 self._halt(f"after epoch {self.state.epoch - 1}")
+            if self._pausing() and self.state.epoch <= self.epochs:
+                self.paused = True  # at an epoch's end: its checkpoint is the pause's
+                break
         self.flush()
+        if self.paused:
+            self.accelerator.print(
+                f"paused at step {self.state.schedule.step_count} (train.pause_at_step): "
+                f"{self.run_dir / 'checkpoints' / 'last'}; resume=auto goes on exactly",
+                flush=True,
+            )
 
     def train_epoch(self) -> EpochResult | None:
         """One epoch (or the rest of one, on a resume); None when a stop was requested."""
@@ -352,6 +372,10 @@ class Trainer:
             self.time_budget.after_step(state.schedule, self.clock, self.steps_per_epoch)
             if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
                 self.checkpoint()
+            if self._pausing() and progress.step < len(self.loader):  # mid-epoch: this exact position
+                self.checkpoint()
+                self.paused = True
+                raise _Paused
 
         try:
             with memory.out_of_memory_is_one_line(self._train_step_failed):
@@ -370,6 +394,11 @@ class Trainer:
                 "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
                 "with train.max_bad_steps=N"
             ) from None
+
+    def _pausing(self) -> bool:
+        """Whether `train.pause_at_step` is the step just taken (and not the run's last)."""
+        pause, schedule = self.cfg.train.pause_at_step, self.state.schedule
+        return 0 < pause == schedule.step_count < schedule.total_steps
 
     def _train_step_failed(self) -> str:
         """The out-of-memory line of a training step: where, its batch, the memory, the fix."""
