@@ -246,31 +246,34 @@ class Trainer:
         # The projection warning: once, by the main process; a budget run's length is its budget.
         self.warned = not acc.is_main_process or self.time_budget.plan is not None
         if found and adopted:  # on the main process
-            if adopted.forked:
-                self.state.totals.wandb_id = None  # a fork is a W&B run of its own
-            if not (self.run_dir / "config.yaml").is_file() or (self.run_dir / "config.yaml").read_text() != to_yaml(
-                cfg
-            ):
-                write_run_file(self.run_dir / "config.yaml", to_yaml(cfg))
-            wandb = cfg.log.wandb
-            self.state.totals.wandb_id = start_wandb(
-                acc,
-                wandb.project,
-                wandb.entity,
-                wandb.mode,
-                Path(wandb.dir) if wandb.dir else self.run_dir,
-                self.run_dir.name,
-                self.config_dict,
-                run_id=self.state.totals.wandb_id,
-            )
-            fork = f", a fork of {found.fork_of}" if adopted.forked else ""
-            self._print_header(
-                f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}{fork}"
-                if ckpt_path
-                else "new run"
-            )
+            self._announce(found, adopted, ckpt_path)
         if not self.memory_fit.fitted:  # set once, before a budget's measurement where there is one
             self._fit_memory()
+
+    def _announce(self, found: rundir.Located, adopted: rundir.Adopted, ckpt_path: Path | None) -> None:
+        """On the main process, once the folder is this run's: its config.yaml, W&B and the header line."""
+        if adopted.forked:
+            self.state.totals.wandb_id = None  # a fork is a W&B run of its own
+        config, text = self.run_dir / "config.yaml", to_yaml(self.cfg)
+        if not config.is_file() or config.read_text() != text:
+            write_run_file(config, text)
+        wandb = self.cfg.log.wandb
+        self.state.totals.wandb_id = start_wandb(
+            self.accelerator,
+            wandb.project,
+            wandb.entity,
+            wandb.mode,
+            Path(wandb.dir) if wandb.dir else self.run_dir,
+            self.run_dir.name,
+            self.config_dict,
+            run_id=self.state.totals.wandb_id,
+        )
+        fork = f", a fork of {found.fork_of}" if adopted.forked else ""
+        self._print_header(
+            f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}{fork}"
+            if ckpt_path
+            else "new run"
+        )
 
     def _fit_memory(self) -> None:
         doing, self.doing = self.doing, "fitting the micro-batch"
