@@ -8,7 +8,7 @@ to fix it.
 """
 
 from cifar100.config.parsing import apply_overrides, from_dict, load_config, parse_override, whole_number
-from cifar100.config.rules import is_launch_key, parse_duration, rules
+from cifar100.config.rules import all_keys, is_launch_key, parse_duration, rules
 from cifar100.config.schema import (
     OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
@@ -50,6 +50,7 @@ __all__ = [
     "SweepConfig",
     "TrainConfig",
     "WandbConfig",
+    "all_keys",
     "apply_overrides",
     "available_recipes",
     "flatten",
