@@ -43,10 +43,13 @@ from cifar100.training.budget import Costs, budget_text
 
 STATE = "tune.json"
 STARTUP_TRIES = 3  # a trial that fails before it trains this many times stops the search
-PROBE_BUDGET = "60s"  # the measuring run's train.budget: its rate probe takes about 1 % of it
+# The measuring run's train.budget: room for a large model's start (compilation included); its rate
+# probe then takes at least PROBE_STEPS optimizer steps and PROBE_SECONDS (1 % of it), within one
+# epoch and at most 10 x PROBE_STEPS steps (trainer.WARM_STEPS + PROBE_STEPS, PROBE_SHARE).
+PROBE_BUDGET, PROBE_SECONDS = "10m", 6.0
 CIFAR_TRAIN = 50_000
 STOPPED = (129, 130, 143)  # a stop signal reached the trial too: the controller stops with it
-PROBE_STEPS = 8  # optimizer steps a budget run's measurement takes at least (trainer.WARM_STEPS + PROBE_STEPS)
+PROBE_STEPS = 8
 
 
 @dataclass
@@ -128,7 +131,9 @@ def steps_per_epoch(cfg: Config) -> int:
     return max(1, images // cfg.data.batch_size)
 
 
-def measure(search: SearchFile, extra: list[str], values: dict[str, Any], python: list[str]) -> tuple[Costs, float]:
+def measure(
+    search: SearchFile, extra: list[str], values: dict[str, Any], python: list[str], epoch_steps: int
+) -> tuple[Costs, float]:
     """The rate of the first trial, measured by one short budget run of it in a scratch folder:
     its start, step, epoch's end and finish (summary.json's plan), and the seconds it took."""
     scratch = Path(tempfile.mkdtemp(prefix="cifar100-tune-probe-"))
@@ -146,9 +151,9 @@ def measure(search: SearchFile, extra: list[str], values: dict[str, Any], python
         if out.returncode != 0 or not summary.is_file():
             raise UserError(f"measuring the rate of trial 0 failed: {last_line(out.stderr)}")
         costs = Costs(**read_json(summary, MiB, "summary.json")["plan"]["costs"])
-        # Its start includes the rate's own measurement (trainer.WARM_STEPS + PROBE_STEPS steps at
-        # least), which a trial's process does not make.
-        start = max(costs.start / 2, costs.start - PROBE_STEPS * costs.step)
+        # Its start includes the rate's own measurement, which a trial's process does not make.
+        probe = min(max(PROBE_STEPS * costs.step, PROBE_SECONDS), min(epoch_steps, 10 * PROBE_STEPS) * costs.step)
+        start = max(costs.start / 2, costs.start - probe)
         return dataclasses.replace(costs, start=start), seconds
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -202,7 +207,7 @@ def open_search(
     if existing:
         raise UserError(f"{folder / STATE}: no such search (an array task continues one its controller started)")
     warmup = math.ceil(first.sched.warmup_epochs * steps_per_epoch(first))
-    costs, probe_seconds = measure(search, extra, settings[0], python)
+    costs, probe_seconds = measure(search, extra, settings[0], python, steps_per_epoch(first))
     plan = planning.make_plan(
         budget_seconds, len(settings), search.reduction, search.cooldown, costs, steps_per_epoch(first), warmup
     )
