@@ -154,18 +154,26 @@ def cmd_train(args: list[str], started: float) -> None:
     print(f"{len(seeds)} seeds done; compare them: cifar100 report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
 
 
+def checkpoint_args(command: str, args: list[str], *extra: str) -> tuple[dict[str, str | None], list[str]]:
+    """What eval, predict and export take alike: run=, checkpoint=, weights= and the command's `extra`
+    names, then key=value overrides; recipe= is refused, as the checkpoint's own config is used."""
+    named: dict[str, str | None] = {}
+    for key in ("run", "checkpoint", "weights", *extra):
+        named[key], args = take(args, key)
+    recipe, overrides = split_args(args)
+    if recipe is not None:
+        raise UserError(
+            f"{command} takes the config the checkpoint was trained with: drop recipe= (key=value still overrides)"
+        )
+    return named, overrides
+
+
 def cmd_eval(args: list[str]) -> None:
     from cifar100.commands.evaluation import run_eval  # heavy imports only when evaluating
     from cifar100.training.runtime import fresh_process_state
 
-    run, args = take(args, "run")
-    checkpoint, args = take(args, "checkpoint")
-    which, args = take(args, "weights")
-    recipe, overrides = split_args(args)
-    if recipe is not None:
-        raise UserError(
-            "eval takes the config the checkpoint was trained with: drop recipe= (key=value still overrides)"
-        )
+    named, overrides = checkpoint_args("eval", args)
+    run, checkpoint, which = named["run"], named["checkpoint"], named["weights"]
     if run is None and checkpoint is None:
         raise UserError(
             "usage: cifar100 eval run=FOLDER [checkpoint=best|last|PATH] [eval.tta=flip] [weights=ema] [key=value ...]"
@@ -181,12 +189,7 @@ def cmd_predict(args: list[str]) -> None:
     # An argument is an image or folder when it has no `=`, or when it names one that exists.
     inputs = [a for a in args if "=" not in a or os.path.exists(a)]
     rest = [a for a in args if a not in inputs]
-    named = {}
-    for key in ("run", "model", "checkpoint", "weights", "topk", "out", "timeout"):
-        named[key], rest = take(rest, key)
-    recipe, overrides = split_args(rest)
-    if recipe is not None:
-        raise UserError("predict takes the config the checkpoint was trained with: drop recipe=")
+    named, overrides = checkpoint_args("predict", rest, "model", "topk", "out", "timeout")
     if not inputs:
         raise UserError(
             "usage: cifar100 predict run=FOLDER|model=FILE.onnx|FILE.pt2 [checkpoint=best|last|PATH] [weights=ema] "
@@ -200,14 +203,8 @@ def cmd_predict(args: list[str]) -> None:
 def cmd_export(args: list[str]) -> None:
     from cifar100.commands.export import run_export  # heavy imports only when exporting
 
-    run, args = take(args, "run")
-    checkpoint, args = take(args, "checkpoint")
-    which, args = take(args, "weights")
-    fmt, args = take(args, "format")
-    out, args = take(args, "out")
-    recipe, overrides = split_args(args)
-    if recipe is not None:
-        raise UserError("export takes the config the checkpoint was trained with: drop recipe=")
+    named, overrides = checkpoint_args("export", args, "format", "out")
+    run, checkpoint, which, fmt, out = (named[k] for k in ("run", "checkpoint", "weights", "format", "out"))
     if run is None and checkpoint is None:
         raise UserError(
             "usage: cifar100 export run=FOLDER [checkpoint=best|last|PATH] [weights=ema] [format=onnx|pt2|all] "
