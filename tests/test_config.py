@@ -422,3 +422,25 @@ def test_speedrun_keys_take_good_values():
     )
     assert cfg.augment.hflip == "alternating" and cfg.data.sizes == ((20, 0.3), (24, 0.3), (32, 0.4))
     assert load_config("smoke", ["augment.hflip=0.25"]).augment.hflip == 0.25
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train", "recipe=FILE"], ["sweep", "FILE"], ["tune", "FILE", "budget=1h", "--plan"]],
+)
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "!!python/object/apply:os.system ['touch MARK']",
+        "!!python/name:os.system",
+        "!!python/object/new:subprocess.Popen [['touch', 'MARK']]",
+    ],
+)
+def test_a_yaml_file_that_would_run_code_is_refused_in_one_line_and_runs_nothing(tmp_path, command, payload):
+    """Recipes, sweep files and search files are read by a SafeLoader: Python tags have no constructor."""
+    mark = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"description: {payload.replace('MARK', str(mark))}\n")
+    out = run_cmd([sys.executable, "-m", "cifar100", *(a.replace("FILE", str(path)) for a in command)], cwd=tmp_path)
+    assert out.returncode == 2 and not mark.exists(), out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and "not valid YAML (could not determine a constructor" in out.stderr

@@ -19,7 +19,7 @@ import math
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,12 +114,17 @@ def fitting_steps(seconds: float, costs: Costs, steps_per_epoch: int, *, done_st
         ends = epochs_of(total, steps_per_epoch) - done_epochs
         return (total - done_steps) * costs.step + ends * costs.epoch_end
 
-    low, high = done_steps, cap  # cost(low) is within `seconds` or nothing more fits
     if cost(done_steps + 1) > seconds:
         return done_steps
+    return largest_within(cost, seconds, done_steps, cap)
+
+
+def largest_within(cost: Callable[[int], float], limit: float, low: int, high: int) -> int:
+    """The largest n in low..high whose `cost(n)` (rising with n) is within `limit`, by bisection;
+    cost(low) is taken to be within it."""
     while low < high:
         middle = (low + high + 1) // 2
-        if cost(middle) <= seconds:
+        if cost(middle) <= limit:
             low = middle
         else:
             high = middle - 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cifar100.errors import UserError
-from cifar100.training.budget import SAFETY, Costs, budget_text
+from cifar100.training.budget import SAFETY, Costs, budget_text, largest_within
 
 LARGEST = 10**9  # steps: the search's plan is bounded by its budget long before this
 
@@ -118,13 +118,7 @@ def make_plan(
             f"epoch's end, the shortest rungs (the first past its {warmup} warmup steps) need "
             f"{math.ceil(cost(least) / (1 - SAFETY))} s; give more, or fewer trials=, or a shorter sched.warmup_epochs"
         )
-    low, high = least, LARGEST
-    while low < high:
-        middle = (low + high + 1) // 2
-        if cost(middle) <= usable:
-            low = middle
-        else:
-            high = middle - 1
+    low = largest_within(cost, usable, least, LARGEST)
     rungs = tuple(_rungs(low, counts, reduction, cooldown, costs, steps_per_epoch))
     top = rungs[-1]
     rerun = _process(costs, top.steps + top.cooldown, _ends(0, top.steps + top.cooldown, steps_per_epoch, True))
