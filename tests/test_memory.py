@@ -291,3 +291,63 @@ def test_a_model_too_large_for_the_limit_is_one_line_wherever_it_runs_out(tmp_pa
         assert "Last good checkpoint: none yet" in line and "model.name" in line
     else:  # auto's trials found that not even one image's step fits
         assert line.startswith("error: train.micro_batch=auto: not even one image's training step fits"), line
+
+
+# An evaluation under a real address-space limit, in a process of its own: a wide convolution whose
+# activations take 2 MiB an image (256 channels of 32 x 32, before and after the activation), so 4096
+# images at once need about 8 GiB and 512 need 1 GiB. The limit leaves 1.5 GiB above what the process
+# has mapped once the model and the images exist.
+EVAL_UNDER_LIMIT = """
+import json, resource, sys, torch
+from accelerate import Accelerator
+from torch import nn
+from cifar100.training.evaluation import EvalSettings, evaluate
+torch.manual_seed(0)
+layers = [nn.Conv2d(3, 256, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 100)]
+model = nn.Sequential(*layers)
+images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
+labels = torch.randint(0, 100, (4096,))
+acc = Accelerator(cpu=True)
+settings = EvalSettings((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), batch_size=4096, tta_flip=True)
+exact = evaluate(model, images, labels, acc, EvalSettings((0.5,) * 3, (0.25,) * 3, batch_size=64, tta_flip=True))
+mapped = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+limit = mapped + int(float(sys.argv[1]) * 2**30)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    got = evaluate(model, images, labels, acc, settings, smaller_on_oom=sys.argv[2] == "auto")
+except MemoryError as err:
+    print(json.dumps({"error": f"MemoryError: {err}"}))
+except RuntimeError as err:
+    print(json.dumps({"error": str(err).splitlines()[0]}))
+else:
+    print(json.dumps({"batch": got.batch_size, "scores": [got.loss, got.top1, got.top5],
+                      "exact": [exact.loss, exact.top1, exact.top5], "training": model.training}))
+"""
+
+
+def _evaluate_under_limit(gib: float, mode: str) -> dict:
+    env = {**clean_environ(), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", EVAL_UNDER_LIMIT, str(gib), mode], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["auto", "fixed"])
+def test_an_evaluation_that_runs_out_of_memory_halves_its_batch_under_auto(mode):
+    """Under train.micro_batch=auto a real evaluation that runs out of memory (here 4096 images under a
+    1.5 GiB margin) is run again at half the batch until it fits, and scores exactly what a small batch
+    scores; without auto the out-of-memory error reaches the caller (the trainer's one line)."""
+    result = _evaluate_under_limit(1.5, mode)
+    if mode == "auto":
+        assert 1 <= result["batch"] <= 1024 and result["training"], result
+        assert result["scores"] == pytest.approx(result["exact"], rel=1e-6), result  # summed in another order
+    else:
+        assert set(result) == {"error"}, result
+        assert memory.is_out_of_memory(RuntimeError(result["error"])) or result["error"].startswith("MemoryError")
+
+
+def test_an_evaluation_that_does_not_fit_one_image_says_so():
+    result = _evaluate_under_limit(0.0, "auto")
+    assert result == {"error": "MemoryError: not even one image's evaluation fits"}, result

@@ -418,18 +418,27 @@ class Trainer:
     def _score_split(self, model: torch.nn.Module, split: str, images: torch.Tensor, labels: torch.Tensor):
         """One split's exact scores, at the evaluation batch the memory fitting set."""
 
+        fit = self.memory_fit
+        auto = self.cfg.train.micro_batch == "auto"
+
         def failed() -> str:
             self.writer.wait()
-            auto = self.cfg.train.micro_batch == "auto"
+            batch = 1 if auto else fit.eval_batch  # under auto the evaluation halved its batch down to one image
             return (
-                f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {self.memory_fit.eval_batch} "
-                f"images per process on {self._memory()}: {memory.fix_for_eval(self.memory_fit.eval_batch, auto)}. "
+                f"in the evaluation of {split} (epoch {self.state.epoch}) with batches of {batch} "
+                f"images per process on {self._memory()}: {memory.fix_for_eval(batch, auto)}. "
                 f"Last good checkpoint: {self.writer.last_good or 'none yet'}"
             )
 
-        settings = dataclasses.replace(self.eval_settings, batch_size=self.memory_fit.eval_batch)
+        settings = dataclasses.replace(self.eval_settings, batch_size=fit.eval_batch)
         with memory.out_of_memory_is_one_line(failed):
-            return evaluate(model, images, labels, self.accelerator, settings)
+            scores = evaluate(model, images, labels, self.accelerator, settings, smaller_on_oom=auto)
+        if scores.batch_size < fit.eval_batch:  # the trial's size did not hold once training had run
+            self.accelerator.print(
+                f"evaluation batch {scores.batch_size} images per process: {fit.eval_batch} ran out of memory"
+            )
+            fit.eval_batch = self.state.totals.eval_batch = scores.batch_size
+        return scores
 
     def _warn_if_too_long(self) -> None:
         if self.warned:
