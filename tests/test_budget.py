@@ -137,6 +137,34 @@ def test_one_slow_epoch_end_moves_nothing_and_ends_that_stay_slow_move_the_proje
     assert budget.typical_epoch_end(ends) == 30.0 and len(ends) == budget.EPOCH_END_WINDOW
 
 
+PHASES = ((20.0, 0.3, 1.0), (24.0, 0.3, 2.0), (32.0, 0.4, 4.0))  # size, share of the run, seconds per step
+
+
+def test_each_size_phase_costs_its_own_rate():
+    assert budget.rest_step(PHASES, 0.0) == pytest.approx(0.3 * 1 + 0.3 * 2 + 0.4 * 4)
+    assert budget.rest_step(PHASES, 0.45) == pytest.approx((0.15 * 2 + 0.4 * 4) / 0.55)
+    assert budget.rest_step(PHASES, 0.6) == budget.rest_step(PHASES, 1.0) == pytest.approx(4.0)
+    assert [budget.phase_at(PHASES, p) for p in (0.0, 0.29, 0.3, 0.6, 0.99, 1.0)] == [0, 0, 1, 2, 2, 2]
+    saved = json.loads(json.dumps(Costs(1.0, 2.5, 3.0, 4.0, PHASES).__dict__))  # as summary.json holds it
+    assert budget.costs_from_dict(saved) == Costs(1.0, 2.5, 3.0, 4.0, PHASES)
+    assert budget.costs_from_dict({"start": 1.0, "step": 2.0, "epoch_end": 0.0, "finish": 0.0}).phases == ()
+
+
+def test_a_run_in_its_cheap_first_phase_at_the_measured_rate_is_on_time():
+    """Drift control scales the recent rate by the phases left: in the first (20 px) phase a run that
+    steps at exactly its measured 1 s is on time, and is not lengthened as if every step cost 1 s."""
+    costs = Costs(start=0.0, step=budget.rest_step(PHASES, 0.0), epoch_end=0.0, finish=0.0, phases=PHASES)
+    plan = budget.make_plan(260.0, costs, steps_per_epoch=10, cap=10_000)
+    done = 10  # 10 steps of 1 s in the first phase
+    progress = done / plan.steps
+    as_measured = 1.0 / PHASES[0][2] * budget.rest_step(PHASES, progress)
+    on_time = budget.project(plan, plan.steps, done, 10, elapsed=10.0, step_seconds=as_measured, epoch_end_seconds=0)
+    assert budget.replan(plan, on_time, plan.steps, done, 10, cap=10_000) is None
+    naive = budget.project(plan, plan.steps, done, 10, elapsed=10.0, step_seconds=1.0, epoch_end_seconds=0)
+    planned = plan.steps
+    assert budget.replan(plan, naive, planned, done, 10, cap=10_000) > planned * 2  # what a single rate did
+
+
 @pytest.mark.parametrize(("text", "seconds"), [("1:59", 119), ("1:02:03", 3723), ("2-00:00:01", 172_801)])
 def test_slurm_time_left(text, seconds):
     assert budget.parse_slurm_time(text) == seconds
@@ -217,6 +245,24 @@ def test_a_budget_run_ends_on_time_with_its_schedule_finished(real_data, tmp_pat
     assert plan["last_step_lr"] == 0.0
     rows = metrics(tmp_path / "b")
     assert rows[-1]["epoch"] == math.ceil(plan["steps"] / 8) == _summary(tmp_path / "b")["epochs"]
+
+
+@pytest.mark.slow
+def test_a_budget_run_with_size_phases_times_each_at_its_own_size_and_ends_on_time(real_data, tmp_path):
+    """data.sizes under a budget: the measurement times each phase's steps at its own size, the plan
+    counts each at its rate, and drift control judges each phase against its own."""
+    sizes = "data.sizes=[[16,0.5],[32,0.5]]"
+    out = _train(real_data, tmp_path, "name=p", "train.budget=45s", sizes, "model.name=cifarnet_s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = _summary(tmp_path / "p")["plan"]
+    phases = plan["costs"]["phases"]
+    assert [p[:2] for p in phases] == [[16, 0.5], [32, 0.5]] and phases[0][2] < phases[1][2], phases
+    assert plan["costs"]["step"] == pytest.approx(0.5 * phases[0][2] + 0.5 * phases[1][2])
+    assert f"{phases[0][2]:.3g} s at 16 px, {phases[1][2]:.3g} s at 32 px" in out.stdout, out.stdout
+    eval_seconds = max(r["eval_seconds"] for r in metrics(tmp_path / "p"))
+    assert plan["ended_seconds"] <= 45 * 1.1 + eval_seconds, (plan, out.stdout[-2000:])
+    assert plan["ended_seconds"] >= 45 * 0.9 or plan["capped"], (plan, out.stdout[-2000:])
+    assert plan["last_step_lr"] == 0.0
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def _tune(real_data: Path, log: Path, *extra: str) -> list[str]:
         "cifar100",
         "tune",
         "sweeps/tune-smoke.yaml",
-        "budget=4m",
+        "budget=2m",
         f"data.root={real_data}",
         f"log.dir={log}",
         *extra,

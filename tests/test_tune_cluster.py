@@ -18,7 +18,7 @@ def test_search_runs_one_array_per_rung_and_the_controller_after_each(one_node):
     first = one_node.sbatch(
         "launch/slurm/tune.sbatch",
         "sweeps/tune-smoke.yaml",
-        "budget=4m",
+        "budget=2m",
         f"data.root={REAL_DATA}",
         f"log.dir={one_node.out}",
         f"sbatch={options}",

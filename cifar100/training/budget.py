@@ -66,6 +66,9 @@ class Costs:
     step: float  # one optimizer step, after warm-up
     epoch_end: float  # one epoch's end: evaluations, the checkpoint's hold on training, the row
     finish: float  # the last checkpoint's write, and the summary and tracking's end
+    # Under data.sizes, (size, fraction of the run, seconds per optimizer step) of each phase, each
+    # measured at its own size; `step` is then their mean over the whole run.
+    phases: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass
@@ -88,10 +91,38 @@ class Plan:
         return cls(
             saved["budget_seconds"],
             int(saved["steps"]),
-            Costs(**saved["costs"]),
+            costs_from_dict(saved["costs"]),
             bool(saved["capped"]),
             list(saved.get("replans", [])),
         )
+
+
+def costs_from_dict(saved: dict[str, Any]) -> Costs:
+    """The costs `dataclasses.asdict` saved (JSON turns the phases into lists)."""
+    return Costs(**{**saved, "phases": tuple(tuple(p) for p in saved.get("phases", ()))})
+
+
+def phase_at(phases: Sequence[tuple[float, float, float]], progress: float) -> int:
+    """The index of the phase the run is in at `progress` (0..1 of its schedule's shape)."""
+    reached = 0.0
+    for index, (_, fraction, _) in enumerate(phases):
+        reached += fraction
+        if progress < reached:
+            return index
+    return len(phases) - 1
+
+
+def rest_step(phases: Sequence[tuple[float, float, float]], progress: float) -> float:
+    """The mean seconds per optimizer step over the rest of the run from `progress` (0..1 of its
+    shape), each phase at its own rate. A re-plan lays the rest of the shape over however many steps
+    are left, so each phase keeps its share of them whatever their number."""
+    if progress >= 1.0:
+        return phases[-1][2]
+    start, total = 0.0, 0.0
+    for _, fraction, seconds in phases:
+        total += max(0.0, start + fraction - max(start, progress)) * seconds
+        start += fraction
+    return total / (1.0 - progress)
 
 
 def epochs_of(steps: int, steps_per_epoch: int) -> int:

@@ -69,6 +69,7 @@ class TimeBudget:
         self.follows_drift = False  # re-plans when the projected end leaves the budget's band
         # The latest epoch ends' seconds for the projection, the plan's measured one first.
         self.epoch_ends: deque[float] = deque(maxlen=budget.EPOCH_END_WINDOW)
+        self.phase = 0  # the data.sizes phase the latest drift check saw
 
     @property
     def wanted(self) -> bool:
@@ -112,8 +113,10 @@ class TimeBudget:
         self.plan = plan = budget.make_plan(seconds, costs, steps_per_epoch, cap)
         run.state.schedule.lay_over(plan.steps)
         c, steps, epochs = costs, plan.steps, budget.epochs_of(plan.steps, steps_per_epoch)
+        at_sizes = ", ".join(f"{step:.3g} s at {size:g} px" for size, _, step in c.phases)
+        per_step = f"{c.step:.3g} s per optimizer step" + (f" over the run ({at_sizes})" if at_sizes else "")
         acc.print(
-            f"budget {budget.budget_text(seconds)}: measured {c.step:.3g} s per optimizer step, {c.epoch_end:.2f} s "
+            f"budget {budget.budget_text(seconds)}: measured {per_step}, {c.epoch_end:.2f} s "
             f"per epoch's end (evaluation and checkpoint), {c.start:.1f} s to start; planned {steps} steps = "
             f"{steps / steps_per_epoch:.2f} epochs{' (all of train.epochs)' if plan.capped else ''}, "
             f"{steps * c.step:.0f} s of steps, {epochs * c.epoch_end:.0f} s for {epochs} epoch ends, "
@@ -132,7 +135,10 @@ class TimeBudget:
         if acc.is_main_process:
             save_checkpoint(scratch, "probe", start.weights, start.state, {**start.meta, "config": {}}, ema=start.ema)
         written = time.perf_counter()
-        stamps, lr = self._time_steps(run, seconds)
+        # Each data.sizes phase's steps timed at its own size, the probe's time shared between them.
+        sizes = cfg.data.sizes or ((None, 1.0),)
+        timed = [self._time_steps(run, seconds, size, len(sizes)) for size, _ in sizes]
+        lr = timed[-1][1]
         scored = time.perf_counter()
         row: dict = {"epoch": 1, "lr": lr}
         # A few batches of each split stand for the whole evaluation, whose cost is per batch.
@@ -147,25 +153,31 @@ class TimeBudget:
         done = time.perf_counter()
         run.state.load_state_dict(start, Path("the run's start"))
         acc.step = 0  # Accelerate's count of micro-steps towards the next gradient sync
-        warm = min(WARM_STEPS, len(stamps) - 1)
-        step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm) if warm > 0 else scored - written
+        steps = [_step_seconds(phase_stamps, phase_began) for phase_stamps, _, phase_began in timed]
+        phases = tuple((size, fraction, step) for (size, fraction), step in zip(cfg.data.sizes, steps))
+        step = sum(fraction * step for _, fraction, step in phases) if phases else steps[0]
         scale = batches / min(batches, PROBE_EVAL_BATCHES)
         epoch_end = (evaluated - scored) * scale + (done - evaluated) + (copied - began)
         tracking = budget.WANDB_FINISH_SECONDS if cfg.log.wandb.mode != "disabled" else budget.FINISH_SECONDS
         finish = (written - copied) + tracking
-        return main_decides(acc, lambda: Costs(self.since_start(), step, epoch_end, finish))
+        return main_decides(acc, lambda: Costs(self.since_start(), step, epoch_end, finish, phases))
 
-    def _time_steps(self, run: MeasuredRun, seconds: float) -> tuple[list[float], float]:
-        """The times at which the run's own optimizer steps ended, on a schedule of the probe's length,
-        and that schedule's rate at its end; a UserError once the budget is spent before they end."""
+    def _time_steps(
+        self, run: MeasuredRun, seconds: float, size: float | None, probes: int
+    ) -> tuple[list[float], float, float]:
+        """The times at which the run's own optimizer steps ended (at `size` px, one of `probes` that
+        share the probe's time; None: as the run trains), on a schedule of the probe's length, that
+        schedule's rate at its end, and when the probe began; a UserError once the budget is spent."""
         acc, cfg, steps_per_epoch = self.accelerator, self.cfg, run.steps_per_epoch
         stamps: list[float] = []
+        began = time.perf_counter()
         most = WARM_STEPS + PROBE_STEPS
         limit = min(steps_per_epoch, 10 * most)  # the probe stays inside one epoch of batches
         probe = Schedule(run.state.optimizer, cfg.optim, cfg.sched, steps_per_epoch, cfg.train.epochs, limit)
         # The run's own engine (its micro-batches included) on a schedule of the probe's length.
         own = run.engine
-        quiet = dataclasses.replace(own.rules, progress=False)
+        sizes = own.rules.sizes if size is None else ((size, 1.0),)
+        quiet = dataclasses.replace(own.rules, progress=False, sizes=sizes)
         engine = Engine(own.model, own.optimizer, probe, own.mixer, own.accelerator, quiet, own.ema)
         engine.micro_batch = own.micro_batch
 
@@ -173,7 +185,7 @@ class TimeBudget:
             if self.since_start() >= seconds or run.stop:  # the budget is spent, or a stop came
                 return True
             timed = stamps[-1] - stamps[WARM_STEPS - 1] if len(stamps) > WARM_STEPS else 0.0
-            return len(stamps) >= most and timed >= min(PROBE_SHARE * seconds, 30.0)
+            return len(stamps) >= most and timed >= min(PROBE_SHARE * seconds, 30.0) / probes
 
         engine.train_epoch(
             1,
@@ -191,7 +203,7 @@ class TimeBudget:
                 f"when its measurement of the rate ended ({len(stamps)} optimizer steps), before its evaluation "
                 "and before any training; give it several times that"
             )
-        return stamps, probe.lr
+        return stamps, probe.lr, began
 
     def restored(self, saved: dict | None, earlier: float, resumed: bool) -> None:
         """Hook once the start point has loaded: a resume's plan replayed as the checkpoint holds it (not
@@ -223,6 +235,15 @@ class TimeBudget:
         # window): RECENT_STEPS timed since, and a measured epoch's end once one has come (the plan's before).
         if timed is None or len(clock.recent) < RECENT_STEPS:
             return
+        phases = plan.costs.phases
+        if phases:  # under data.sizes: the recent rate is the current phase's; each later one costs its own
+            progress = schedule.position(schedule.step_count) / schedule.shape_steps
+            phase = budget.phase_at(phases, progress)
+            if phase != self.phase:  # the window holds the last phase's steps: time the new size's first
+                self.phase = phase
+                clock.restart_window()
+                return
+            timed = timed / phases[phase][2] * budget.rest_step(phases, progress)
         cap = cfg.train.steps or steps_per_epoch * cfg.train.epochs
 
         def decide() -> dict | None:  # on the main process: its projection (and plan) decide
@@ -269,3 +290,11 @@ class TimeBudget:
                 "ended_seconds": round(self.since_start(), 2),
             }
         }
+
+
+def _step_seconds(stamps: list[float], began: float) -> float:
+    """Seconds per optimizer step after the warm-up steps (over every step, from `began`, when too few)."""
+    warm = min(WARM_STEPS, len(stamps) - 1)
+    if warm > 0:
+        return (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm)
+    return ((stamps[-1] if stamps else began) - began) / max(1, len(stamps))

@@ -39,7 +39,7 @@ from cifar100.errors import UserError, clip
 from cifar100.preemption import Preempted
 from cifar100.runfolder.checkpoint import PREFIX, is_complete, step_tag
 from cifar100.runfolder.safe_files import MiB, read_json, write_atomic
-from cifar100.training.budget import Costs, budget_text
+from cifar100.training.budget import Costs, budget_text, costs_from_dict
 
 STATE = "tune.json"
 STARTUP_TRIES = 3  # a trial that fails before it trains this many times stops the search
@@ -150,7 +150,7 @@ def measure(
         summary = scratch / "trials" / "probe" / "summary.json"
         if out.returncode != 0 or not summary.is_file():
             raise UserError(f"measuring the rate of trial 0 failed: {last_line(out.stderr)}")
-        costs = Costs(**read_json(summary, MiB, "summary.json")["plan"]["costs"])
+        costs = costs_from_dict(read_json(summary, MiB, "summary.json")["plan"]["costs"])
         # Its start includes the rate's own measurement, which a trial's process does not make.
         probe = min(max(PROBE_STEPS * costs.step, PROBE_SECONDS), min(epoch_steps, 10 * PROBE_STEPS) * costs.step)
         start = max(costs.start / 2, costs.start - probe)

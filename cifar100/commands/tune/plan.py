@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cifar100.errors import UserError
-from cifar100.training.budget import SAFETY, Costs, budget_text, largest_within
+from cifar100.training.budget import SAFETY, Costs, budget_text, costs_from_dict, largest_within
 
 LARGEST = 10**9  # steps: the search's plan is bounded by its budget long before this
 
@@ -63,7 +63,7 @@ class SearchPlan:
     def from_dict(cls, saved: dict[str, Any]) -> SearchPlan:
         """The plan `to_dict` saved."""
         return cls(
-            **{**saved, "rungs": tuple(Rung(**r) for r in saved["rungs"]), "costs": Costs(**saved["costs"])},
+            **{**saved, "rungs": tuple(Rung(**r) for r in saved["rungs"]), "costs": costs_from_dict(saved["costs"])},
         )
 
 
