@@ -205,38 +205,18 @@ class Trainer:
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
         self.doing = "loading the checkpoint and opening the run folder"
         if self.time_budget.wanted and self.time_budget.starts_afresh():
-            self._fit_memory()  # the rate to measure is that of the micro-batches the run will train in
-            self.stop_if_asked()
-            self._plan_budget()  # before any folder exists: a budget too short for one step leaves none
+            self._fit_and_plan()  # before any folder exists: a budget too short for one step leaves none
         found = resuming.start_point(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = main_decides(acc, lambda: found.checkpoint and str(found.checkpoint) if found else None)
         ckpt_path = Path(located) if located else None
         self.config_dict = to_dict(cfg)
-        best_score, saved_plan = -1.0, None
-        if ckpt_path:
-            snap = resuming.load(ckpt_path, self.config_dict, found.read if found else None)
-            self.state.load_state_dict(snap, ckpt_path)
-            if not snap.meta.get("plan"):  # the config's length: a WSD run may change it (resume.LENGTH_KEYS)
-                steps = cfg.train.steps or self.steps_per_epoch * cfg.train.epochs
-                self.state.schedule.lay_over(steps, planned=bool(cfg.train.steps))
-            best_score = snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0))
-            saved_plan = snap.meta.get("plan")
-        elif self.time_budget.wanted and self.time_budget.plan is None:
-            self._fit_memory()
-            self.stop_if_asked()
-            self._plan_budget()  # resume=auto found no checkpoint that loads
+        best_score, saved_plan = self._load(ckpt_path, found) if ckpt_path else (-1.0, None)
+        if not ckpt_path and self.time_budget.wanted and self.time_budget.plan is None:
+            self._fit_and_plan()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
         run_dir, self.rows = main_decides(acc, lambda: (str(adopted.run_dir), adopted.rows) if adopted else ("", []))
         self.run_dir = Path(run_dir)  # the main process always has a start point, and so a folder
-        ckpt_dir = self.run_dir / "checkpoints"
-        # No best weights on disk (a fork from before its source's best epoch): any score beats none.
-        self.writer = CheckpointWriter(
-            ckpt_dir,
-            cfg.train.keep_last,
-            ckpt_path and ckpt_dir / ckpt_path.name,
-            best_score if (ckpt_dir / "best").exists() else -1.0,
-            select=cfg.train.ema.select,
-        )
+        self.writer = self._open_writer(ckpt_path, best_score)
         self.wall_before = self.state.totals.wall_seconds
         done = self.state.totals.epochs_done
         self.clock = RunClock(
@@ -249,6 +229,35 @@ class Trainer:
             self._announce(found, adopted, ckpt_path)
         if not self.memory_fit.fitted:  # set once, before a budget's measurement where there is one
             self._fit_memory()
+
+    def _fit_and_plan(self) -> None:
+        """Fit the micro-batch, then plan the budget: the rate to measure is that of the micro-batches
+        the run will train in."""
+        self._fit_memory()
+        self.stop_if_asked()
+        self._plan_budget()
+
+    def _load(self, ckpt_path: Path, found: rundir.Located | None) -> tuple[float, dict | None]:
+        """Load the checkpoint a resume starts from: its best score so far and the budget plan it holds."""
+        cfg = self.cfg
+        snap = resuming.load(ckpt_path, self.config_dict, found.read if found else None)
+        self.state.load_state_dict(snap, ckpt_path)
+        if not snap.meta.get("plan"):  # the config's length: a WSD run may change it (resume.LENGTH_KEYS)
+            steps = cfg.train.steps or self.steps_per_epoch * cfg.train.epochs
+            self.state.schedule.lay_over(steps, planned=bool(cfg.train.steps))
+        return snap.meta.get("best_score", snap.meta["totals"].get("best_top1", -1.0)), snap.meta.get("plan")
+
+    def _open_writer(self, ckpt_path: Path | None, best_score: float) -> CheckpointWriter:
+        """The run folder's checkpoint writer, its last good checkpoint the one this start loaded."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        # No best weights on disk (a fork from before its source's best epoch): any score beats none.
+        return CheckpointWriter(
+            ckpt_dir,
+            self.cfg.train.keep_last,
+            ckpt_path and ckpt_dir / ckpt_path.name,
+            best_score if (ckpt_dir / "best").exists() else -1.0,
+            select=self.cfg.train.ema.select,
+        )
 
     def _announce(self, found: rundir.Located, adopted: rundir.Adopted, ckpt_path: Path | None) -> None:
         """On the main process, once the folder is this run's: its config.yaml, W&B and the header line."""
