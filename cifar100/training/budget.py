@@ -90,7 +90,7 @@ class Plan:
             int(saved["steps"]),
             Costs(**saved["costs"]),
             bool(saved["capped"]),
-            list(saved.get("replans", [])),
+            list(saved["replans"]),
         )
 
 
