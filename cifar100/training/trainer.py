@@ -1,8 +1,11 @@
 """A training run from a config to a finished run folder, as one object whose methods read in order.
 
-`Trainer(cfg)` sets up (Accelerator, data, model, optimizer, schedule, mixer: everything checked
+`Trainer(cfg)` builds (Accelerator, data, model, optimizer, schedule, engine: everything checked
 before a folder exists); `restore()` picks the run folder and, on a resume, loads the train state;
-`train()` runs the epochs (train, evaluate, log, checkpoint) and `finish()` writes the summary.
+`train()` runs the epochs (train, score, log, checkpoint) and `finish()` writes the summary. What
+lives beside the loop is a component in a module of its own, called through a few named methods: the
+time budget (time_budget.py), the micro-batch (memory_fit.py), stops and pauses (stops.py), the held-out scores
+(scoring.py), the files and lines of the run (run_record.py), the out-of-memory lines (oom_lines.py).
 A signal or a non-finite loss ends the loop early, after a checkpoint or naming the last good one.
 """
 
@@ -11,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -35,7 +37,7 @@ from cifar100.training import budget, memory, oom_lines
 from cifar100.training.compile_cache import compiled
 from cifar100.training.ema import WeightAverage
 from cifar100.training.engine import Engine, EpochResult, NonFiniteLoss, StepRules
-from cifar100.training.eta import RunClock, too_long
+from cifar100.training.eta import LengthWarning, RunClock
 from cifar100.training.evaluation import EvalSettings
 from cifar100.training.memory_fit import MemoryFit
 from cifar100.training.models import build_model, model_for_run
@@ -82,6 +84,7 @@ class Trainer:
     def __init__(self, cfg: Config, stop: StopFlag, counted_from: float):
         self.cfg, self.started, self.stop = cfg, time.perf_counter(), stop
         self.doing = "setting up the data, model and optimizer"  # what an out of memory interrupted
+        self.paused = False  # whether train() ended at train.pause_at_step, its checkpoint taken
         refuse_auto_outside_slurm(cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -183,8 +186,8 @@ class Trainer:
             self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
         )
         self.time_budget.restored(saved_plan, self.wall_before, resumed=ckpt_path is not None)
-        # The projection warning: once, by the main process; a budget run's length is its budget.
-        self.warned = not acc.is_main_process or self.time_budget.plan is not None
+        quiet = not acc.is_main_process or self.time_budget.plan is not None
+        self.length_warning = LengthWarning(cfg.log.warn_hours, self.device_type, given=quiet)
         if found and adopted:  # on the main process
             self._announce(found, adopted, ckpt_path)
         if not self.memory_fit.fitted:  # set once, before a budget's measurement where there is one
@@ -257,7 +260,6 @@ class Trainer:
 
     def train(self) -> None:
         """Train the remaining epochs; raise Preempted after a stop's checkpoint."""
-        self.paused = False
         while self.state.epoch <= self.epochs:
             self.doing = f"training epoch {self.state.epoch}"
             try:
@@ -290,14 +292,15 @@ class Trainer:
     def train_epoch(self) -> EpochResult | None:
         """One epoch (or the rest of one, on a resume); None when a stop was requested."""
         cfg, state = self.cfg, self.state
-        self.lr = state.schedule.lr_at(state.schedule.step_count - state.progress.step // cfg.train.grad_accum)
+        # The rate at the epoch's first step (a resume's too): its row's lr.
+        self.epoch_lr = state.schedule.lr_at(state.schedule.step_count - state.progress.step // cfg.train.grad_accum)
         batches = epoch_batches(self.loader, state.epoch, state.progress.step, self.accelerator)
         every = cfg.train.checkpoint_every_steps
         self.clock.start_epoch()
 
         def after_step(progress) -> None:
             self.clock.step(state.schedule.step_count)
-            self._warn_if_too_long()
+            self.length_warning.check(self.clock, self.wall_before + time.perf_counter() - self.started)
             self.time_budget.after_step(state.schedule, self.clock, self.steps_per_epoch)
             if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
                 self.checkpoint()
@@ -340,20 +343,11 @@ class Trainer:
         last = str(self.writer.last_good or "none yet")
         return oom_lines.in_evaluation(where, batch, auto, self.accelerator.device, last)
 
-    def _warn_if_too_long(self) -> None:
-        if self.warned:
-            return
-        elapsed = self.wall_before + time.perf_counter() - self.started
-        message = too_long(self.clock, elapsed, self.cfg.log.warn_hours, self.device_type)
-        if message:
-            warnings.warn(message, stacklevel=1)
-            self.warned = True
-
     def evaluate(self, result: EpochResult) -> dict:
         """The epoch's metrics row: training figures, then every held-out split scored exactly, by
         the model and (as `ema_<split>_*`) by the averaged weights."""
         began = time.perf_counter()
-        row = {"epoch": self.state.epoch, "lr": self.lr, "train_loss": result.loss, "train_top1": result.top1}
+        row = {"epoch": self.state.epoch, "lr": self.epoch_lr, "train_loss": result.loss, "train_top1": result.top1}
         self.score(row)
         row.update(
             epoch_seconds=result.seconds,
