@@ -377,9 +377,9 @@ def test_a_stopped_run_called_from_python_gives_the_signals_back(real_data, tmp_
     the one after killed the interpreter)."""
     from cifar100.cli import main
     from cifar100.data import cifar
-    from cifar100.training import trainer
+    from cifar100.training import run_record
 
-    module, name = (cifar, "load") if when == "setup" else (trainer, "append_metrics")
+    module, name = (cifar, "load") if when == "setup" else (run_record, "append_metrics")
     real = getattr(module, name)
 
     def interrupted(*args, **kwargs):

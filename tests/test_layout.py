@@ -75,3 +75,19 @@ def test_no_import_circles():
         if module not in seen:
             circle = visit(module, [module])
             assert circle is None, " -> ".join(circle)
+
+
+MOST_LINES = 50  # issue 30: a function longer than this is read in more than one sitting
+
+
+def test_no_function_over_fifty_lines():
+    """Counted from the `def` line (decorators apart) to the function's last line, docstring included."""
+    long = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MOST_LINES
+    ]
+    assert not long, long

@@ -272,6 +272,9 @@ def step_memory(cfg: Config, precision: str, sizes: tuple[int, int] = (16, 64)) 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
+_Choice = tuple[str, bool, str | None, str, bool]  # (precision, channels_last, compile mode, loop, autotune)
+
+
 def bench_step(
     cfg: Config,
     steps: int,
@@ -290,17 +293,7 @@ def bench_step(
     save what was measured before a later variant fails or runs out of time."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    precisions = ["bf16", "no"] if cuda else ["no"]
-    first = precisions[0]
-    # (precision, channels_last, compile mode, loop, autotune)
-    grid: list[tuple[str, bool, str | None, str, bool]] = [(first, True, None, "engine", True)]
-    if eager_grid:
-        grid = [(p, cl, None, "engine", True) for p in precisions for cl in (True, False)]
-        grid += [(first, True, None, "plain", True)] + [(first, True, None, "engine", False)] * cuda
-    grid += [(first, True, mode, "engine", True) for mode in compile_modes]
-    own = _own_choice(cfg, cuda, compile_modes)
-    if own not in grid:
-        grid.append(own)
+    grid = _grid(cfg, cuda, compile_modes, eager_grid)
     profiled = next((g for g in grid if g[2]), grid[0]) if profile_path else None
     flops = flops_per_image(build_model(cfg.model, NUM_CLASSES))
     peaks = {p: matmul_peak(device, _DTYPES[p]) for p in {g[0] for g in grid}}
@@ -318,29 +311,47 @@ def bench_step(
             autotune,
             profile_path if choice == profiled else None,
         )
-        achieved = rate * 3 * flops  # forward + backward ~ 3x the forward FLOPs
-        rows.append(
-            {
-                "model": cfg.model.name,
-                "batch": cfg.data.batch_size,
-                "precision": precision,
-                "channels_last": channels_last,
-                "compile": mode is not None,
-                "compile_mode": mode,
-                "loop": loop,
-                "cudnn_benchmark": autotune if cuda else None,
-                "images_per_second": rate,
-                "tflops": achieved / 1e12,
-                "mfu": achieved / peaks[precision],
-                "matmul_peak_tflops": peaks[precision] / 1e12,
-                "host_waits_per_step": waits,
-                "graph_breaks": breaks,
-            }
-        )
+        measured = {"host_waits_per_step": waits, "graph_breaks": breaks}
+        rows.append({**_grid_row(cfg, choice, rate, flops, peaks[precision]), **measured})
         if kernels is not None:
             rows[-1]["top_kernels"] = kernels
         on_row(rows)
     return rows
+
+
+def _grid(cfg: Config, cuda: bool, compile_modes: tuple[str, ...], eager_grid: bool) -> list[_Choice]:
+    """bench_step's variants in the order they run, the recipe's own choice among them."""
+    precisions = ["bf16", "no"] if cuda else ["no"]
+    first = precisions[0]
+    grid: list[_Choice] = [(first, True, None, "engine", True)]
+    if eager_grid:
+        grid = [(p, cl, None, "engine", True) for p in precisions for cl in (True, False)]
+        grid += [(first, True, None, "plain", True)] + [(first, True, None, "engine", False)] * cuda
+    grid += [(first, True, mode, "engine", True) for mode in compile_modes]
+    own = _own_choice(cfg, cuda, compile_modes)
+    if own not in grid:
+        grid.append(own)
+    return grid
+
+
+def _grid_row(cfg: Config, choice: _Choice, rate: float, flops: float, peak: float) -> dict:
+    """One variant's row up to its MFU: `rate` images/s of `flops` per image's forward, against `peak` FLOP/s."""
+    precision, channels_last, mode, loop, autotune = choice
+    achieved = rate * 3 * flops  # forward + backward ~ 3x the forward FLOPs
+    return {
+        "model": cfg.model.name,
+        "batch": cfg.data.batch_size,
+        "precision": precision,
+        "channels_last": channels_last,
+        "compile": mode is not None,
+        "compile_mode": mode,
+        "loop": loop,
+        "cudnn_benchmark": autotune if torch.cuda.is_available() else None,
+        "images_per_second": rate,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / peak,
+        "matmul_peak_tflops": peak / 1e12,
+    }
 
 
 def compile_modes(text: str | None) -> tuple[str, ...]:
@@ -363,7 +374,7 @@ def compile_modes(text: str | None) -> tuple[str, ...]:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
-def _own_choice(cfg: Config, cuda: bool, compile_modes: tuple[str, ...]) -> tuple[str, bool, str | None, str, bool]:
+def _own_choice(cfg: Config, cuda: bool, compile_modes: tuple[str, ...]) -> _Choice:
     """The grid entry of what training with this recipe runs (fp32 off CUDA, as training falls back;
     compiled in the default mode as training compiles, unless compiling was switched off here)."""
     compiled = "default" if cfg.train.compile and compile_modes else None

@@ -64,12 +64,7 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
     """Read, expand, name and validate a sweep file; `extra` are command-line key=value for every run."""
     path = Path(path)
     spec = _read(path)
-    name = spec.get("name")
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise UserError(
-            f"{path}: name: expected a word of letters, digits, '.', '_' or '-' that starts with a letter or "
-            f"digit (it starts every run folder's name), got {shown(name)}"
-        )
+    name = _sweep_name(path, spec.get("name"))
     fixed = _mapping(path, spec, "overrides")
     sets = _override_sets(path, spec.get("runs"))
     grid = _grid(path, spec.get("grid"))
@@ -77,28 +72,9 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
     extra_keys = _check_extra(path, extra)
     for key in (*fixed, *grid, *(k for s in sets for k in s)):
         _check_key(path, key, in_runs=key not in fixed, seeds=seeds)
-
-    for s in sets:
-        clash = set(s) & set(grid)
-        if clash:
-            raise UserError(f"{path}: {min(clash)} is both in runs and in grid: give it in one of them")
-    count = len(sets) * math.prod(len(v) for v in grid.values()) * max(len(seeds), 1)
-    if count > MAX_RUNS:
-        sizes = " x ".join(str(len(v)) for v in grid.values()) or "1"
-        raise UserError(
-            f"{path}: {count} runs ({len(sets)} override set(s) x {sizes} grid values x {max(len(seeds), 1)} "
-            f"seed(s)); a sweep holds at most {MAX_RUNS}: split it into several files"
-        )
+    _check_size(path, sets, grid, seeds)
     combos = [{**s, **dict(zip(grid, values))} for s in sets for values in itertools.product(*grid.values())]
-    # The keys some runs set apart from others, the runs' keys first: they name the runs.
-    varying = [
-        k
-        for k in dict.fromkeys([*(k for s in sets for k in s), *grid])
-        if len({_text(c[k]) if k in c else None for c in combos}) > 1
-    ]
-    overridden = [k for k in varying if k in extra_keys]
-    if overridden:
-        raise UserError(f"{overridden[0]}=... given on the command line, but the sweep {path} varies it")
+    varying = _varying(path, sets, grid, combos, extra_keys)
     default_recipe = spec.get("recipe")
     runs: list[SweepRun] = []
     names: dict[str, int] = {}
@@ -124,6 +100,45 @@ def load_sweep(path: str | Path, extra: list[str]) -> Sweep:
         )
         runs.append(SweepRun(index, run_name, own, args, _validate(path, index, run_name, args)))
     return Sweep(name, path, tuple(runs))
+
+
+def _sweep_name(path: Path, name: object) -> str:
+    """The sweep's `name:`, checked: it starts every run folder's name."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise UserError(
+            f"{path}: name: expected a word of letters, digits, '.', '_' or '-' that starts with a letter or "
+            f"digit (it starts every run folder's name), got {shown(name)}"
+        )
+    return name
+
+
+def _check_size(path: Path, sets: list[dict], grid: dict[str, list], seeds: list) -> None:
+    """Refuse a key both in runs and in grid, and a sweep of more than MAX_RUNS runs."""
+    for s in sets:
+        clash = set(s) & set(grid)
+        if clash:
+            raise UserError(f"{path}: {min(clash)} is both in runs and in grid: give it in one of them")
+    count = len(sets) * math.prod(len(v) for v in grid.values()) * max(len(seeds), 1)
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(v)) for v in grid.values()) or "1"
+        raise UserError(
+            f"{path}: {count} runs ({len(sets)} override set(s) x {sizes} grid values x {max(len(seeds), 1)} "
+            f"seed(s)); a sweep holds at most {MAX_RUNS}: split it into several files"
+        )
+
+
+def _varying(path: Path, sets: list[dict], grid: dict[str, list], combos: list[dict], extra_keys: set) -> list[str]:
+    """The keys some runs set apart from others, the runs' keys first: they name the runs. The command
+    line may not give one of them."""
+    varying = [
+        k
+        for k in dict.fromkeys([*(k for s in sets for k in s), *grid])
+        if len({_text(c[k]) if k in c else None for c in combos}) > 1
+    ]
+    overridden = [k for k in varying if k in extra_keys]
+    if overridden:
+        raise UserError(f"{overridden[0]}=... given on the command line, but the sweep {path} varies it")
+    return varying
 
 
 def task_args(sweep: Sweep, task: str) -> tuple[str, ...]:

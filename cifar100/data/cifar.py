@@ -270,6 +270,15 @@ def select_splits(dataset: Cifar100, cfg: DataConfig, seed: int) -> Splits:
     return Splits(train_idx, val_idx, test_idx)
 
 
+def held_out(dataset: Cifar100, splits: Splits, where: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out splits a run scores, by name (val first, where one is held out): images and labels
+    indexed once and moved to `where`."""
+    test = {"test": (dataset.test.images[splits.test].to(where), dataset.test.labels[splits.test].to(where))}
+    if not len(splits.val):
+        return test
+    return {"val": (dataset.train.images[splits.val].to(where), dataset.train.labels[splits.val].to(where)), **test}
+
+
 def fine_to_coarse(dataset: Cifar100) -> np.ndarray:
     """Superclass of each of the 100 classes, read off the labelled images."""
     mapping = np.full(len(dataset.classes), -1, dtype=np.int64)

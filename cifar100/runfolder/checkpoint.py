@@ -128,6 +128,17 @@ class CheckpointWriter:
         self._submitted: str | None = None
         self._staged: Callable[[], None] | None = None
 
+    @classmethod
+    def for_run(
+        cls, run_dir: Path, keep_last: int, loaded: Path | None, best_score: float, select: str
+    ) -> CheckpointWriter:
+        """The writer of `run_dir/checkpoints/`: its last good checkpoint the one this start `loaded`
+        (by the name it has there), and `best_score` to beat where best weights are on disk."""
+        ckpt_dir = run_dir / "checkpoints"
+        # No best weights on disk (a fork from before its source's best epoch): any score beats none.
+        best = best_score if (ckpt_dir / "best").exists() else -1.0
+        return cls(ckpt_dir, keep_last, loaded and ckpt_dir / loaded.name, best, select=select)
+
     def submit(self, tag: str, snapshot: Snapshot, score: float | None = None) -> None:
         """`copy` then `start`: write `snapshot` as `tag` in the background."""
         self.copy(tag, snapshot, score)

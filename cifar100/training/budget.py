@@ -93,7 +93,7 @@ class Plan:
             int(saved["steps"]),
             costs_from_dict(saved["costs"]),
             bool(saved["capped"]),
-            list(saved.get("replans", [])),
+            list(saved["replans"]),
         )
 
 

@@ -185,31 +185,15 @@ class Engine:
         optimizer step; `run_left` is the whole run's estimated time left, shown on the bar once
         it has one.
         """
-        model, accelerator, rules = self.model, self.accelerator, self.rules
+        model, accelerator = self.model, self.accelerator
         model.train()
         if state.sums is None:
             state.sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
-        bar = tqdm(
-            total=state.step + len(batches),
-            initial=state.step,
-            desc=f"epoch {epoch}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not (rules.progress and accelerator.is_main_process),
-        )
+        bar = self._bar(epoch, state.step, state.step + len(batches))
         steps = _Stepper(self, state, bar, epoch=epoch, run_left=run_left)
         start = time.perf_counter() - state.seconds
         for step, (images, labels) in enumerate(batches, start=state.step):
-            rng = np.random.default_rng([rules.seed, epoch, step, accelerator.process_index])
-            images, targets = self.mixer(images, labels, rng)
-            # Progressive resizing follows the schedule's position, so a planned or re-planned run
-            # (and a resume) passes its phases at the same share of its steps.
-            schedule = self.schedule
-            images = resize(
-                images, phase_size(rules.sizes, schedule.position(schedule.step_count) / schedule.shape_steps)
-            )
-            if rules.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, targets = self._prepare(images, labels, epoch, step)
             stop = False
             with accelerator.accumulate(model):
                 self._forward_backward(images, targets, labels, steps)
@@ -228,8 +212,39 @@ class Engine:
                 break  # a planned run's last step may fall inside an epoch: that epoch ends here
         steps.settle_last()  # a stop flagged by the last step is seen by the caller's own check
         bar.close()
+        return self._epoch_result(epoch, state.sums, state.seconds)
+
+    def _bar(self, epoch: int, done: int, total: int) -> tqdm:
+        """The epoch's progress bar, `done` of its `total` batches behind it (on the main process only)."""
+        return tqdm(
+            total=total,
+            initial=done,
+            desc=f"epoch {epoch}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (self.rules.progress and self.accelerator.is_main_process),
+        )
+
+    def _prepare(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `step` of `epoch` as the model trains on it: mixed (seeded by its position), resized to
+        its phase, in the memory format the rules ask for; with its targets."""
+        rules = self.rules
+        rng = np.random.default_rng([rules.seed, epoch, step, self.accelerator.process_index])
+        images, targets = self.mixer(images, labels, rng)
+        # Progressive resizing follows the schedule's position, so a planned or re-planned run
+        # (and a resume) passes its phases at the same share of its steps.
+        schedule = self.schedule
+        images = resize(images, phase_size(rules.sizes, schedule.position(schedule.step_count) / schedule.shape_steps))
+        if rules.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def _epoch_result(self, epoch: int, sums: torch.Tensor, seconds: float) -> EpochResult:
+        """The epoch's figures over every process from each one's `sums`; NonFiniteLoss when no step counted."""
         # Gathered rather than summed: the per-rank counts prove every process trained.
-        per_rank = accelerator.gather(state.sums[None, :3]).view(-1, 3)
+        per_rank = self.accelerator.gather(sums[None, :3]).view(-1, 3)
         loss_total, correct_total, seen_total = per_rank.sum(0).tolist()
         if not seen_total:
             raise NonFiniteLoss(f"non-finite loss in every step of epoch {epoch}")
@@ -237,7 +252,7 @@ class Engine:
             loss_total / seen_total,
             correct_total / seen_total,
             int(seen_total),
-            state.seconds,
+            seconds,
             tuple(int(n) for n in per_rank[:, 2].tolist()),
         )
 

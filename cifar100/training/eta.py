@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections import deque
 
 # Optimizer steps timed before an estimate is shown; the first step of each epoch is never timed
@@ -107,3 +108,20 @@ def too_long(clock: RunClock, elapsed: float, limit_hours: float, device: str) -
         "or give the run a time to fit in, "
         "e.g. train.budget=2h"
     )
+
+
+class LengthWarning:
+    """The too-long warning, given at most once: by the main process, and never for a budget run (its
+    length is its budget); `given` starts true where it is not to be given."""
+
+    def __init__(self, limit_hours: float, device: str, given: bool):
+        self.limit_hours, self.device, self.given = limit_hours, device, given
+
+    def check(self, clock: RunClock, elapsed: float) -> None:
+        """Warn once `elapsed` seconds plus what `clock` forecasts pass log.warn_hours."""
+        if self.given:
+            return
+        message = too_long(clock, elapsed, self.limit_hours, self.device)
+        if message:
+            warnings.warn(message, stacklevel=1)
+            self.given = True

@@ -244,15 +244,20 @@ def step_fits(
             return _fits(attempt)
     finally:
         if saved.get("stepped"):
-            with torch.no_grad():
-                for param, weight in zip(params, saved["weights"]):
-                    param.copy_(weight)
-            if saved["state"] is None:
-                base.state.clear()
-            else:
-                base.load_state_dict(saved["state"])
+            _put_back(params, base, saved["weights"], saved["state"])
         saved.clear()
         free_memory()
+
+
+def _put_back(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, weights: list, state: dict | None) -> None:
+    """The weights and the optimizer's state as a trial found them (`state` None: it had none yet)."""
+    with torch.no_grad():
+        for param, weight in zip(params, weights):
+            param.copy_(weight)
+    if state is None:
+        optimizer.state.clear()
+    else:
+        optimizer.load_state_dict(state)
 
 
 def _host_copy(tree: dict) -> dict:

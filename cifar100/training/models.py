@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cifar100.config import Config, ModelConfig
+from cifar100.data.reference import normalize_batch
 from cifar100.errors import UserError, clip, shown
 
 # Module types treated as "an activation" by the override.
@@ -192,6 +193,24 @@ def recipe_flops(cfg: Config) -> tuple[int, float]:
     average = sum(fraction * flops_per_image(model, int(size)) for size, fraction in phases)
     images = (cfg.data.train_limit or 50_000 - cfg.data.val_size) * cfg.train.epochs
     return per_image, 3 * average * images
+
+
+WHITEN_IMAGES = 5000  # training images whose patches set a whitened stem (model.whiten): airbench's count
+
+
+def model_for_run(
+    cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device
+) -> tuple[nn.Module, int, int]:
+    """The run's model on `device`, in its memory format, its stem whitened from `train_images` where
+    model.whiten asks (the same images on every process; a resume then loads the trained weights); with
+    its trainable parameters and forward FLOPs per image."""
+    model = build_model(cfg.model, num_classes)
+    if cfg.model.whiten:
+        whiten_stem(model, normalize_batch(train_images[:WHITEN_IMAGES], cfg.augment.mean, cfg.augment.std))
+    parameter_count, flops = count_parameters(model), flops_per_image(model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device), parameter_count, flops
 
 
 def count_parameters(model: nn.Module) -> int:

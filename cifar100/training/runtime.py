@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
 
-from cifar100.config import DataConfig
+from cifar100.config import Config, DataConfig
 from cifar100.errors import UserError
 
 REFUSAL_GRACE_SECONDS = 10.0  # a refused launch: how long ranks other than 0 wait before they exit
@@ -90,6 +91,20 @@ def require_one_job(launched: str | None, rank: str | None, joined: int, grace: 
             "is unavailable. For CPU processes set ACCELERATE_USE_CPU=1; on GPU nodes check the driver "
             "(nvidia-smi)"
         )
+
+
+def make_accelerator(cfg: Config, precision: str) -> Accelerator:
+    """The run's Accelerator at `precision`, refused in one line where the processes a launcher started
+    do not form one job."""
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with="wandb" if cfg.log.wandb.mode != "disabled" else None,
+        # non_blocking: copies from the pinned batches never make the host wait for the GPU.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
+    )
+    require_one_job(os.environ.get("WORLD_SIZE"), os.environ.get("RANK"), accelerator.num_processes)
+    return accelerator
 
 
 def usable_cores() -> int:

@@ -58,6 +58,15 @@ class MeasuredRun(Protocol):
     def stop_if_asked(self) -> None: ...
 
 
+def refuse_auto_outside_slurm(cfg: Config) -> None:
+    """train.budget=auto reads a Slurm job's time limit: refused (one line) outside one."""
+    if cfg.train.budget == "auto" and not os.environ.get("SLURM_JOB_ID"):
+        raise UserError(
+            "train.budget=auto plans to a Slurm job's time limit, and this is not a Slurm job "
+            "(no SLURM_JOB_ID): give a duration instead, e.g. train.budget=2h"
+        )
+
+
 class TimeBudget:
     """The run's time budget: its plan (None without one), where its time counts from, and drift control."""
 

@@ -38,6 +38,12 @@ class RunTotals:
     micro_batch: int | None = None  # images per forward and backward (train.micro_batch), kept on a resume
     eval_batch: int | None = None  # the evaluation batch that fitted, where train.micro_batch=auto lowered it
 
+    def count_epoch(self, images: int, seconds: float, images_per_rank: tuple[int, ...]) -> None:
+        """Add an epoch's trained images (each process's apart too) and its seconds."""
+        self.train_images += images
+        self.train_seconds += seconds
+        self.images_per_rank = [a + b for a, b in zip(self.images_per_rank, images_per_rank)]
+
     @classmethod
     def from_meta(cls, saved: dict) -> RunTotals:
         """The totals a meta.json holds (fields a newer or older version added are ignored)."""

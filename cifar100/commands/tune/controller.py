@@ -188,28 +188,16 @@ def open_search(
     given = [e.partition("=")[2] for e in extra if e.startswith("log.dir=")]
     folder = Path(given[-1] if given else load_config(search.recipe, []).log.dir) / search.name
     mark = fingerprint(search, budget, trials, extra)
-    python = [sys.executable, "-m", "cifar100"]
     if (folder / STATE).is_file() and not plan_only:
-        state = read_json(folder / STATE, 16 * MiB, "the search's state file")
-        if state.get("fingerprint") != mark:
-            raise UserError(
-                f"{folder} holds another search (its file, budget=, trials= or key=value differ); "
-                "give the search another name: or move the folder"
-            )
-        found = Search(search, folder, state["settings"], extra, planning.SearchPlan.from_dict(state["plan"]), state)
-        found.parallel = parallel
-        print(f"search {search.name}: continuing {folder / STATE}", flush=True)
-        if existing:
-            return found
-        for line in planning.describe(found.plan, parallel, search.top * len(search.seeds)):
-            print(line, flush=True)
-        return found
+        return _continue_search(search, folder, mark, extra, parallel, existing)
     if existing:
         raise UserError(f"{folder / STATE}: no such search (an array task continues one its controller started)")
-    warmup = math.ceil(first.sched.warmup_epochs * steps_per_epoch(first))
-    costs, probe_seconds = measure(search, extra, settings[0], python, steps_per_epoch(first))
+    python = [sys.executable, "-m", "cifar100"]
+    per_epoch = steps_per_epoch(first)
+    warmup = math.ceil(first.sched.warmup_epochs * per_epoch)
+    costs, probe_seconds = measure(search, extra, settings[0], python, per_epoch)
     plan = planning.make_plan(
-        budget_seconds, len(settings), search.reduction, search.cooldown, costs, steps_per_epoch(first), warmup
+        budget_seconds, len(settings), search.reduction, search.cooldown, costs, per_epoch, warmup
     )
     print(
         f"search {search.name}: {len(settings)} trials ({search.sampler}, seed {search.seed}), {len(plan.rungs)} "
@@ -217,27 +205,56 @@ def open_search(
         f"budget={budget} of process time (processes x seconds: GPU-seconds under DDP)",
         flush=True,
     )
-    for line in planning.describe(plan, parallel, search.top * len(search.seeds)):
-        print(line, flush=True)
+    _print_plan(search, plan, parallel)
     if plan_only:
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    state = {
+    state = _new_state(search, mark, budget, settings, plan, probe_seconds)
+    found = Search(search, folder, settings, extra, plan, state, parallel, python)
+    found.save()
+    return found
+
+
+def _new_state(
+    search: SearchFile, mark: str, budget: str, settings: list[dict[str, Any]], plan: planning.SearchPlan, probe: float
+) -> dict[str, Any]:
+    """A new search's state file: what it is (fingerprint, file, budget, trials, plan), no results yet."""
+    return {
         "fingerprint": mark,
         "file": str(search.path),
         "name": search.name,
         "budget": budget,
         "settings": settings,
         "plan": plan.to_dict(),
-        "probe_seconds": round(probe_seconds, 2),
+        "probe_seconds": round(probe, 2),
         "results": {},
         "promoted": {},
         "startup_failures": {},
         "reruns": {},
     }
-    found = Search(search, folder, settings, extra, plan, state, parallel, python)
-    found.save()
+
+
+def _continue_search(
+    search: SearchFile, folder: Path, mark: str, extra: list[str], parallel: int, existing: bool
+) -> Search:
+    """The search its state file holds, refused when that file is another search's (`mark` differs)."""
+    state = read_json(folder / STATE, 16 * MiB, "the search's state file")
+    if state.get("fingerprint") != mark:
+        raise UserError(
+            f"{folder} holds another search (its file, budget=, trials= or key=value differ); "
+            "give the search another name: or move the folder"
+        )
+    found = Search(search, folder, state["settings"], extra, planning.SearchPlan.from_dict(state["plan"]), state)
+    found.parallel = parallel
+    print(f"search {search.name}: continuing {folder / STATE}", flush=True)
+    if not existing:
+        _print_plan(search, found.plan, parallel)
     return found
+
+
+def _print_plan(search: SearchFile, plan: planning.SearchPlan, parallel: int) -> None:
+    for line in planning.describe(plan, parallel, search.top * len(search.seeds)):
+        print(line, flush=True)
 
 
 def newest_step(run: Path) -> int:
@@ -265,15 +282,30 @@ def _process(search: Search, args: list[str]) -> tuple[int, str, float]:
 def run_trial(search: Search, rung: int, index: int) -> dict[str, Any]:
     """One trial's work at one rung: its trunk trained on to the rung's steps (from where it stands),
     then its cooldown branch; the result as the state file records it."""
-    plan, name = search.plan, name_of(index)
-    r = plan.rungs[rung]
-    top = plan.rungs[-1].steps
+    failed, seconds = _train_trunk(search, rung, index)
+    if failed:
+        return failed
+    branch = search.folder / "trials" / f"{name_of(index)}-r{rung}"
+    if not (branch / "summary.json").is_file():
+        code, err, spent = _train_branch(search, rung, index, branch)
+        seconds += spent
+        if code != 0:
+            return {"status": "failed", "score": None, "error": last_line(err), "seconds": round(seconds, 2)}
+    score = _score(branch)
+    return {"status": "ok" if score is not None else "failed", "score": score, "seconds": round(seconds, 2)}
+
+
+def _train_trunk(search: Search, rung: int, index: int) -> tuple[dict[str, Any] | None, float]:
+    """The trial's trunk trained on to the rung's steps, from where it stands: the seconds it took, with
+    the trial's result when it failed (None when it got there)."""
+    name, rungs = name_of(index), search.plan.rungs
+    steps, top = rungs[rung].steps, rungs[-1].steps
     trunk = search.folder / "trials" / name
     base = search.args(index)
     seconds = 0.0
     tries = int(search.state["startup_failures"].get(name, 0))
-    while newest_step(trunk) < r.steps:
-        pause = r.steps if r.steps < top else 0
+    while newest_step(trunk) < steps:
+        pause = steps if steps < top else 0
         code, err, spent = _process(
             search,
             [
@@ -291,32 +323,37 @@ def run_trial(search: Search, rung: int, index: int) -> dict[str, Any]:
         if newest_step(trunk) < 0 and "non-finite" not in err:
             tries += 1
             if tries >= STARTUP_TRIES:
-                return {"status": "startup", "error": last_line(err), "seconds": round(seconds, 2), "tries": tries}
+                return {
+                    "status": "startup",
+                    "error": last_line(err),
+                    "seconds": round(seconds, 2),
+                    "tries": tries,
+                }, seconds
             continue
-        return {"status": "failed", "score": None, "error": last_line(err), "seconds": round(seconds, 2)}
-    branch = search.folder / "trials" / f"{name}-r{rung}"
-    if not (branch / "summary.json").is_file():
-        if newest_step(branch) < 0:
-            shutil.rmtree(branch, ignore_errors=True)  # a fork killed before its first checkpoint: fork anew
-            start = f"resume={trunk / 'checkpoints' / step_tag(r.steps)}"
-        else:
-            start = "resume=auto"
-        code, err, spent = _process(
-            search,
-            [
-                *base,
-                f"name={branch.name}",
-                f"train.steps={r.steps + r.cooldown}",
-                f"sched.cooldown={r.branch_share!r}",
-                "train.pause_at_step=0",
-                start,
-            ],
-        )
-        seconds += spent
-        if code != 0:
-            return {"status": "failed", "score": None, "error": last_line(err), "seconds": round(seconds, 2)}
-    score = _score(branch)
-    return {"status": "ok" if score is not None else "failed", "score": score, "seconds": round(seconds, 2)}
+        return {"status": "failed", "score": None, "error": last_line(err), "seconds": round(seconds, 2)}, seconds
+    return None, seconds
+
+
+def _train_branch(search: Search, rung: int, index: int, branch: Path) -> tuple[int, str, float]:
+    """The rung's cooldown branch in `branch`: forked from the trunk's checkpoint at the rung's steps, or
+    resumed where a run of it had checkpointed; `_process`'s exit code, error text and seconds."""
+    r = search.plan.rungs[rung]
+    if newest_step(branch) < 0:
+        shutil.rmtree(branch, ignore_errors=True)  # a fork killed before its first checkpoint: fork anew
+        start = f"resume={search.folder / 'trials' / name_of(index) / 'checkpoints' / step_tag(r.steps)}"
+    else:
+        start = "resume=auto"
+    return _process(
+        search,
+        [
+            *search.args(index),
+            f"name={branch.name}",
+            f"train.steps={r.steps + r.cooldown}",
+            f"sched.cooldown={r.branch_share!r}",
+            "train.pause_at_step=0",
+            start,
+        ],
+    )
 
 
 def ranked(results: dict[str, dict[str, Any]]) -> list[int]:

@@ -33,80 +33,97 @@ def write_report(folder: Path) -> Path:
     """report.md and halving.png of the search in `folder`; returns report.md's path."""
     state = read_json(folder / STATE, 16 * MiB, "the search's state file")
     plan = SearchPlan.from_dict(state["plan"])
-    settings, results, promoted = state["settings"], state["results"], state["promoted"]
     lines = [
         f"# Search {state['name']}",
         "",
-        f"`{state['file']}`, budget={state['budget']}: {len(settings)} trials, {len(plan.rungs)} rungs, reduction "
-        f"factor {plan.reduction}; every rung scored on the validation split after a cooldown branch of "
+        f"`{state['file']}`, budget={state['budget']}: {len(state['settings'])} trials, {len(plan.rungs)} rungs, "
+        f"reduction factor {plan.reduction}; every rung scored on the validation split after a cooldown branch of "
         f"{plan.cooldown:g} of its length.",
         "",
+        *_chosen(state.get("winner")),
+        *_reruns(state.get("reruns", {}), state["settings"]),
+        *_budget(state, plan),
     ]
-    winner = state.get("winner")
-    if winner:
-        lines += [
-            "## Chosen setting",
-            "",
-            f"Trial {winner['trial']} ({name_of(winner['trial'])}): {_setting(winner['setting'])}: its whole run "
-            f"(the top rung's cooldown branch) reached {_pct(winner['val_top1'])} validation top-1, "
-            f"{_pct(winner['test_top1'])} test top-1.",
-            "",
-        ]
-    else:
-        lines += ["## Chosen setting", "", "Not yet: the search has not finished its rungs.", ""]
-    reruns = state.get("reruns", {})
-    if reruns:
-        lines += [
-            "## Seeded re-runs, scored on the test split",
-            "",
-            "| trial | setting | seeds | test top-1 |",
-            "|---|---|---|---|",
-        ]
-        for index, rerun in reruns.items():
-            scores = rerun.get("test_top1", [])
-            mean = statistics.mean(scores) if scores else None
-            spread = f" ± {statistics.stdev(scores):.2%}" if len(scores) > 1 else ""
-            shown = "none finished" if mean is None else f"{mean:.2%}{spread}"
-            lines.append(f"| {name_of(int(index))} | {_setting(settings[int(index)])} | {len(scores)} | {shown} |")
-        lines.append("")
-    lines += ["## Budget (process time)", "", "| | planned | spent |", "|---|---|---|"]
-    spent_total = 0.0
-    for rung, r in enumerate(plan.rungs):
-        spent = sum(x["seconds"] for x in results.get(str(rung), {}).values())
-        spent_total += spent
-        lines.append(f"| rung {rung} | {r.seconds:.0f} s | {spent:.0f} s |")
-    lines += [
-        f"| all rungs | {plan.seconds:.0f} s of {plan.budget_seconds:.0f} s | {spent_total:.0f} s |",
-        f"| measuring the rate | | {state.get('probe_seconds', 0):.0f} s |",
-        f"| seeded re-runs (after the budget) | {plan.rerun_seconds:.0f} s each | "
-        f"{sum(r.get('seconds', 0) for r in reruns.values()):.0f} s |",
-        "",
-    ]
-    for rung, r in enumerate(plan.rungs):
-        done = results.get(str(rung), {})
-        going = promoted.get(str(rung))
-        lines += [
-            f"## Rung {rung}: {r.steps} constant-rate steps + {r.cooldown} cooldown steps",
-            "",
-            "| trial | setting | val top-1 | |",
-            "|---|---|---|---|",
-        ]
-        for index, result in sorted(done.items(), key=lambda kv: int(kv[0])):
-            if result.get("score") is None:
-                fate = f"failed: {result.get('error', '')}"
-            elif going is None:
-                fate = "the winner" if rung == len(plan.rungs) - 1 and winner and int(index) == winner["trial"] else ""
-            else:
-                fate = "promoted" if int(index) in going else "stopped"
-            lines.append(
-                f"| {name_of(int(index))} | {_setting(settings[int(index)])} | {_pct(result.get('score'))} | {fate} |"
-            )
-        lines.append("")
-    _plot(folder / "halving.png", plan, results)
+    for rung in range(len(plan.rungs)):
+        lines += _rung(state, plan, rung)
+    _plot(folder / "halving.png", plan, state["results"])
     lines += ["![score against steps, a line per trial](halving.png)", ""]
     out = folder / "report.md"
     write_atomic(out, "\n".join(lines).encode())
     return out
+
+
+def _chosen(winner: dict[str, Any] | None) -> list[str]:
+    """The report's section on the setting the search chose, once it has."""
+    if not winner:
+        return ["## Chosen setting", "", "Not yet: the search has not finished its rungs.", ""]
+    return [
+        "## Chosen setting",
+        "",
+        f"Trial {winner['trial']} ({name_of(winner['trial'])}): {_setting(winner['setting'])}: its whole run "
+        f"(the top rung's cooldown branch) reached {_pct(winner['val_top1'])} validation top-1, "
+        f"{_pct(winner['test_top1'])} test top-1.",
+        "",
+    ]
+
+
+def _reruns(reruns: dict[str, dict[str, Any]], settings: list[dict[str, Any]]) -> list[str]:
+    """The report's table of the seeded re-runs' test scores (nothing before there are any)."""
+    if not reruns:
+        return []
+    lines = [
+        "## Seeded re-runs, scored on the test split",
+        "",
+        "| trial | setting | seeds | test top-1 |",
+        "|---|---|---|---|",
+    ]
+    for index, rerun in reruns.items():
+        scores = rerun.get("test_top1", [])
+        mean = statistics.mean(scores) if scores else None
+        spread = f" ± {statistics.stdev(scores):.2%}" if len(scores) > 1 else ""
+        shown = "none finished" if mean is None else f"{mean:.2%}{spread}"
+        lines.append(f"| {name_of(int(index))} | {_setting(settings[int(index)])} | {len(scores)} | {shown} |")
+    return [*lines, ""]
+
+
+def _budget(state: dict[str, Any], plan: SearchPlan) -> list[str]:
+    """The report's table of process time, planned and spent, rung by rung."""
+    lines = ["## Budget (process time)", "", "| | planned | spent |", "|---|---|---|"]
+    spent_total = 0.0
+    for rung, r in enumerate(plan.rungs):
+        spent = sum(x["seconds"] for x in state["results"].get(str(rung), {}).values())
+        spent_total += spent
+        lines.append(f"| rung {rung} | {r.seconds:.0f} s | {spent:.0f} s |")
+    return [
+        *lines,
+        f"| all rungs | {plan.seconds:.0f} s of {plan.budget_seconds:.0f} s | {spent_total:.0f} s |",
+        f"| measuring the rate | | {state.get('probe_seconds', 0):.0f} s |",
+        f"| seeded re-runs (after the budget) | {plan.rerun_seconds:.0f} s each | "
+        f"{sum(r.get('seconds', 0) for r in state.get('reruns', {}).values()):.0f} s |",
+        "",
+    ]
+
+
+def _rung(state: dict[str, Any], plan: SearchPlan, rung: int) -> list[str]:
+    """The report's table of one rung: each trial's score and fate (promoted, stopped, failed, the winner)."""
+    r, winner = plan.rungs[rung], state.get("winner")
+    going = state["promoted"].get(str(rung))
+    lines = [
+        f"## Rung {rung}: {r.steps} constant-rate steps + {r.cooldown} cooldown steps",
+        "",
+        "| trial | setting | val top-1 | |",
+        "|---|---|---|---|",
+    ]
+    for index, result in sorted(state["results"].get(str(rung), {}).items(), key=lambda kv: int(kv[0])):
+        if result.get("score") is None:
+            fate = f"failed: {result.get('error', '')}"
+        elif going is None:
+            fate = "the winner" if rung == len(plan.rungs) - 1 and winner and int(index) == winner["trial"] else ""
+        else:
+            fate = "promoted" if int(index) in going else "stopped"
+        setting = _setting(state["settings"][int(index)])
+        lines.append(f"| {name_of(int(index))} | {setting} | {_pct(result.get('score'))} | {fate} |")
+    return [*lines, ""]
 
 
 def _plot(path: Path, plan: SearchPlan, results: dict[str, dict[str, Any]]) -> None:

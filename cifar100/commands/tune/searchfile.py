@@ -149,41 +149,9 @@ def load_search(path: str | Path) -> SearchFile:
         raise UserError(f"{path}: name: expected a word of letters, digits, '.', '_' or '-', got {shown(name)}")
     recipe = _recipe(path, spec.get("recipe"))  # a path is relative to the file, as a sweep's
     fixed = _mapping(path, spec, "overrides")
-    grid = _mapping(path, spec, "grid")
-    space: dict[str, Range] = {}
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"{path}: grid: {key}: expected a non-empty list of values, got {shown(values)}")
-        space[key] = Range("choice", choices=tuple(values))
-    for key, value in _mapping(path, spec, "search").items():
-        if key in space:
-            raise UserError(f"{path}: {key} is both in grid and in search: give it in one of them")
-        try:
-            space[key] = parse_range(key, value)
-        except UserError as err:
-            raise UserError(f"{path}: search: {err}") from None
-    if not space:
-        raise UserError(f"{path}: nothing to search: give grid: or search: a key and its values")
-    known = set(all_keys())
-    for key in [*fixed, *space]:
-        if key in SET_BY_SEARCH:
-            raise UserError(f"{path}: {key} cannot be set in a search: {SET_BY_SEARCH[key]}")
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            raise UserError(
-                f"{path}: unknown key {shown(key)}" + (f"; did you mean {', '.join(close)}?" if close else "")
-            )
-    clash = set(fixed) & set(space)
-    if clash:
-        raise UserError(f"{path}: {min(clash)} is both fixed (overrides) and searched: give it in one of them")
-    sampler = spec.get("sampler", "grid" if all(r.kind == "choice" for r in space.values()) else "random")
-    if sampler not in SAMPLERS:
-        raise UserError(f"{path}: sampler: expected one of {', '.join(SAMPLERS)}, got {shown(sampler)}")
-    if sampler == "grid" and any(r.kind != "choice" for r in space.values()):
-        ranged = next(k for k, r in space.items() if r.kind != "choice")
-        raise UserError(
-            f"{path}: sampler: grid takes lists of choices only, and {ranged} is a range: use sampler: random"
-        )
+    space = _space(path, spec)
+    _check_keys(path, fixed, space)
+    sampler = _sampler(path, spec, space)
     trials = spec.get("trials")
     if trials is not None:
         trials = _count(path, "trials", trials, 1)
@@ -206,6 +174,54 @@ def load_search(path: str | Path) -> SearchFile:
         seeds=tuple(seeds),
         seed=_count(path, "seed", spec.get("seed", 0), 0),
     )
+
+
+def _space(path: Path, spec: dict[str, Any]) -> dict[str, Range]:
+    """The searched keys and their ranges: grid:'s lists as choices, then search:'s ranges."""
+    space: dict[str, Range] = {}
+    for key, values in _mapping(path, spec, "grid").items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: grid: {key}: expected a non-empty list of values, got {shown(values)}")
+        space[key] = Range("choice", choices=tuple(values))
+    for key, value in _mapping(path, spec, "search").items():
+        if key in space:
+            raise UserError(f"{path}: {key} is both in grid and in search: give it in one of them")
+        try:
+            space[key] = parse_range(key, value)
+        except UserError as err:
+            raise UserError(f"{path}: search: {err}") from None
+    if not space:
+        raise UserError(f"{path}: nothing to search: give grid: or search: a key and its values")
+    return space
+
+
+def _check_keys(path: Path, fixed: dict[str, Any], space: dict[str, Range]) -> None:
+    """Refuse an unknown key, one the search sets itself, and one both fixed and searched."""
+    known = set(all_keys())
+    for key in [*fixed, *space]:
+        if key in SET_BY_SEARCH:
+            raise UserError(f"{path}: {key} cannot be set in a search: {SET_BY_SEARCH[key]}")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            raise UserError(
+                f"{path}: unknown key {shown(key)}" + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
+    clash = set(fixed) & set(space)
+    if clash:
+        raise UserError(f"{path}: {min(clash)} is both fixed (overrides) and searched: give it in one of them")
+
+
+def _sampler(path: Path, spec: dict[str, Any], space: dict[str, Range]) -> str:
+    """`sampler:` checked; by default grid where every key is a list of choices, else random."""
+    sampler = spec.get("sampler", "grid" if all(r.kind == "choice" for r in space.values()) else "random")
+    if sampler not in SAMPLERS:
+        raise UserError(f"{path}: sampler: expected one of {', '.join(SAMPLERS)}, got {shown(sampler)}")
+    if sampler == "grid" and any(r.kind != "choice" for r in space.values()):
+        ranged = next(k for k, r in space.items() if r.kind != "choice")
+        raise UserError(
+            f"{path}: sampler: grid takes lists of choices only, and {ranged} is a range: use sampler: random"
+        )
+    return sampler
 
 
 def _count(path: Path, key: str, value: Any, low: int, why: str = "") -> int:
