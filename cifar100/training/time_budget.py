@@ -244,15 +244,9 @@ class TimeBudget:
         # window): RECENT_STEPS timed since, and a measured epoch's end once one has come (the plan's before).
         if timed is None or len(clock.recent) < RECENT_STEPS:
             return
-        phases = plan.costs.phases
-        if phases:  # under data.sizes: the recent rate is the current phase's; each later one costs its own
-            progress = schedule.position(schedule.step_count) / schedule.shape_steps
-            phase = budget.phase_at(phases, progress)
-            if phase != self.phase:  # the window holds the last phase's steps: time the new size's first
-                self.phase = phase
-                clock.restart_window()
-                return
-            timed = timed / phases[phase][2] * budget.rest_step(phases, progress)
+        timed = self._rest_step(plan, schedule, clock, timed)
+        if timed is None:
+            return
         cap = cfg.train.steps or steps_per_epoch * cfg.train.epochs
 
         def decide() -> dict | None:  # on the main process: its projection (and plan) decide
@@ -285,6 +279,21 @@ class TimeBudget:
             f"({epochs} epochs)",
             flush=True,
         )
+
+    def _rest_step(self, plan: Plan, schedule: Schedule, clock: RunClock, timed: float) -> float | None:
+        """The step cost to project the rest of the run at: the recent rate, and under data.sizes that
+        rate scaled from the current phase's measured one to the phases still ahead; None just after a
+        new phase began (its window starts again: it held the last phase's steps)."""
+        phases = plan.costs.phases
+        if not phases:
+            return timed
+        progress = schedule.position(schedule.step_count) / schedule.shape_steps
+        phase = budget.phase_at(phases, progress)
+        if phase != self.phase:
+            self.phase = phase
+            clock.restart_window()
+            return None
+        return timed / phases[phase][2] * budget.rest_step(phases, progress)
 
     def summary(self, schedule: Schedule) -> dict[str, Any]:
         """Hook at the finish: the plan as summary.json records it (nothing without one): what it was
