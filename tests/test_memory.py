@@ -193,9 +193,14 @@ def test_under_a_memory_limit_the_batch_that_does_not_fit_is_one_line(tmp_path, 
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     line = out.stderr
-    assert line.startswith("error: out of memory in the training step (epoch 1, batch 0) with 1600 images per process")
+    # The limit sits 0.25 GiB under the free run's peak; where the peak falls moves by a few MB from run
+    # to run, so the first step may still fit and the second run out (one suite run in many saw that).
+    said = "error: out of memory in the training step (epoch {}, batch 0) with 1600 images per process"
+    first, second = line.startswith(said.format(1)), line.startswith(said.format(2))
+    assert first or second, line
     assert "address space limited by ulimit -v" in line and "train.grad_accum=2" in line
-    assert "train.micro_batch=auto" in line and "Last good checkpoint: none yet" in line
+    last_good = "none yet" if first else str(tmp_path / "smoke" / "checkpoints" / "step-00000001")
+    assert "train.micro_batch=auto" in line and f"Last good checkpoint: {last_good}" in line
 
 
 @pytest.mark.slow
