@@ -43,6 +43,37 @@ def test_bench_recipe_measures_step_data_and_projects(cli, tmp_path, real_data):
     assert "images_per_second" in out.stdout and "bound_by" in out.stdout
 
 
+def test_the_step_bench_times_is_the_one_a_run_trains(real_data):
+    """bench builds the recipe's step as a run builds it (step_parts.build_step): recipe=cpu's whitened
+    stem is frozen in both, both optimizers train the same parameters in the same groups, and the
+    engine row trains: its weights move."""
+    import time
+
+    import torch
+
+    from cifar100.commands.bench import step_runner
+    from cifar100.config import load_config
+    from cifar100.preemption import StopFlag
+    from cifar100.training.trainer import Trainer
+
+    cfg = load_config("cpu", [f"data.root={real_data}", "data.train_limit=512", "data.batch_size=16"])
+
+    def layout(model, optimizer):
+        frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return frozen, [sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups]
+
+    run, parts, _, _, _ = step_runner(cfg, "no", True, None, "engine")
+    prepared = parts.prepared
+    benched = layout(prepared, parts.optimizer)
+    before = [p.detach().clone() for p in prepared.parameters() if p.requires_grad]
+    run(2)
+    moved = [not torch.equal(a, p) for a, p in zip(before, (p for p in prepared.parameters() if p.requires_grad))]
+    trainer = Trainer(cfg, StopFlag(), time.perf_counter())
+    assert benched == layout(trainer.state.model, trainer.engine.optimizer)
+    assert benched[0] == ["stem.0.weight"] and all(moved)
+
+
 def test_device_path_refusal_is_reported_not_fatal(cli, real_data):
     out = cli("bench", "data", "recipe=smoke", f"data.root={real_data}", "batches=2", "augment.color_jitter=0.4")
     assert out.returncode == 0, out.stderr[-2000:]

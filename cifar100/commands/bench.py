@@ -29,19 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from cifar100.config import Config
 from cifar100.data.cifar import NUM_CLASSES
 from cifar100.data.loader import build_train_loader, epoch_batches
-from cifar100.data.mixing import BatchMixer, soft_target_cross_entropy
+from cifar100.data.mixing import soft_target_cross_entropy
 from cifar100.errors import UserError
 from cifar100.runfolder.checkpoint import BackgroundWriter, host_copy, save_checkpoint
-from cifar100.training.compile_cache import compiled
-from cifar100.training.engine import Engine, EpochProgress, StepRules
+from cifar100.training.engine import EpochProgress
 from cifar100.training.memory import memory_limit
 from cifar100.training.models import build_model, flops_per_image
-from cifar100.training.optim import Schedule, build_optimizer
+from cifar100.training.runtime import make_accelerator, release_accelerate
+from cifar100.training.step_parts import build_step
 
 
 def _sync(device: torch.device) -> None:
@@ -73,27 +72,34 @@ def _synthetic(batch: int, device: torch.device):
     return images, labels
 
 
-def _step_runner(
+def _dataset_like() -> torch.Tensor:
+    """Images as the dataset holds them (uint8, N x 3 x 32 x 32), for a whitened stem to start from."""
+    return torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def step_runner(
     cfg: Config, precision: str, channels_last: bool, compile_mode: str | None, loop: str, cudnn_benchmark: bool = True
 ):
-    """A function `run(n)` that trains n steps of the recipe's model on one synthetic batch, the
-    model (uncompiled), one input batch and the device; `loop` is "plain" (bare PyTorch) or "engine" (ours)."""
-    AcceleratorState._reset_state(True)  # each variant gets its own precision
+    """A function `run(n)` that trains n steps of the recipe's step (built as a run builds it) on one
+    synthetic batch, the step's parts, the input batch and the device; `loop` is "plain" (bare
+    PyTorch over the same model, optimizer and mixer) or "engine" (the run's own step)."""
+    release_accelerate()  # each variant gets its own precision
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    accelerator = Accelerator(mixed_precision=precision)
+    variant = replace(
+        cfg,
+        data=replace(cfg.data, sizes=()),  # one size: the plain loop does not resize
+        sched=replace(cfg.sched, warmup_epochs=0),
+        train=replace(cfg.train, channels_last=channels_last, compile=compile_mode is not None, precision=precision),
+        log=replace(cfg.log, progress=False),
+    )
+    accelerator = make_accelerator(variant, precision)
     device = accelerator.device
-    model = build_model(cfg.model, NUM_CLASSES)
-    memory = torch.channels_last if channels_last else torch.contiguous_format
-    # Module.to takes a device and a memory format at once; torch's stubs have them in separate overloads.
-    model = model.to(device, memory_format=memory)  # type: ignore[call-overload]
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    prepared = model
-    if compile_mode:
-        model = compiled(model, mode=None if compile_mode == "default" else compile_mode)
-    mixer = BatchMixer.from_config(cfg.augment, NUM_CLASSES)
     images, labels = _synthetic(cfg.data.batch_size, device)
-    images = images.contiguous(memory_format=memory)
+    mode = None if compile_mode in (None, "default") else compile_mode
+    parts = build_step(variant, accelerator, _dataset_like(), steps_per_epoch=10**9, compile_mode=mode)
+    model, optimizer, mixer = parts.model, parts.optimizer, parts.mixer
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
 
     def plain(n: int) -> None:
         for step in range(n):
@@ -105,16 +111,9 @@ def _step_runner(
             optimizer.zero_grad(set_to_none=True)
 
     def engine(n: int) -> None:
-        schedule = Schedule(optimizer, cfg.optim, replace(cfg.sched, warmup_epochs=0), n, 1)
-        rules = StepRules(seed=0, clip_grad=cfg.train.clip_grad, channels_last=channels_last)
-        Engine(model, optimizer, schedule, mixer, accelerator, rules).train_epoch(
-            1, [(images, labels)] * n, EpochProgress()
-        )
+        parts.engine.train_epoch(1, [(images, labels)] * n, EpochProgress())
 
-    def autocast():
-        return accelerator.autocast()
-
-    return (plain if loop == "plain" else engine), prepared, images, device, autocast
+    return (plain if loop == "plain" else engine), parts, images, device, accelerator.autocast
 
 
 def step_rate(
@@ -130,7 +129,7 @@ def step_rate(
 ) -> tuple[float, float | None, int | None, list[dict] | None]:
     """Training images/s for one choice, host waits per step, graph breaks of the compiled model
     (None when eager) and, with `profile_path`, the top kernels of a profile of a few more steps."""
-    run, model, images, device, autocast = _step_runner(
+    run, parts, images, device, autocast = step_runner(
         cfg, precision, channels_last, compile_mode, loop, cudnn_benchmark
     )
     if warmup:
@@ -143,7 +142,7 @@ def step_rate(
     waits = host_waits_per_step(run, device)
     kernels = profile_steps(run, device, min(steps, 5), profile_path) if profile_path else None
     with autocast():
-        breaks = graph_breaks(model, images) if compile_mode else None
+        breaks = graph_breaks(parts.prepared, images) if compile_mode else None
     return rate, waits, breaks, kernels
 
 
@@ -383,7 +382,7 @@ def _own_choice(cfg: Config, cuda: bool, compile_modes: tuple[str, ...]) -> _Cho
 
 def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
     """Images/s of the reference path (per-sample torchvision, `data.workers`) and the device path."""
-    AcceleratorState._reset_state(True)
+    release_accelerate()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     images, labels = dataset.train.images, dataset.train.labels
     rows: list[dict[str, Any]] = []
@@ -424,9 +423,10 @@ def bench_data(cfg: Config, dataset, batches: int) -> list[dict]:
 def bench_checkpoint(cfg: Config, reps: int = 3) -> list[dict]:
     """Seconds one checkpoint (weights and optimizer state) stops training, and until it is on disk,
     in a scratch folder under `log.dir` (the disk the runs write to); medians of `reps`."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, NUM_CLASSES).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    release_accelerate()
+    accelerator = make_accelerator(cfg, "no")
+    parts = build_step(replace(cfg, train=replace(cfg.train, compile=False)), accelerator, _dataset_like(), 1)
+    model, optimizer, device = parts.prepared, parts.optimizer, accelerator.device
     for param in model.parameters():  # one step, so the optimizer holds its momentum / moments
         param.grad = torch.zeros_like(param)
     optimizer.step()

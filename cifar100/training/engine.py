@@ -36,6 +36,7 @@ from cifar100.training.optim import Schedule
 class EpochResult:
     """Training metrics of one epoch, averaged over every image of every process."""
 
+    lr: float  # the rate at the epoch's first step (a resume's first, when it resumed mid-epoch)
     loss: float
     top1: float
     images: int
@@ -192,6 +193,7 @@ class Engine:
         bar = self._bar(epoch, state.step, state.step + len(batches))
         steps = _Stepper(self, state, bar, epoch=epoch, run_left=run_left)
         start = time.perf_counter() - state.seconds
+        lr = self.schedule.lr_at(self.schedule.step_count - state.step // accelerator.gradient_accumulation_steps)
         for step, (images, labels) in enumerate(batches, start=state.step):
             images, targets = self._prepare(images, labels, epoch, step)
             stop = False
@@ -212,7 +214,7 @@ class Engine:
                 break  # a planned run's last step may fall inside an epoch: that epoch ends here
         steps.settle_last()  # a stop flagged by the last step is seen by the caller's own check
         bar.close()
-        return self._epoch_result(epoch, state.sums, state.seconds)
+        return self._epoch_result(epoch, lr, state.sums, state.seconds)
 
     def _bar(self, epoch: int, done: int, total: int) -> tqdm:
         """The epoch's progress bar, `done` of its `total` batches behind it (on the main process only)."""
@@ -241,7 +243,7 @@ class Engine:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
-    def _epoch_result(self, epoch: int, sums: torch.Tensor, seconds: float) -> EpochResult:
+    def _epoch_result(self, epoch: int, lr: float, sums: torch.Tensor, seconds: float) -> EpochResult:
         """The epoch's figures over every process from each one's `sums`; NonFiniteLoss when no step counted."""
         # Gathered rather than summed: the per-rank counts prove every process trained.
         per_rank = self.accelerator.gather(sums[None, :3]).view(-1, 3)
@@ -249,6 +251,7 @@ class Engine:
         if not seen_total:
             raise NonFiniteLoss(f"non-finite loss in every step of epoch {epoch}")
         return EpochResult(
+            lr,
             loss_total / seen_total,
             correct_total / seen_total,
             int(seen_total),

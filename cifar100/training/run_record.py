@@ -5,12 +5,14 @@ finish, summary.json and its closing line. Every process keeps the rows: the sum
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
 from cifar100.config import Config, to_yaml
+from cifar100.runfolder.checkpoint import CheckpointWriter
 from cifar100.runfolder.tracking import (
     append_metrics,
     finish_tracking,
@@ -19,6 +21,7 @@ from cifar100.runfolder.tracking import (
     start_wandb,
     write_run_file,
 )
+from cifar100.training.eta import LengthWarning, RunClock
 
 
 class RunRecord:
@@ -69,6 +72,18 @@ class RunRecord:
                 flush=True,
             )
         finish_tracking(acc, self.run_dir, summary)
+
+
+@dataclass
+class OpenRun:
+    """What a run's restore opens for its loop and its finish: the folder's record and checkpoint writer,
+    the run's clock and length warning from where it starts, and the wall seconds it ran before (a resume's)."""
+
+    record: RunRecord
+    writer: CheckpointWriter
+    clock: RunClock
+    length_warning: LengthWarning
+    wall_before: float
 
 
 def epoch_line(row: dict[str, Any], epochs: int, left: str | None) -> str:

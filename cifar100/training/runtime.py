@@ -28,16 +28,17 @@ def fresh_process_state() -> Iterator[None]:
     back, so that a command called again from the same Python process, in any order, starts as it
     would in a fresh one."""
     threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
-    _release_accelerate()
+    release_accelerate()
     try:
         yield
     finally:
-        _release_accelerate()
+        release_accelerate()
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _release_accelerate() -> None:
+def release_accelerate() -> None:
+    """Empty Accelerate's process-wide state, so that the next Accelerator may take another precision."""
     # Accelerate's own tests reset its singletons this way; the process group, where one was made,
     # outlives them (Accelerator.end_training destroys it).
     AcceleratorState._reset_state(reset_partial_state=True)

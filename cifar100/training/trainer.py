@@ -1,6 +1,6 @@
 """A training run from a config to a finished run folder, as one object whose methods read in order.
 
-`Trainer(cfg)` builds (Accelerator, data, model, optimizer, schedule, engine: everything checked
+`Trainer(cfg)` builds (Accelerator, data, then the step's parts from step_parts.py: everything checked
 before a folder exists); `restore()` picks the run folder and, on a resume, loads the train state;
 `train()` runs the epochs (train, score, log, checkpoint) and `finish()` writes the summary. What
 lives beside the loop is a component in a module of its own, called through a few named methods: the
@@ -26,7 +26,6 @@ from cifar100.config import Config, to_dict, to_yaml
 from cifar100.data import cifar as cifar_data
 from cifar100.data.batched import DeviceLoader
 from cifar100.data.loader import build_train_loader, epoch_batches
-from cifar100.data.mixing import BatchMixer
 from cifar100.errors import UserError
 from cifar100.preemption import StopFlag
 from cifar100.runfolder import resume as resuming
@@ -34,16 +33,13 @@ from cifar100.runfolder import rundir
 from cifar100.runfolder.checkpoint import CheckpointWriter
 from cifar100.runfolder.tracking import summarize
 from cifar100.training import budget, memory, oom_lines
-from cifar100.training.compile_cache import compiled
-from cifar100.training.ema import WeightAverage
-from cifar100.training.engine import Engine, EpochResult, NonFiniteLoss, StepRules
+from cifar100.training.engine import EpochResult, NonFiniteLoss
 from cifar100.training.eta import LengthWarning, RunClock
 from cifar100.training.evaluation import EvalSettings
 from cifar100.training.memory_fit import MemoryFit
-from cifar100.training.models import build_model, model_for_run
-from cifar100.training.optim import Schedule, build_optimizer
+from cifar100.training.models import build_model
 from cifar100.training.ranks import main_decides
-from cifar100.training.run_record import RunRecord
+from cifar100.training.run_record import OpenRun, RunRecord
 from cifar100.training.runtime import (
     capped_workers,
     device_name,
@@ -53,6 +49,7 @@ from cifar100.training.runtime import (
     resolve_precision,
 )
 from cifar100.training.scoring import Scoring
+from cifar100.training.step_parts import build_step
 from cifar100.training.stops import Paused, Stops
 from cifar100.training.time_budget import TimeBudget, refuse_auto_outside_slurm
 from cifar100.training.train_state import TrainState
@@ -85,6 +82,7 @@ class Trainer:
         self.cfg, self.started, self.stop = cfg, time.perf_counter(), stop
         self.doing = "setting up the data, model and optimizer"  # what an out of memory interrupted
         self.paused = False  # whether train() ended at train.pause_at_step, its checkpoint taken
+        self.config_dict = to_dict(cfg)  # as checkpoints and config.yaml hold it
         refuse_auto_outside_slurm(cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -113,7 +111,7 @@ class Trainer:
         self.memory_fit = MemoryFit(cfg, acc, self.batch)
         data_cfg = capped_workers(cfg.data, acc.print if acc.is_main_process else None)
         self.train_images = dataset.train.images[splits.train]
-        self.loader = build_train_loader(
+        loader = build_train_loader(
             self.train_images,
             dataset.train.labels[splits.train],
             self.batch,
@@ -123,6 +121,8 @@ class Trainer:
             grad_accum=cfg.train.grad_accum,
             accelerator=acc,
         )
+        # Accelerate shards (DDP) and seeds the reference pipeline's loader; the device pipeline does its own.
+        self.loader = loader if isinstance(loader, DeviceLoader) else acc.prepare(loader)
         # Indexed once, not every epoch; on the device already when the training data lives there.
         where = acc.device if cfg.data.pipeline == "device" else torch.device("cpu")
         self.eval_sets = cifar_data.held_out(dataset, splits, where)
@@ -132,29 +132,13 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        model, self.parameter_count, self.flops_per_image = model_for_run(
-            cfg, cifar_data.NUM_CLASSES, self.train_images, acc.device
-        )
-        # Of the plain module, before any wrapper: DDP's and torch.compile's share its parameters.
-        if cfg.train.ema.select == "ema" and not cfg.train.ema.enabled:
-            raise UserError(
-                "train.ema.select=ema picks the best epoch by the averaged weights: set train.ema.enabled=true"
-            )
-        self.ema = WeightAverage(model, cfg.train.ema) if cfg.train.ema.enabled else None
-        optimizer = build_optimizer(model, cfg.optim)
-        if isinstance(self.loader, DeviceLoader):
-            model, optimizer = acc.prepare(model, optimizer)
-        else:
-            model, optimizer, self.loader = acc.prepare(model, optimizer, self.loader)
-        # Checkpoints hold the uncompiled module's weights, so any run (compiled or not) can load them.
-        self.model: torch.nn.Module = compiled(model) if cfg.train.compile else model
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.train.grad_accum)
-        schedule = Schedule(optimizer, cfg.optim, cfg.sched, self.steps_per_epoch, cfg.train.epochs, cfg.train.steps)
-        self.mixer = mixer = BatchMixer.from_config(cfg.augment, cifar_data.NUM_CLASSES)
-        self.engine = Engine(self.model, optimizer, schedule, mixer, acc, StepRules.from_config(cfg), self.ema)
+        parts = build_step(cfg, acc, self.train_images, self.steps_per_epoch)
+        self.model, self.mixer, self.engine, self.ema = parts.model, parts.mixer, parts.engine, parts.ema
+        self.parameter_count, self.flops_per_image = parts.parameter_count, parts.flops_per_image
         self.eval_settings = EvalSettings.from_config(cfg)
         self.scoring = Scoring(acc, self.eval_sets, self.eval_settings, self.memory_fit, self.ema)
-        self.state = TrainState(model, optimizer, schedule, acc, self.ema)
+        self.state = TrainState(parts.prepared, parts.optimizer, parts.schedule, acc, self.ema)
 
     def restore(self) -> None:
         """Pick the run folder (a new one, or the one a resume continues or forks) and load its checkpoint.
@@ -170,24 +154,22 @@ class Trainer:
         found = resuming.start_point(cfg.resume, cfg.log.dir, cfg.name) if main else None
         located = main_decides(acc, lambda: found.checkpoint and str(found.checkpoint) if found else None)
         ckpt_path = Path(located) if located else None
-        self.config_dict = to_dict(cfg)
         best_score, saved_plan = self._load(ckpt_path, found) if ckpt_path else (-1.0, None)
         if not ckpt_path and self.time_budget.wanted and self.time_budget.plan is None:
             self._fit_and_plan()  # resume=auto found no checkpoint that loads
         adopted = rundir.adopt(found, cfg.log.dir, cfg.name, self.state.totals.epochs_done) if found else None
         run_dir, rows = main_decides(acc, lambda: (str(adopted.run_dir), adopted.rows) if adopted else ("", []))
-        self.run_dir = Path(run_dir)  # the main process always has a start point, and so a folder
-        self.record = RunRecord(acc, self.run_dir, rows)
-        train = cfg.train
-        self.writer = CheckpointWriter.for_run(self.run_dir, train.keep_last, ckpt_path, best_score, train.ema.select)
-        self.wall_before = self.state.totals.wall_seconds
-        done = self.state.totals.epochs_done
-        self.clock = RunClock(
-            self.state.schedule.total_steps, self.epochs, done_steps=self.state.schedule.step_count, done_epochs=done
+        totals, schedule = self.state.totals, self.state.schedule
+        self.time_budget.restored(saved_plan, totals.wall_seconds, resumed=ckpt_path is not None)
+        quiet = not main or self.time_budget.plan is not None  # a budget's plan says the length instead
+        # The main process always has a start point, and so a folder.
+        self.run = OpenRun(
+            RunRecord(acc, Path(run_dir), rows),
+            CheckpointWriter.for_run(Path(run_dir), cfg.train.keep_last, ckpt_path, best_score, cfg.train.ema.select),
+            RunClock(schedule.total_steps, self.epochs, done_steps=schedule.step_count, done_epochs=totals.epochs_done),
+            LengthWarning(cfg.log.warn_hours, self.device_type, given=quiet),
+            wall_before=totals.wall_seconds,
         )
-        self.time_budget.restored(saved_plan, self.wall_before, resumed=ckpt_path is not None)
-        quiet = not acc.is_main_process or self.time_budget.plan is not None
-        self.length_warning = LengthWarning(cfg.log.warn_hours, self.device_type, given=quiet)
         if found and adopted:  # on the main process
             self._announce(found, adopted, ckpt_path)
         if not self.memory_fit.fitted:  # set once, before a budget's measurement where there is one
@@ -215,15 +197,19 @@ class Trainer:
 
     def _announce(self, found: rundir.Located, adopted: rundir.Adopted, ckpt_path: Path | None) -> None:
         """On the main process, once the folder is this run's: its config.yaml, W&B and the header line."""
-        totals = self.state.totals
+        totals, s, acc = self.state.totals, self.splits, self.accelerator
         if adopted.forked:
             totals.wandb_id = None  # a fork is a W&B run of its own
-        totals.wandb_id = self.record.open(self.cfg, self.config_dict, totals.wandb_id)
+        totals.wandb_id = self.run.record.open(self.cfg, self.config_dict, totals.wandb_id)
         fork = f", a fork of {found.fork_of}" if adopted.forked else ""
-        self._print_header(
-            f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}{fork}"
-            if ckpt_path
-            else "new run"
+        where = f"resuming {ckpt_path} at epoch {self.state.epoch}, batch {self.state.progress.step}{fork}"
+        acc.print(
+            f"run folder {self.run_dir} ({where if ckpt_path else 'new run'}) | model {self.cfg.model.name}: "
+            f"{self.parameter_count / 1e6:.2f} M parameters, {self.flops_per_image / 1e9:.3f} GFLOP per image | "
+            f"{len(s.train)} train / {len(s.val)} val / {len(s.test)} test images | {acc.num_processes} "
+            f"process(es) on {device_name(self.device_type)}, precision {self.precision}, {self.batch} images "
+            "per process per step",
+            flush=True,
         )
 
     @contextlib.contextmanager
@@ -236,18 +222,14 @@ class Trainer:
 
     def out_of_memory(self) -> str:
         """The out-of-memory line of anything but a training step or an evaluation (whose own say more)."""
-        writer: CheckpointWriter | None = getattr(self, "writer", None)  # made once the folder is open
-        return oom_lines.while_doing(self.doing, self.accelerator.device, oom_lines.last_good(writer, self.cfg.resume))
+        run: OpenRun | None = getattr(self, "run", None)  # made once the folder is open
+        last_good = oom_lines.last_good(run.writer if run else None, self.cfg.resume)
+        return oom_lines.while_doing(self.doing, self.accelerator.device, last_good)
 
-    def _print_header(self, where: str) -> None:
-        s, acc = self.splits, self.accelerator
-        acc.print(
-            f"run folder {self.run_dir} ({where}) | model {self.cfg.model.name}: {self.parameter_count / 1e6:.2f} M "
-            f"parameters, {self.flops_per_image / 1e9:.3f} GFLOP per image | {len(s.train)} train / {len(s.val)} val / "
-            f"{len(s.test)} test images | {acc.num_processes} process(es) on {device_name(self.device_type)}, "
-            f"precision {self.precision}, {self.batch} images per process per step",
-            flush=True,
-        )
+    @property
+    def run_dir(self) -> Path:
+        """The run folder restore() opened."""
+        return self.run.record.run_dir
 
     @property
     def epochs(self) -> int:
@@ -292,21 +274,17 @@ class Trainer:
     def train_epoch(self) -> EpochResult | None:
         """One epoch (or the rest of one, on a resume); None when a stop was requested."""
         cfg, state = self.cfg, self.state
-        # The rate at the epoch's first step (a resume's too): its row's lr.
-        self.epoch_lr = state.schedule.lr_at(state.schedule.step_count - state.progress.step // cfg.train.grad_accum)
         batches = epoch_batches(self.loader, state.epoch, state.progress.step, self.accelerator)
         every = cfg.train.checkpoint_every_steps
-        self.clock.start_epoch()
+        self.run.clock.start_epoch()
 
         def after_step(progress) -> None:
-            self.clock.step(state.schedule.step_count)
-            self.length_warning.check(self.clock, self.wall_before + time.perf_counter() - self.started)
-            self.time_budget.after_step(state.schedule, self.clock, self.steps_per_epoch)
+            self.run.clock.step(state.schedule.step_count)
+            self.run.length_warning.check(self.run.clock, self.run.wall_before + time.perf_counter() - self.started)
+            self.time_budget.after_step(state.schedule, self.run.clock, self.steps_per_epoch)
             if every and state.schedule.step_count % every == 0 and progress.step < len(self.loader):
                 self.checkpoint()
-            if self.stops.pausing(state.schedule) and progress.step < len(
-                self.loader
-            ):  # mid-epoch: this exact position
+            if self.stops.pausing(state.schedule) and progress.step < len(self.loader):  # mid-epoch: here exactly
                 self.checkpoint()
                 self.paused = True
                 raise Paused
@@ -319,42 +297,42 @@ class Trainer:
                     state.progress,
                     stop_requested=self.stop.__bool__,
                     after_step=after_step,
-                    run_left=self.clock.left_text,
+                    run_left=self.run.clock.left_text,
                 )
         except NonFiniteLoss as err:
             self.flush()
             raise UserError(
-                f"{err}: stopping. Last good checkpoint: {self.writer.last_good or 'none yet'}; resume "
+                f"{err}: stopping. Last good checkpoint: {self.run.writer.last_good or 'none yet'}; resume "
                 "with resume=auto after lowering optim.lr or setting train.clip_grad, or allow skips "
                 "with train.max_bad_steps=N"
             ) from None
 
     def _train_step_failed(self) -> str:
         """The out-of-memory line of a training step: where, its batch, the memory, the fix."""
-        self.writer.wait()  # the last good checkpoint on disk before this process ends
+        self.run.writer.wait()  # the last good checkpoint on disk before this process ends
         where = f"epoch {self.state.epoch}, batch {self.state.progress.step}"
-        micro, last = self.memory_fit.micro_batch, str(self.writer.last_good or "none yet")
+        micro, last = self.memory_fit.micro_batch, str(self.run.writer.last_good or "none yet")
         return oom_lines.in_train_step(where, self.batch, micro, self.cfg.train, self.accelerator.device, last)
 
     def _evaluation_failed(self, split: str, batch: int) -> str:
         """The out-of-memory line of an evaluation: which, its batch, the memory, the fix."""
-        self.writer.wait()
+        self.run.writer.wait()
         where, auto = f"{split} (epoch {self.state.epoch})", self.cfg.train.micro_batch == "auto"
-        last = str(self.writer.last_good or "none yet")
+        last = str(self.run.writer.last_good or "none yet")
         return oom_lines.in_evaluation(where, batch, auto, self.accelerator.device, last)
 
     def evaluate(self, result: EpochResult) -> dict:
         """The epoch's metrics row: training figures, then every held-out split scored exactly, by
         the model and (as `ema_<split>_*`) by the averaged weights."""
         began = time.perf_counter()
-        row = {"epoch": self.state.epoch, "lr": self.epoch_lr, "train_loss": result.loss, "train_top1": result.top1}
+        row = {"epoch": self.state.epoch, "lr": result.lr, "train_loss": result.loss, "train_top1": result.top1}
         self.score(row)
         row.update(
             epoch_seconds=result.seconds,
             images_per_second=result.images / result.seconds,
             eval_seconds=time.perf_counter() - began,
         )
-        self.clock.evaluated(row["eval_seconds"])
+        self.run.clock.evaluated(row["eval_seconds"])
         self.state.schedule.epoch_end(row[f"{self.selected}_loss"])
         self.state.totals.count_epoch(result.images, result.seconds, result.images_per_rank)
         return row
@@ -366,7 +344,7 @@ class Trainer:
 
     def _log_held(self, row: dict, held: float) -> None:
         """The epoch's row, with how long its checkpoint held training up, into the run's record."""
-        self.record.log({**row, "checkpoint_seconds": held}, self.epochs, self.clock.left_text())
+        self.run.record.log({**row, "checkpoint_seconds": held}, self.epochs, self.run.clock.left_text())
 
     def checkpoint(self, score: float | None = None, before_write: Callable[[float], None] | None = None) -> None:
         """Checkpoint this exact position (every rank calls it): the main process copies it to host
@@ -374,23 +352,23 @@ class Trainer:
         training was held up)`, then lets the background writer write it."""
         began, main = time.perf_counter(), self.accelerator.is_main_process
         with self._doing(f"checkpointing at epoch {self.state.epoch}, batch {self.state.progress.step}"):
-            self.state.totals.wall_seconds = self.wall_before + began - self.started
+            self.state.totals.wall_seconds = self.run.wall_before + began - self.started
             snap = self.state.state_dict()
             if main:
                 snap.meta["config"] = self.config_dict
                 if self.time_budget.plan is not None:
                     snap.meta["plan"] = self.time_budget.plan.to_dict()
-                self.writer.copy(self.state.tag, snap, score)
+                self.run.writer.copy(self.state.tag, snap, score)
             if before_write is not None:
                 before_write(time.perf_counter() - began)
             if main:
-                self.writer.start()
+                self.run.writer.start()
             self.accelerator.wait_for_everyone()
 
     def flush(self) -> None:
         """Every checkpoint on disk before any rank goes on: a rank that exits first (a stop, an
         error) makes the launcher end the main process, write or not."""
-        self.writer.wait()
+        self.run.writer.wait()
         self.accelerator.wait_for_everyone()
 
     def _halt(self, where: str) -> NoReturn:
@@ -403,12 +381,12 @@ class Trainer:
         totals, acc = self.state.totals, self.accelerator
         self.doing = "writing the summary"
         summary = summarize(
-            self.record.rows,
+            self.run.record.rows,
             recipe=self.cfg.recipe or self.cfg.name,
             name=self.run_dir.name,
             seed=self.cfg.seed,
             best_selected_on=self.selected,
-            wall_seconds=self.wall_before + time.perf_counter() - self.started,
+            wall_seconds=self.run.wall_before + time.perf_counter() - self.started,
             images_per_second=totals.train_images / max(totals.train_seconds, 1e-9),
             world_size=acc.num_processes,
             images_per_rank=totals.images_per_rank,
@@ -421,5 +399,5 @@ class Trainer:
             micro_batch=self.memory_fit.micro_batch or self.batch,
             eval_batch_size=self.memory_fit.eval_batch,
         )
-        self.record.finish(summary, self.selected)
+        self.run.record.finish(summary, self.selected)
         return self.run_dir
