@@ -68,6 +68,14 @@ def test_a_bend_goes_on_from_the_current_rate_and_still_ends_at_the_final_one():
     assert [resumed.lr_at(s) for s in range(90)] == [schedule.lr_at(s) for s in range(90)]
 
 
+def test_a_probed_evaluation_scales_by_every_splits_batches():
+    # 5,000 validation and 10,000 test images at 1,000 a batch, 2 of each timed: 15 batches against 4
+    # (scaling by the longest split's 10 / 2 counted 20, a third more than the evaluation costs).
+    assert budget.evaluation_scale([5, 10], 2) == pytest.approx(3.75)
+    assert budget.evaluation_scale([1, 10], 2) == pytest.approx(11 / 3)  # a split shorter than the probe
+    assert budget.evaluation_scale([2], 2) == 1.0
+
+
 def test_the_plan_fits_steps_and_epoch_ends_into_the_budget():
     costs = Costs(start=10.0, step=0.5, epoch_end=3.0, finish=4.0)
     plan = budget.make_plan(100.0, costs, steps_per_epoch=20, cap=10_000)

@@ -121,6 +121,17 @@ def test_plan_fits_the_budget_with_rungs_a_reduction_apart():
     assert lines[-1].startswith(f"planned: {plan.seconds:.0f} s of process time of budget=1h")
 
 
+def test_a_first_rung_shorter_than_an_epoch_is_warned_of():
+    # At 25 minutes the first of 4 rungs is under one epoch (100 steps); at 1h it is past it.
+    short = planning.make_plan(1500, 27, 3, 0.2, COSTS, steps_per_epoch=100, warmup=50)
+    assert short.rungs[0].steps < 100
+    warned = [line for line in planning.describe(short, 1, 0) if line.startswith("warning:")]
+    assert len(warned) == 1 and f"rung 0 trains {short.rungs[0].steps / 100:.2f} epochs" in warned[0]
+    long = planning.make_plan(3600, 27, 3, 0.2, COSTS, steps_per_epoch=100, warmup=50)
+    assert long.rungs[0].steps >= 100
+    assert not [line for line in planning.describe(long, 1, 0) if line.startswith("warning:")]
+
+
 def test_a_budget_too_small_for_one_rung_says_how_much_is_needed():
     with pytest.raises(Exception, match=r"budget=1m is too small for 27 trials in 4 rungs: .* need \d+ s"):
         planning.make_plan(60, 27, 3, 0.2, COSTS, steps_per_epoch=100, warmup=50)

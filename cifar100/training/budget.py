@@ -69,6 +69,7 @@ class Costs:
     # Under data.sizes, (size, fraction of the run, seconds per optimizer step) of each phase, each
     # measured at its own size; `step` is then their mean over the whole run.
     phases: tuple[tuple[float, float, float], ...] = ()
+    measuring: float = 0.0  # the measurement's own seconds, within `start` (a run that does not measure saves them)
 
 
 @dataclass
@@ -95,6 +96,12 @@ class Plan:
             bool(saved["capped"]),
             list(saved["replans"]),
         )
+
+
+def evaluation_scale(batches: Sequence[int], probed: int) -> float:
+    """What a whole evaluation costs against one that scored only the first `probed` batches of each
+    split (`batches`: every split's batches); the cost is per batch, whatever the split."""
+    return sum(batches) / max(1, sum(min(n, probed) for n in batches))
 
 
 def costs_from_dict(saved: dict[str, Any]) -> Costs:

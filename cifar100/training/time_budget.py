@@ -151,7 +151,7 @@ class TimeBudget:
         scored = time.perf_counter()
         row: dict = {"epoch": 1, "lr": lr}
         # A few batches of each split stand for the whole evaluation, whose cost is per batch.
-        batches = max(math.ceil(len(labels) / run.eval_settings.batch_size) for _, labels in run.eval_sets.values())
+        counts = [math.ceil(len(labels) / run.eval_settings.batch_size) for _, labels in run.eval_sets.values()]
         run.score(row, 1)  # untimed: the evaluation's own warm-up (its compilation, autotuning)
         scored = time.perf_counter()
         run.score(row, PROBE_EVAL_BATCHES)
@@ -165,11 +165,13 @@ class TimeBudget:
         steps = [_step_seconds(phase_stamps, phase_began) for phase_stamps, _, phase_began in timed]
         phases = tuple((size, fraction, step) for (size, fraction), step in zip(cfg.data.sizes, steps))
         step = sum(fraction * step for _, fraction, step in phases) if phases else steps[0]
-        scale = batches / min(batches, PROBE_EVAL_BATCHES)
+        scale = budget.evaluation_scale(counts, PROBE_EVAL_BATCHES)
         epoch_end = (evaluated - scored) * scale + (done - evaluated) + (copied - began)
         tracking = budget.WANDB_FINISH_SECONDS if cfg.log.wandb.mode != "disabled" else budget.FINISH_SECONDS
         finish = (written - copied) + tracking
-        return main_decides(acc, lambda: Costs(self.since_start(), step, epoch_end, finish, phases))
+        return main_decides(
+            acc, lambda: Costs(self.since_start(), step, epoch_end, finish, phases, time.perf_counter() - began)
+        )
 
     def _time_steps(
         self, run: MeasuredRun, seconds: float, size: float | None, probes: int

@@ -43,13 +43,10 @@ from cifar100.training.budget import Costs, budget_text, costs_from_dict
 
 STATE = "tune.json"
 STARTUP_TRIES = 3  # a trial that fails before it trains this many times stops the search
-# The measuring run's train.budget: room for a large model's start (compilation included); its rate
-# probe then takes at least PROBE_STEPS optimizer steps and PROBE_SECONDS (1 % of it), within one
-# epoch and at most 10 x PROBE_STEPS steps (trainer.WARM_STEPS + PROBE_STEPS, PROBE_SHARE).
-PROBE_BUDGET, PROBE_SECONDS = "10m", 6.0
+# The measuring run's train.budget: room for a large model's start (compilation included).
+PROBE_BUDGET = "10m"
 CIFAR_TRAIN = 50_000
 STOPPED = (129, 130, 143)  # a stop signal reached the trial too: the controller stops with it
-PROBE_STEPS = 8
 
 
 @dataclass
@@ -131,9 +128,7 @@ def steps_per_epoch(cfg: Config) -> int:
     return max(1, images // cfg.data.batch_size)
 
 
-def measure(
-    search: SearchFile, extra: list[str], values: dict[str, Any], python: list[str], epoch_steps: int
-) -> tuple[Costs, float]:
+def measure(search: SearchFile, extra: list[str], values: dict[str, Any], python: list[str]) -> tuple[Costs, float]:
     """The rate of the first trial, measured by one short budget run of it in a scratch folder:
     its start, step, epoch's end and finish (summary.json's plan), and the seconds it took."""
     scratch = Path(tempfile.mkdtemp(prefix="cifar100-tune-probe-"))
@@ -152,9 +147,7 @@ def measure(
             raise UserError(f"measuring the rate of trial 0 failed: {last_line(out.stderr)}")
         costs = costs_from_dict(read_json(summary, MiB, "summary.json")["plan"]["costs"])
         # Its start includes the rate's own measurement, which a trial's process does not make.
-        probe = min(max(PROBE_STEPS * costs.step, PROBE_SECONDS), min(epoch_steps, 10 * PROBE_STEPS) * costs.step)
-        start = max(costs.start / 2, costs.start - probe)
-        return dataclasses.replace(costs, start=start), seconds
+        return dataclasses.replace(costs, start=costs.start - costs.measuring, measuring=0.0), seconds
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -195,7 +188,7 @@ def open_search(
     python = [sys.executable, "-m", "cifar100"]
     per_epoch = steps_per_epoch(first)
     warmup = math.ceil(first.sched.warmup_epochs * per_epoch)
-    costs, probe_seconds = measure(search, extra, settings[0], python, per_epoch)
+    costs, probe_seconds = measure(search, extra, settings[0], python)
     plan = planning.make_plan(
         budget_seconds, len(settings), search.reduction, search.cooldown, costs, per_epoch, warmup
     )

@@ -20,6 +20,9 @@ from cifar100.errors import UserError
 from cifar100.training.budget import SAFETY, Costs, budget_text, costs_from_dict, largest_within
 
 LARGEST = 10**9  # steps: the search's plan is bounded by its budget long before this
+# A first rung shorter than this (in epochs) is warned of: BENCHMARKS.md's search of recipe=cpu at 0.36
+# epochs found its order the reverse of the full runs'; where the order starts to hold is not measured.
+SHORT_FIRST_RUNG = 1.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,13 @@ def describe(plan: SearchPlan, parallel: int, reruns: int) -> list[str]:
             f"rung {i}: {r.trials} trial(s) x {r.steps} constant-rate steps ({r.steps / spe:.2f} epochs) + a "
             f"{r.cooldown}-step cooldown branch, scored on the validation split; {fate}: {r.seconds:.0f} s of "
             f"process time" + (f", about {wall:.0f} s with parallel={parallel}" if parallel > 1 else "")
+        )
+    first = plan.rungs[0].steps / spe
+    if len(plan.rungs) > 1 and first < SHORT_FIRST_RUNG:
+        lines.append(
+            f"warning: rung 0 trains {first:.2f} epochs; on recipe=cpu a first rung of 0.36 epochs ranked 9 "
+            "settings against their full runs' order (Spearman -0.42: the lowest rates lead early), so its "
+            "cut may drop the best; more budget=, fewer trials= or a smaller reduction= lengthen it (BENCHMARKS.md)"
         )
     lines.append(
         f"planned: {plan.seconds:.0f} s of process time of budget={budget_text(plan.budget_seconds)} "

@@ -9,6 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import NullFormatter
+
 from cifar100.commands.sweep import _text as value_text
 from cifar100.commands.tune.controller import STATE, name_of
 from cifar100.commands.tune.plan import SearchPlan
@@ -138,6 +140,11 @@ def _plot(path: Path, plan: SearchPlan, results: dict[str, dict[str, Any]]) -> N
         if points:
             ax.plot(*zip(*points), marker="o", label=name_of(index))
     ax.set_xscale("log")
+    # Ticks at the rungs' lengths, written plainly: the log axis's own labels are mathtext, and every
+    # plot's text is literal here (tracking.py).
+    lengths = [r.steps + r.cooldown for r in plan.rungs]
+    ax.set_xticks(lengths, labels=[str(n) for n in lengths])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("optimizer steps (constant rate + cooldown)")
     ax.set_ylabel("validation top-1")
     ax.set_title("successive halving")
