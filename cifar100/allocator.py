@@ -15,46 +15,23 @@ import ctypes
 import ctypes.util
 import os
 import platform
-from collections.abc import Iterator
-from contextlib import contextmanager
+import resource
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
 KEEP_ALL = 2**31 - 1  # the largest trim threshold: the heap's top is never given back
-# glibc's own defaults, set again while memory is only tried (the threshold held, not raised by frees).
-GLIBC_MMAP_MAX, GLIBC_THRESHOLD = 65_536, 128 * 1024
-_keeping: list[ctypes.CDLL] = []  # glibc, once keep_freed_memory has told it to keep freed memory
 
 
 def keep_freed_memory() -> bool:
     """Make glibc serve large allocations from its heap and never give freed memory back (the heap
     stays at the run's peak, which a training step reaches in its first few steps anyway). Nothing
-    off glibc, or where the user set glibc's malloc tunables (GLIBC_TUNABLES) themselves; True when set."""
+    off glibc, where the user set glibc's malloc tunables (GLIBC_TUNABLES) themselves, or under an
+    address-space limit (`ulimit -v`), which counts a kept heap, its holes included: there a large
+    buffer needed after the step's peak (a checkpoint's serialised bytes) found no room to grow the
+    heap, where glibc's own mappings came and went (`recipe=best`, `train.micro_batch=auto`, under
+    `ulimit -v 6500000`). True when set."""
     if platform.libc_ver()[0] != "glibc" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_ALL))
-    if kept and not _keeping:
-        _keeping.append(libc)
-    return kept
-
-
-@contextmanager
-def giving_back_freed_memory() -> Iterator[None]:
-    """While memory is tried rather than used (train.micro_batch=auto's trials), large allocations get
-    mappings of their own again and go back to the system when freed: under `ulimit -v`, a heap that a
-    failed trial had grown to the limit kept it, and left no room for the next trial, a thread's
-    stack or the loader. Freed memory is kept again after; nothing changes where keep_freed_memory
-    did not apply."""
-    if not _keeping:
-        yield
-        return
-    libc = _keeping[0]
-    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_THRESHOLD)
-    libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
-    libc.mallopt(M_TRIM_THRESHOLD, GLIBC_THRESHOLD)
-    try:
-        yield
-    finally:
-        libc.malloc_trim(0)
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, KEEP_ALL)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_ALL))

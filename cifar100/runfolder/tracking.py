@@ -19,6 +19,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+# Loaded now, with the process's other libraries, not at the first plot: under `ulimit -v` a first plot
+# after the training step had filled the limit could not map the backend's library (ImportError).
+import matplotlib.backends.backend_agg
 import matplotlib.pyplot as plt
 from accelerate import Accelerator
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import resource
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +39,9 @@ GPU_HEADROOM_SHARE = 0.05
 # How a CPU step reports a failed allocation besides PyTorch's own allocator (which Accelerate's
 # should_reduce_batch_size knows): oneDNN, whose convolutions allocate their own scratch memory (seen
 # here under `ulimit -v`), and C++'s operator new.
-_CPU_ALLOCATION_FAILURES = ("could not create a primitive", "std::bad_alloc")
+# oneDNN's and C++'s failed allocations; Python's when a thread's stack cannot be mapped (under
+# `ulimit -v`, the checkpoint writer's thread started after a step that filled the limit).
+_CPU_ALLOCATION_FAILURES = ("could not create a primitive", "std::bad_alloc", "can't start new thread")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -163,8 +167,11 @@ def headroom(device: torch.device) -> int:
     return CPU_HEADROOM
 
 
-def _fits(attempt: Callable[[], None]) -> bool:
-    """True when `attempt()` runs without running out of memory; what it held is freed either way."""
+def _fits(attempt: Callable[[], None], device: torch.device) -> bool:
+    """True when `attempt()` runs without running out of memory; what it held is freed either way. On
+    a CPU it runs in a copy of this process (`_fits_in_a_copy`)."""
+    if device.type == "cpu" and hasattr(os, "fork"):
+        return _fits_in_a_copy(attempt)
     try:
         attempt()
         return True
@@ -175,6 +182,43 @@ def _fits(attempt: Callable[[], None]) -> bool:
         return False
     finally:
         free_memory()
+
+
+def _fits_in_a_copy(attempt: Callable[[], None]) -> bool:
+    """`attempt()` in a forked copy of this process, which then exits. The copy has this process's
+    memory, limits and allocator settings (glibc keeping freed memory, as training does), and nothing
+    a trial leaves behind stays in the run: under `ulimit -v`, once one size had failed in the run's
+    own process every smaller one failed too ("could not create a primitive": oneDNN's state from the
+    failed size), and a size found that way failed again in the real step. The copy runs one thread
+    (GNU OpenMP's thread pool does not survive a fork). A copy that dies (a crash, the kernel's
+    out-of-memory killer) did not fit; any other error is raised here."""
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12 warns of forking a threaded process: the copy takes no lock another thread may
+        # hold (it computes on one thread and exits without cleanup).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the copy: its exit status is the answer (0 fits, 1 out of memory, 2 another error)
+        os.close(read)
+        status = 2
+        try:
+            torch.set_num_threads(1)
+            attempt()
+            status = 0
+        except BaseException as err:
+            status = 1 if is_out_of_memory(err) else 2
+            if status == 2:
+                os.write(write, f"{type(err).__name__}: {err}".encode()[:4000])
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 2:
+        raise RuntimeError(f"a micro-batch trial failed: {said}")
+    return code == 0
 
 
 def _trial_images(size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -193,9 +237,12 @@ def held_beside(
 ) -> int:
     """Bytes a run holds during its steps and evaluations that neither trial makes: on a CPU the copy
     a checkpoint keeps while it is written in the background (weights, the optimizer's state, the
-    averaged weights), under DDP its gradient buckets (one copy of the gradients)."""
-    size = parameter_bytes(module)
-    checkpoint = (1 + optimizer_state_slots(optimizer) + ema) * size if device.type == "cpu" else 0
+    averaged weights) and the bytes the write serialises each file into (the optimizer's state through
+    a growing buffer, briefly twice its size: without them `recipe=best` under `ulimit -v 6500000`
+    ran out of memory in the step beside epoch 1's write); under DDP its gradient buckets (one copy of
+    the gradients)."""
+    size, slots = parameter_bytes(module), optimizer_state_slots(optimizer)
+    checkpoint = (1 + slots + ema + 2 * max(1, slots)) * size if device.type == "cpu" else 0
     return checkpoint + (size if processes > 1 else 0)
 
 
@@ -241,7 +288,7 @@ def step_fits(
 
     try:
         with untouched(module):
-            return _fits(attempt)
+            return _fits(attempt, device)
     finally:
         if saved.get("stepped"):
             _put_back(params, base, saved["weights"], saved["state"])
@@ -286,7 +333,7 @@ def eval_fits(
             finally:
                 module.train()
 
-    return _fits(attempt)
+    return _fits(attempt, device)
 
 
 def largest_halving(batch: int, fits: Callable[[int], bool]) -> int | None:

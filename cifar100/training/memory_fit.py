@@ -11,7 +11,6 @@ import numpy as np
 from accelerate import Accelerator
 from torch import nn
 
-from cifar100.allocator import giving_back_freed_memory
 from cifar100.config import Config
 from cifar100.data.loader import epoch_batches
 from cifar100.data.mixing import BatchMixer
@@ -64,8 +63,7 @@ class MemoryFit:
         if asked == "auto" and totals.micro_batch:
             size, how = totals.micro_batch, "kept from the run resumed"
         elif asked == "auto":
-            with giving_back_freed_memory():
-                found = self._search_micro_batch(run)
+            found = self._search_micro_batch(run)
             if found is None:
                 bf16 = "" if self.cfg.train.precision == "bf16" else ", or train.precision=bf16 where the device has it"
                 raise UserError(
@@ -77,8 +75,7 @@ class MemoryFit:
             size, how = int(asked), "as train.micro_batch says"
         self.micro_batch = totals.micro_batch = min(size, self.batch)
         if asked == "auto" and not totals.eval_batch:
-            with giving_back_freed_memory():
-                self._fit_eval_batch(run)
+            self._fit_eval_batch(run)
         run.engine.micro_batch = self.micro_batch
         acc.print(
             f"train.micro_batch={asked}: {self.micro_batch} images per forward and backward ({how}), "
