@@ -38,8 +38,7 @@ GPU_HEADROOM_SHARE = 0.05
 
 # How a CPU step reports a failed allocation besides PyTorch's own allocator (which Accelerate's
 # should_reduce_batch_size knows): oneDNN, whose convolutions allocate their own scratch memory (seen
-# here under `ulimit -v`), and C++'s operator new.
-# oneDNN's and C++'s failed allocations; Python's when a thread's stack cannot be mapped (under
+# here under `ulimit -v`), C++'s operator new, and Python when a thread's stack cannot be mapped (under
 # `ulimit -v`, the checkpoint writer's thread started after a step that filled the limit).
 _CPU_ALLOCATION_FAILURES = ("could not create a primitive", "std::bad_alloc", "can't start new thread")
 
@@ -186,7 +185,7 @@ def _fits(attempt: Callable[[], None], device: torch.device) -> bool:
 
 def _fits_in_a_copy(attempt: Callable[[], None]) -> bool:
     """`attempt()` in a forked copy of this process, which then exits. The copy has this process's
-    memory, limits and allocator settings (glibc keeping freed memory, as training does), and nothing
+    memory, limits and allocator settings (those training allocates with), and nothing
     a trial leaves behind stays in the run: under `ulimit -v`, once one size had failed in the run's
     own process every smaller one failed too ("could not create a primitive": oneDNN's state from the
     failed size), and a size found that way failed again in the real step. The copy runs one thread
